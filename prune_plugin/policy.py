@@ -1,0 +1,285 @@
+"""`PruningPolicy`: what to prune, how, and on which schedule.
+
+One strict pydantic v2 model, built from Python, JSON, YAML or a DeepSpeed config entry.
+One unit everywhere: a *remaining* fraction is the fraction of weights KEPT (the paper's v).
+
+Method-specific fields are refused for the other methods, so a typo'd or misplaced
+hyperparameter never silently does nothing. Every error names the field, the value, the
+allowed values and a fix (:class:`~prune_plugin.errors.PolicyError`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from prune_plugin.errors import PolicyError
+
+Method = Literal["magnitude", "movement", "soft_movement", "l0"]
+Scope = Literal["local", "global"]
+ScoreInit = Literal["constant", "uniform", "kaiming", "magnitude"]
+LambdaSchedule = Literal["cubic", "constant"]
+
+#: Output heads left dense by default: the paper prunes the encoder, not the task head.
+DEFAULT_EXCLUDE: tuple[str, ...] = (
+    r"(^|\.)(classifier|qa_outputs|lm_head|score|pooler|cls|head)(\.|$)",
+)
+
+# Which methods each method-specific field belongs to (checked against fields the user set).
+_FIELD_METHODS: dict[str, tuple[str, ...]] = {
+    "scope": ("magnitude", "movement"),
+    "initial_remaining": ("magnitude", "movement"),
+    "final_remaining": ("magnitude", "movement"),
+    "score_lr": ("movement", "soft_movement", "l0"),
+    "score_init": ("movement", "soft_movement", "l0"),
+    "score_init_value": ("movement", "soft_movement", "l0"),
+    "initial_threshold": ("soft_movement",),
+    "final_threshold": ("soft_movement",),
+    "final_lambda": ("soft_movement", "l0"),
+    "lambda_schedule": ("soft_movement", "l0"),
+    "l0_beta": ("l0",),
+    "l0_left": ("l0",),
+    "l0_right": ("l0",),
+}
+
+# Defaults that depend on the method: the original code's settings (its README, Sec. "How to
+# fine-prune?"). L0 starts its log-alpha scores at logit(0.9) = 2.197 so ~90% of gates are open.
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "movement": {"score_init_value": 0.0},
+    "soft_movement": {"score_init_value": 0.0, "final_lambda": 400.0, "lambda_schedule": "cubic"},
+    "l0": {"score_init_value": 2.197, "final_lambda": 125.0, "lambda_schedule": "constant",
+           "score_lr": 1e-1},
+}
+
+
+class PruningPolicy(BaseModel):
+    """A validated pruning policy.
+
+    Example:
+        >>> PruningPolicy(method="movement", final_remaining=0.10, warmup_steps=500,
+        ...               cooldown_steps=1000, total_steps=10_000).final_remaining
+        0.1
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, validate_default=True)
+
+    method: Method = Field(description="magnitude | movement (hard, Top-v + straight-through) | "
+                           "soft_movement (threshold + sigmoid regularizer) | l0 (hard-concrete).")
+    targets: list[str] = Field(
+        default_factory=lambda: [".*"],
+        description="Regexes searched in the qualified names of nn.Linear modules; a module is "
+                    "pruned when one matches (use ^...$ to anchor).")
+    exclude: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_EXCLUDE),
+        description="Regexes of module names never pruned; default: the output heads.")
+    scope: Scope = Field("local", description="Top-v per layer (local) or across all targeted "
+                         "layers (global). Top-v methods only.")
+    initial_remaining: float = Field(1.0, gt=0.0, le=1.0,
+                                     description="v_i: fraction of weights kept during warm-up.")
+    final_remaining: float = Field(0.1, gt=0.0, le=1.0,
+                                   description="v_f: fraction of weights kept at the end.")
+    warmup_steps: int = Field(0, ge=0, description="t_i: optimizer steps before pruning starts.")
+    cooldown_steps: int = Field(0, ge=0, description="t_f: final steps held at the end value.")
+    total_steps: int = Field(ge=1, description="T: total optimizer steps of the run.")
+    mask_update_every: int = Field(1, ge=1, description="Recompute masks every this many steps.")
+    score_lr: float = Field(1e-2, gt=0.0, description="Learning rate of the scores.")
+    score_init: ScoreInit = Field("constant", description="constant (score_init_value) | uniform "
+                                  "(U(-value, value)) | kaiming | magnitude (|W|).")
+    score_init_value: float = Field(0.0, allow_inf_nan=False)
+    initial_threshold: float = Field(0.0, ge=0.0, lt=1.0, description="tau_i, on sigmoid(S).")
+    final_threshold: float = Field(0.1, ge=0.0, lt=1.0, description="tau_f: mask = sigmoid(S) > "
+                                   "tau, as in the original code (sigmoied_threshold).")
+    final_lambda: float = Field(0.0, ge=0.0, allow_inf_nan=False,
+                                description="Regularizer weight reached at the end.")
+    lambda_schedule: LambdaSchedule = Field(
+        "cubic", description="cubic: lambda follows the threshold schedule to final_lambda "
+                             "(soft movement); constant: final_lambda from step 0 (L0).")
+    l0_beta: float = Field(2.0 / 3.0, gt=0.0, description="Hard-concrete temperature b.")
+    l0_left: float = Field(-0.1, lt=0.0, description="Hard-concrete stretch l < 0.")
+    l0_right: float = Field(1.1, gt=1.0, description="Hard-concrete stretch r > 1.")
+
+    schema_version: ClassVar[int] = 1
+
+    # -- construction -------------------------------------------------------------------------
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise _policy_error(err) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> PruningPolicy:  # type: ignore[override]
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as err:
+            raise _policy_error(err) from None
+
+    @classmethod
+    def model_validate_json(cls, data: str | bytes, **kwargs: Any) -> PruningPolicy:  # type: ignore[override]
+        try:
+            return super().model_validate_json(data, **kwargs)
+        except ValidationError as err:
+            raise _policy_error(err) from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "policy") -> PruningPolicy:
+        """Validate a mapping (a parsed JSON/YAML file or a DeepSpeed config entry)."""
+        if not isinstance(data, dict):
+            raise PolicyError(f"{source}: expected a mapping of policy fields, got "
+                              f"{type(data).__name__} {data!r}. Fix: write it as "
+                              '{"method": "movement", "total_steps": ...}.')
+        try:
+            return super().model_validate(data)
+        except ValidationError as err:
+            raise _policy_error(err, source=source) from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PruningPolicy:
+        """Load a policy from a ``.json``, ``.yaml`` or ``.yml`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise PolicyError(f"policy file {str(path)!r} does not exist. Fix: pass the path "
+                              "of a .json or .yaml policy file.")
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:  # pragma: no cover - depends on the environment
+                raise PolicyError(f"reading {path} needs PyYAML. Fix: pip install pyyaml, or "
+                                  "write the policy as JSON.") from None
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                raise PolicyError(f"{path}: not valid YAML: {err}") from None
+        elif path.suffix.lower() == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise PolicyError(f"{path}: not valid JSON: {err}") from None
+        else:
+            raise PolicyError(f"policy file {str(path)!r} has suffix {path.suffix!r}; allowed: "
+                              "'.json', '.yaml', '.yml'. Fix: rename it or convert it.")
+        return cls.from_dict(data, source=str(path))
+
+    # -- validation ---------------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            defaults = _METHOD_DEFAULTS.get(data["method"], {})
+            data = {**defaults, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> PruningPolicy:
+        # Defaults injected for this method are applicable by construction; the check is
+        # about fields the user set for another method.
+        for name in sorted(self.model_fields_set):
+            methods = _FIELD_METHODS.get(name)
+            if methods is not None and self.method not in methods:
+                raise ValueError(
+                    f"field {name!r} (= {getattr(self, name)!r}) does not apply to method "
+                    f"{self.method!r}; it is used by {', '.join(map(repr, methods))}. "
+                    f"Fix: remove {name!r} or change 'method'.")
+        if self.warmup_steps + self.cooldown_steps > self.total_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) + cooldown_steps ({self.cooldown_steps}) "
+                f"= {self.warmup_steps + self.cooldown_steps} exceeds total_steps "
+                f"({self.total_steps}). Fix: raise total_steps or shorten warm-up/cool-down.")
+        if self.final_remaining > self.initial_remaining:
+            raise ValueError(
+                f"final_remaining ({self.final_remaining}) is above initial_remaining "
+                f"({self.initial_remaining}); pruning only removes weights. Fix: set "
+                f"final_remaining <= initial_remaining.")
+        if self.final_threshold < self.initial_threshold:
+            raise ValueError(
+                f"final_threshold ({self.final_threshold}) is below initial_threshold "
+                f"({self.initial_threshold}); the threshold only rises. Fix: swap them.")
+        if self.method == "soft_movement" and self.lambda_schedule == "cubic" \
+                and self.final_threshold == 0.0:
+            raise ValueError("final_threshold is 0 with lambda_schedule 'cubic': lambda would "
+                             "stay 0 and nothing is pruned. Fix: set final_threshold in (0, 1).")
+        if self.score_init == "uniform" and self.score_init_value <= 0:
+            raise ValueError(f"score_init 'uniform' draws from U(-value, value) but "
+                             f"score_init_value is {self.score_init_value}. Fix: set a "
+                             "positive score_init_value.")
+        return self
+
+    # -- derived ------------------------------------------------------------------------------
+
+    @property
+    def has_scores(self) -> bool:
+        """Whether the method learns score parameters (all but magnitude)."""
+        return self.method != "magnitude"
+
+    @property
+    def uses_topv(self) -> bool:
+        return self.method in ("magnitude", "movement")
+
+    @property
+    def is_regularized(self) -> bool:
+        return self.method in ("soft_movement", "l0")
+
+    def to_json(self) -> str:
+        """The full policy as JSON; ``PruningPolicy.model_validate_json`` reads it back."""
+        return self.model_dump_json(indent=2)
+
+
+def _describe_allowed(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return f" Allowed: {ctx['expected']}."
+    return ""
+
+
+def _suggest(value: Any, choices: list[str]) -> str:
+    if isinstance(value, str):
+        close = difflib.get_close_matches(value, choices, n=1)
+        if close:
+            return f" Did you mean {close[0]!r}?"
+    return ""
+
+
+def _policy_error(err: ValidationError, *, source: str = "policy") -> PolicyError:
+    """Turn pydantic's errors into one message: field, value, what is allowed, how to fix."""
+    lines = []
+    fields = list(PruningPolicy.model_fields)
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(policy)"
+        value = e.get("input")
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{loc}: unknown field (value {value!r}).{_suggest(loc, fields)} "
+                         f"Allowed fields: {', '.join(fields)}.")
+        elif kind == "missing":
+            desc = PruningPolicy.model_fields[loc].description if loc in fields else None
+            lines.append(f"{loc}: required field is missing. Fix: add {loc!r}"
+                         + (f" ({desc})" if desc else "") + ".")
+        elif kind == "literal_error":
+            allowed = (e.get("ctx") or {}).get("expected", "")
+            choices = [c.strip(" '") for c in allowed.replace(" or ", ",").split(",") if c.strip()]
+            lines.append(f"{loc}: got {value!r}. Allowed: {allowed}.{_suggest(value, choices)}")
+        elif kind == "value_error":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            lines.append(f"{loc}: got {value!r} ({type(value).__name__}): {e['msg']}."
+                         f"{_describe_allowed(e)} Fix: give {loc!r} a value that fits.")
+    n = len(lines)
+    head = f"invalid pruning policy ({source}): {n} error{'s' if n > 1 else ''}"
+    error = PolicyError(head + "\n  - " + "\n  - ".join(lines))
+    error.errors = err.errors()  # type: ignore[attr-defined]
+    return error
+
+
+def logit(p: float) -> float:
+    """log(p / (1 - p)); -inf at 0."""
+    if p <= 0.0:
+        return -math.inf
+    return math.log(p / (1.0 - p))
