@@ -13,10 +13,12 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
+                      ValidationError, field_validator, model_serializer, model_validator)
 
 from prune_plugin.errors import PolicyError
 
@@ -177,6 +179,21 @@ class PruningPolicy(BaseModel):
             data = {**defaults, **data}
         return data
 
+    @field_validator("targets", "exclude")
+    @classmethod
+    def _regexes(cls, patterns: list[str], info: Any) -> list[str]:
+        if info.field_name == "targets" and not patterns:
+            raise ValueError("targets is empty, so nothing would be pruned. Fix: give at least "
+                             "one regex, e.g. [\"encoder\"] or [\".*\"].")
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{info.field_name}[{i}] = {pattern!r} is not a valid regular "
+                                 f"expression ({err}). Fix: escape special characters, e.g. "
+                                 f"{re.escape(pattern)!r}.") from None
+        return patterns
+
     @model_validator(mode="after")
     def _cross_field(self) -> PruningPolicy:
         # Defaults injected for this method are applicable by construction; the check is
@@ -211,6 +228,13 @@ class PruningPolicy(BaseModel):
                              f"score_init_value is {self.score_init_value}. Fix: set a "
                              "positive score_init_value.")
         return self
+
+    @model_serializer(mode="wrap")
+    def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dumps hold only the fields that apply to the method, so they validate back."""
+        data = handler(self)
+        return {k: v for k, v in data.items()
+                if k not in _FIELD_METHODS or self.method in _FIELD_METHODS[k]}
 
     # -- derived ------------------------------------------------------------------------------
 
@@ -249,6 +273,11 @@ def _suggest(value: Any, choices: list[str]) -> str:
 
 def _policy_error(err: ValidationError, *, source: str = "policy") -> PolicyError:
     """Turn pydantic's errors into one message: field, value, what is allowed, how to fix."""
+    for e in err.errors():
+        # pydantic runs the overridden __init__ inside model_validate: unwrap its PolicyError.
+        inner = (e.get("ctx") or {}).get("error")
+        if isinstance(inner, PolicyError):
+            return _format(getattr(inner, "lines"), getattr(inner, "errors"), source)
     lines = []
     fields = list(PruningPolicy.model_fields)
     for e in err.errors():
@@ -271,10 +300,15 @@ def _policy_error(err: ValidationError, *, source: str = "policy") -> PolicyErro
         else:
             lines.append(f"{loc}: got {value!r} ({type(value).__name__}): {e['msg']}."
                          f"{_describe_allowed(e)} Fix: give {loc!r} a value that fits.")
+    return _format(lines, err.errors(), source)
+
+
+def _format(lines: list[str], errors: list[Any], source: str) -> PolicyError:
     n = len(lines)
     head = f"invalid pruning policy ({source}): {n} error{'s' if n > 1 else ''}"
     error = PolicyError(head + "\n  - " + "\n  - ".join(lines))
-    error.errors = err.errors()  # type: ignore[attr-defined]
+    error.lines = lines  # type: ignore[attr-defined]
+    error.errors = errors  # type: ignore[attr-defined]
     return error
 
 

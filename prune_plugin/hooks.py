@@ -1,0 +1,309 @@
+"""Attach, detach and finalize: the one place that changes a model.
+
+How a Linear computes ``x (W * M)^T + b`` without replacing its class:
+
+- a **forward pre-hook** decides the gate of the coming forward: the cached 1-byte Top-v or
+  threshold mask, or (L0, training) a fresh hard-concrete sample;
+- an **instance-level** ``forward`` (``module.forward``, as accelerate's hooks do) computes with
+  it through one fused autograd function (:func:`prune_plugin.masks.masked_linear`).
+
+Why this shape: ``type(module) is nn.Linear`` still holds, ``weight`` stays the same Parameter
+under the same key (no ``weight_orig``, no ``parametrizations.*``), so optimizers, Hugging
+Face loaders and state dicts keep working. Scores are real Parameters registered on the
+Linear itself (``<module>.pruning_scores``), so DeepSpeed ZeRO-3, which gathers a module's own
+parameters around its forward and backward, shards and gathers them with the weight; the
+hooks read nothing but the module's own tensors. Hooks registered after an engine's own
+gather hooks run after them and see full tensors.
+
+``detach`` is the exact inverse of ``attach``; ``finalize`` bakes ``W * M`` into ``weight``
+and then detaches: a plain model with no hooks, no extra attributes, no extra keys.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from prune_plugin.errors import AttachError
+from prune_plugin.masks import hard_concrete_gate, l0_eval_gate, masked_linear, threshold_mask
+from prune_plugin.policy import PruningPolicy
+from prune_plugin.schedule import cubic_schedule
+from prune_plugin.selection import TopVThreshold, topv_count, topv_masks
+from prune_plugin.targeting import find_targets
+
+#: Name of the score Parameter registered on each pruned Linear.
+SCORES_NAME = "pruning_scores"
+_ATTACHMENT_ATTR = "_prune_plugin_attachment"
+_UNSET = object()
+
+
+class PrunedLayer:
+    """The pruning state of one Linear: its current mask and how it computes with it."""
+
+    def __init__(self, name: str, module: nn.Linear, policy: PruningPolicy) -> None:
+        self.name = name
+        self.module = module
+        self.policy = policy
+        self.mask: Tensor | None = None  # bool, same shape as the weight; None: all kept
+        self._mask_buffer: Tensor | None = None
+        self._gate: Any = _UNSET  # prepared by the pre-hook for the next forward
+        self._handle: RemovableHandle | None = None
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight
+
+    @property
+    def scores(self) -> nn.Parameter | None:
+        return self.module._parameters.get(SCORES_NAME)
+
+    @property
+    def numel(self) -> int:
+        return self.module.weight.numel()
+
+    def importance(self) -> Tensor:
+        """What Top-v ranks: the learned scores, or |W| for magnitude pruning."""
+        scores = self.scores
+        return scores.detach() if scores is not None else self.weight.detach().abs()
+
+    def mask_buffer(self) -> Tensor:
+        """A reused bool buffer of the weight's shape (no per-step allocation)."""
+        w = self.weight
+        if self._mask_buffer is None or self._mask_buffer.device != w.device \
+                or self._mask_buffer.shape != w.shape:
+            self._mask_buffer = torch.empty(w.shape, dtype=torch.bool, device=w.device)
+        return self._mask_buffer
+
+    def set_mask(self, mask: Tensor | None) -> None:
+        if mask is not None and mask is not self._mask_buffer:
+            self.mask_buffer().copy_(mask)
+            mask = self._mask_buffer
+        self.mask = mask
+
+    def gate(self, training: bool) -> Tensor | None:
+        """The multiplier of W for a forward: bool mask, continuous L0 gate, or None (all)."""
+        p = self.policy
+        if p.method == "l0":
+            scores = self.scores
+            if training:
+                return hard_concrete_gate(scores, beta=p.l0_beta, left=p.l0_left,
+                                          right=p.l0_right)
+            return l0_eval_gate(scores, left=p.l0_left, right=p.l0_right)
+        if self.mask is not None and self.mask.device != self.weight.device:
+            self.set_mask(self.mask.to(self.weight.device))  # the model was moved
+        return self.mask
+
+    def kept(self) -> int:
+        """Number of weights the forward keeps (L0: gates above 0 at evaluation)."""
+        with torch.no_grad():
+            gate = self.gate(training=False)
+        return self.numel if gate is None else int(torch.count_nonzero(gate))
+
+    # -- the module's computation -----------------------------------------------------------------
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self._gate = self.gate(module.training)
+
+    def forward(self, input: Tensor) -> Tensor:
+        gate, self._gate = self._gate, _UNSET
+        if gate is _UNSET:  # forward called directly, bypassing the hooks
+            gate = self.gate(self.module.training)
+        m = self.module
+        if self.policy.method == "l0":
+            return F.linear(input, m.weight * gate, m.bias)
+        scores = self.scores
+        if gate is None and scores is None:
+            return F.linear(input, m.weight, m.bias)
+        if not torch.is_grad_enabled():
+            return F.linear(input, m.weight if gate is None else m.weight * gate, m.bias)
+        return masked_linear(input, m.weight, m.bias, gate, scores)
+
+    # -- install / uninstall -----------------------------------------------------------------------
+
+    def install(self, scores: Tensor | None) -> None:
+        m = self.module
+        if scores is not None:
+            m.register_parameter(SCORES_NAME, nn.Parameter(scores, requires_grad=True))
+        self._handle = m.register_forward_pre_hook(self._pre_hook)
+        m.forward = self.forward  # instance attribute; the class is untouched
+
+    def uninstall(self) -> None:
+        m = self.module
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if m.__dict__.get("forward") == self.forward:
+            del m.forward
+        if SCORES_NAME in m._parameters:
+            del m._parameters[SCORES_NAME]
+        self.mask = self._mask_buffer = None
+        self._gate = _UNSET
+
+
+class Attachment:
+    """Everything attached to one model: its pruned layers and their masks."""
+
+    def __init__(self, model: nn.Module, policy: PruningPolicy, layers: list[PrunedLayer]) -> None:
+        self.model = model
+        self.policy = policy
+        self.layers = layers
+        self.closed = False
+        self.last_threshold: TopVThreshold | float | None = None
+        self.current_target: float | None = None  # remaining fraction (Top-v) or tau (soft)
+        self._on_close: list[Callable[[], None]] = []
+
+    def __repr__(self) -> str:
+        return f"Attachment(method={self.policy.method!r}, layers={len(self.layers)})"
+
+    @property
+    def scores(self) -> list[nn.Parameter]:
+        return [layer.scores for layer in self.layers if layer.scores is not None]
+
+    def named_layers(self) -> dict[str, PrunedLayer]:
+        return {layer.name: layer for layer in self.layers}
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
+
+    def update_masks(self, step: int) -> None:
+        """Recompute every mask for the forwards after ``step`` optimizer steps."""
+        p = self.policy
+        sched = dict(warmup_steps=p.warmup_steps, cooldown_steps=p.cooldown_steps,
+                     total_steps=p.total_steps)
+        with torch.no_grad():
+            if p.method == "soft_movement":
+                tau = cubic_schedule(step, initial=p.initial_threshold,
+                                     final=p.final_threshold, **sched)
+                for layer in self.layers:
+                    layer.set_mask(threshold_mask(layer.scores, tau, out=layer.mask_buffer()))
+                self.current_target = self.last_threshold = tau
+            elif p.uses_topv:
+                v = cubic_schedule(step, initial=p.initial_remaining, final=p.final_remaining,
+                                   **sched)
+                self.current_target = v
+                self._update_topv(v)
+
+    def _update_topv(self, remaining: float) -> None:
+        if remaining >= 1.0:
+            for layer in self.layers:
+                layer.set_mask(None)
+            return
+        if self.policy.scope == "local":
+            for layer in self.layers:
+                masks, self.last_threshold = topv_masks(
+                    [layer.importance()], topv_count(remaining, layer.numel),
+                    out=[layer.mask_buffer()])
+                layer.set_mask(masks[0])
+        else:
+            total = sum(layer.numel for layer in self.layers)
+            masks, self.last_threshold = topv_masks(
+                [layer.importance() for layer in self.layers], topv_count(remaining, total),
+                out=[layer.mask_buffer() for layer in self.layers])
+            for layer, mask in zip(self.layers, masks):
+                layer.set_mask(mask)
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer.uninstall()
+        if self.model.__dict__.get(_ATTACHMENT_ATTR) is self:
+            del self.model.__dict__[_ATTACHMENT_ATTR]
+        self.closed = True
+        for callback in self._on_close:
+            callback()
+
+
+def get_attachment(model: nn.Module) -> Attachment | None:
+    """The live attachment of ``model`` (the object passed to ``attach``), or None."""
+    return model.__dict__.get(_ATTACHMENT_ATTR)
+
+
+def _init_scores(policy: PruningPolicy, weight: Tensor) -> Tensor:
+    w = weight.detach()
+    kind, value = policy.score_init, policy.score_init_value
+    if kind == "constant":
+        return torch.full_like(w, value)
+    if kind == "uniform":
+        return torch.empty_like(w).uniform_(-value, value)
+    if kind == "kaiming":
+        s = torch.empty_like(w)
+        nn.init.kaiming_uniform_(s, a=math.sqrt(5))
+        return s
+    return w.abs().clone()  # magnitude
+
+
+def _check_attachable(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> None:
+    if get_attachment(model) is not None:
+        raise AttachError("this model is already attached to a pruning policy. Fix: call "
+                          "prune_plugin.detach(model) first, or reuse the existing optimizer.")
+    for name, m in targets:
+        if SCORES_NAME in m._parameters or "forward" in m.__dict__:
+            raise AttachError(f"module {name!r} already has pruning scores or a replaced "
+                              "forward (attached through another root module?). Fix: detach "
+                              "it first.")
+        w = m.weight
+        if not isinstance(w, nn.Parameter) or not w.dtype.is_floating_point:
+            raise AttachError(f"module {name!r} has a {w.dtype} weight; pruning needs floating "
+                              "point weights (quantized or integer weights cannot carry "
+                              "scores). Fix: exclude it, or attach before quantizing.")
+
+
+def attach(model: nn.Module, policy: PruningPolicy) -> Attachment:
+    """Attach ``policy`` to ``model``: scores, hooks and masks on every targeted Linear.
+
+    All or nothing: on any error the model is left exactly as it was. Most users never call
+    this directly: ``PruningOptimizer(optimizer, policy, model=model)`` does.
+    """
+    if not isinstance(policy, PruningPolicy):
+        raise TypeError(f"policy must be a PruningPolicy, got {type(policy).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    targets = find_targets(model, policy.targets, policy.exclude)
+    _check_attachable(model, targets)
+    layers = [PrunedLayer(name, m, policy) for name, m in targets]
+    attachment = Attachment(model, policy, layers)
+    try:
+        for layer in layers:
+            layer.install(_init_scores(policy, layer.weight) if policy.has_scores else None)
+        model.__dict__[_ATTACHMENT_ATTR] = attachment
+        attachment.update_masks(0)
+    except BaseException:
+        attachment.close()
+        raise
+    return attachment
+
+
+def _require_attachment(model: nn.Module, action: str) -> Attachment:
+    attachment = get_attachment(model)
+    if attachment is None:
+        raise AttachError(f"cannot {action}: this model has no pruning attached (pass the same "
+                          "root module that was given to PruningOptimizer).")
+    return attachment
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove scores, masks and hooks; the model is bit-exactly what it was before attaching."""
+    _require_attachment(model, "detach").close()
+    return model
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Bake ``W * M`` into each pruned ``weight`` (in place) and detach: a plain model.
+
+    L0 uses its deterministic evaluation gate. Returns the model for chaining.
+    """
+    attachment = _require_attachment(model, "finalize")
+    with torch.no_grad():
+        for layer in attachment.layers:
+            gate = layer.gate(training=False)
+            if gate is not None:
+                layer.weight.mul_(gate.to(layer.weight.dtype))
+    attachment.close()
+    return model

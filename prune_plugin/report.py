@@ -1,0 +1,111 @@
+"""`sparsity_report`: remaining weights per pruned layer and in total.
+
+Totals are given two ways: over the pruned layers' weights, and the paper's way
+(``counts_parameters.py`` of the original code): over every parameter under a scope (default:
+the pruned layers' common parent, e.g. ``bert.encoder``), with biases, norms and unpruned
+weights counted as remaining.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from prune_plugin.hooks import SCORES_NAME, get_attachment
+from prune_plugin.policy import PruningPolicy
+from prune_plugin.targeting import find_targets
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    name: str
+    kept: int
+    total: int
+
+    @property
+    def remaining(self) -> float:
+        return self.kept / self.total if self.total else 1.0
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    layers: list[LayerSparsity]
+    scope: str
+    scope_kept: int
+    scope_total: int
+    kept: int = field(init=False)
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kept", sum(lay.kept for lay in self.layers))
+        object.__setattr__(self, "total", sum(lay.total for lay in self.layers))
+
+    @property
+    def remaining(self) -> float:
+        """Fraction of the pruned layers' weights kept."""
+        return self.kept / self.total if self.total else 1.0
+
+    @property
+    def scope_remaining(self) -> float:
+        """The paper's count: fraction of all parameters under ``scope`` remaining."""
+        return self.scope_kept / self.scope_total if self.scope_total else 1.0
+
+    def as_dict(self) -> dict:
+        return {
+            "layers": [{**asdict(lay), "remaining": lay.remaining} for lay in self.layers],
+            "kept": self.kept, "total": self.total, "remaining": self.remaining,
+            "scope": self.scope, "scope_kept": self.scope_kept,
+            "scope_total": self.scope_total, "scope_remaining": self.scope_remaining,
+        }
+
+    def __str__(self) -> str:
+        width = max([len(lay.name) for lay in self.layers] + [24])
+        rows = [f"{'layer':<{width}} {'kept':>10} {'total':>10} {'remaining':>9}"]
+        rows += [f"{lay.name:<{width}} {lay.kept:>10} {lay.total:>10} {lay.remaining:>9.2%}"
+                 for lay in self.layers]
+        rows.append(f"{f'pruned layers ({len(self.layers)})':<{width}} {self.kept:>10} "
+                    f"{self.total:>10} {self.remaining:>9.2%}")
+        rows.append(f"{(self.scope or '(model)') + ' (all params)':<{width}} {self.scope_kept:>10} "
+                    f"{self.scope_total:>10} {self.scope_remaining:>9.2%}")
+        return "\n".join(rows)
+
+
+def _common_parent(names: list[str]) -> str:
+    parents = [n.split(".")[:-1] for n in names]
+    prefix = os.path.commonprefix(parents) if parents else []
+    return ".".join(prefix)
+
+
+def sparsity_report(model: nn.Module, *, scope: str | None = None,
+                    policy: PruningPolicy | None = None) -> SparsityReport:
+    """Remaining weights of ``model``.
+
+    Attached models report their masks (L0: evaluation gates above 0). Plain (finalized)
+    models report the non-zero weights of the Linears ``policy`` targets (default: every
+    Linear but the output heads).
+    """
+    attachment = get_attachment(model)
+    modules: dict[str, nn.Linear]
+    if attachment is not None:
+        layers = [LayerSparsity(lay.name, lay.kept(), lay.numel) for lay in attachment.layers]
+        modules = {lay.name: lay.module for lay in attachment.layers}
+    else:
+        policy = policy or PruningPolicy(method="magnitude", total_steps=1)
+        targets = find_targets(model, policy.targets, policy.exclude)
+        with torch.no_grad():
+            layers = [LayerSparsity(n, int(torch.count_nonzero(m.weight)), m.weight.numel())
+                      for n, m in targets]
+        modules = dict(targets)
+    scope = _common_parent(list(modules)) if scope is None else scope
+    kept_by_weight = {id(modules[lay.name].weight): lay.kept for lay in layers}
+    scope_kept = scope_total = 0
+    prefix = scope + "." if scope else ""
+    for name, p in model.named_parameters():
+        if not name.startswith(prefix) or name.endswith("." + SCORES_NAME):
+            continue
+        scope_total += p.numel()
+        scope_kept += kept_by_weight.get(id(p), p.numel())
+    return SparsityReport(layers, scope, scope_kept, scope_total)

@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prune_plugin.masks import (hard_concrete_gate, l0_eval_gate, masked_linear, regularizer_grad,
+                                regularizer_value, threshold_mask)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(4, 7, generator=g) > 0.5
+    return x, w, b, s, mask
+
+
+def test_forward_is_linear_with_masked_weight():
+    x, w, b, s, mask = _inputs()
+    assert torch.allclose(masked_linear(x, w, b, mask, s), F.linear(x, w * mask, b))
+
+
+def test_straight_through_gradients_match_eq2_via_autograd():
+    x, w, b, s, mask = _inputs()
+    out = masked_linear(x, w, b, mask, s)
+    g_out = torch.randn_like(out)
+    gx, gw, gb, gs = torch.autograd.grad(out, (x, w, b, s), g_out)
+
+    # Reference: W' = W * M as a leaf; Eq. 2 says dL/dS = dL/dW' * W, dL/dW = dL/dW' * M.
+    wm = (w * mask).detach().requires_grad_(True)
+    ref = F.linear(x, wm, b)
+    rx, rwm, rb = torch.autograd.grad(ref, (x, wm, b), g_out)
+    assert torch.allclose(gx, rx) and torch.allclose(gb, rb)
+    assert torch.allclose(gw, rwm * mask)
+    assert torch.allclose(gs, rwm * w)
+    # Eq. 2 elementwise: dL/dS_ij = sum over tokens of dL/da_i * W_ij * x_j
+    manual = torch.einsum("bti,btj->ij", g_out, x) * w
+    assert torch.allclose(gs, manual)
+
+
+def test_all_kept_mask_none_still_gives_score_gradient():
+    x, w, b, s, _ = _inputs(1)
+    out = masked_linear(x, w, b, None, s)
+    assert torch.allclose(out, F.linear(x, w, b))
+    gw, gs = torch.autograd.grad(out.sum(), (w, s))
+    assert torch.allclose(gs, gw * w)
+
+
+def test_without_scores_weight_gradient_is_masked():
+    x, w, b, _, mask = _inputs(2)
+    (gw,) = torch.autograd.grad(masked_linear(x, w, b, mask).sum(), (w,))
+    assert torch.all(gw[~mask] == 0) and torch.any(gw[mask] != 0)
+
+
+def test_threshold_mask_is_sigmoid_above_tau():
+    s = torch.linspace(-5, 5, 101)
+    assert threshold_mask(s, 0.0) is None
+    assert torch.equal(threshold_mask(s, 0.1), torch.sigmoid(s) > 0.1)
+
+
+def test_l0_eval_gate_formula_and_sampled_gate_range():
+    s = torch.linspace(-6, 6, 50)
+    expected = torch.clamp((1.1 + 0.1) * torch.sigmoid(s) - 0.1, 0, 1)
+    assert torch.allclose(l0_eval_gate(s, left=-0.1, right=1.1), expected)
+    torch.manual_seed(0)
+    gate = hard_concrete_gate(s.repeat(200, 1), beta=2 / 3, left=-0.1, right=1.1)
+    assert gate.min() == 0.0 and gate.max() == 1.0  # the stretch gives exact zeros and ones
+    # high scores are mostly open, low ones mostly closed
+    assert gate[:, -1].mean() > 0.95 and gate[:, 0].mean() < 0.05
+
+
+def test_l0_gate_gradient_is_eq3():
+    torch.manual_seed(0)
+    s = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    gate = hard_concrete_gate(s, beta=2 / 3, left=-0.1, right=1.1)
+    (g,) = torch.autograd.grad(gate.sum(), (s,))
+    torch.manual_seed(1)
+    u = torch.rand(64, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+    sbar = torch.sigmoid((torch.log(u) - torch.log1p(-u) + s.detach()) / (2 / 3))
+    z = 1.2 * sbar - 0.1
+    f = 1.2 / (2 / 3) * sbar * (1 - sbar) * ((z >= 0) & (z <= 1))
+    assert torch.allclose(g, f)
+
+
+@pytest.mark.parametrize("method", ["soft_movement", "l0"])
+def test_regularizer_grad_is_autograd_of_value(method):
+    s = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(regularizer_value(s, method=method), (s,))
+    assert torch.allclose(regularizer_grad(s.detach(), method=method), g)
+    if method == "l0":  # E[L0] = sigmoid(S - b log(-l/r))
+        z = s.detach() - 2 / 3 * math.log(0.1 / 1.1)
+        assert torch.allclose(regularizer_value(s, method=method), torch.sigmoid(z).sum())

@@ -1,0 +1,120 @@
+import json
+
+import pytest
+
+from prune_plugin import PolicyError, PruningPolicy
+
+BASE = dict(method="movement", final_remaining=0.1, warmup_steps=5, cooldown_steps=5,
+            total_steps=100)
+
+
+def test_the_issue_example_builds():
+    p = PruningPolicy(method="movement", final_remaining=0.10, warmup_steps=500,
+                      cooldown_steps=1000, total_steps=10_000)
+    assert p.scope == "local" and p.score_lr == 1e-2 and p.initial_remaining == 1.0
+
+
+@pytest.mark.parametrize("method", ["magnitude", "movement", "soft_movement", "l0"])
+def test_dump_validate_round_trip(method):
+    p = PruningPolicy(method=method, total_steps=50)
+    assert PruningPolicy.model_validate_json(p.to_json()) == p
+    assert PruningPolicy.model_validate(p.model_dump()) == p
+
+
+def test_method_defaults_follow_the_original_code():
+    l0 = PruningPolicy(method="l0", total_steps=10)
+    assert (l0.score_init_value, l0.final_lambda, l0.lambda_schedule, l0.score_lr) == \
+        (2.197, 125.0, "constant", 0.1)
+    soft = PruningPolicy(method="soft_movement", total_steps=10)
+    assert (soft.final_threshold, soft.final_lambda, soft.lambda_schedule) == (0.1, 400.0, "cubic")
+
+
+def test_unknown_method_names_value_allowed_and_suggestion():
+    with pytest.raises(PolicyError, match=r"method: got 'movment'.*'magnitude'.*Did you mean 'movement'"):
+        PruningPolicy(**{**BASE, "method": "movment"})
+
+
+def test_unknown_field_is_refused_with_suggestion():
+    with pytest.raises(PolicyError, match=r"final_remainig: unknown field.*Did you mean 'final_remaining'"):
+        PruningPolicy(**{**BASE, "final_remainig": 0.1})
+
+
+def test_out_of_range_names_field_value_and_bound():
+    with pytest.raises(PolicyError, match=r"final_remaining: got 1.5 .*less than or equal to 1"):
+        PruningPolicy(**{**BASE, "final_remaining": 1.5})
+    with pytest.raises(PolicyError, match=r"final_remaining: got 0.0 .*greater than 0"):
+        PruningPolicy(**{**BASE, "final_remaining": 0.0})
+
+
+def test_strict_types_refuse_strings_for_numbers():
+    with pytest.raises(PolicyError, match="total_steps: got '100'"):
+        PruningPolicy(**{**BASE, "total_steps": "100"})
+
+
+def test_missing_required_field():
+    with pytest.raises(PolicyError, match="total_steps: required field is missing"):
+        PruningPolicy(method="movement")
+
+
+def test_warmup_plus_cooldown_cannot_exceed_total():
+    with pytest.raises(PolicyError, match=r"warmup_steps \(60\) \+ cooldown_steps \(50\).*Fix"):
+        PruningPolicy(**{**BASE, "warmup_steps": 60, "cooldown_steps": 50})
+
+
+def test_final_above_initial_is_refused():
+    with pytest.raises(PolicyError, match="final_remaining .* above initial_remaining"):
+        PruningPolicy(**{**BASE, "initial_remaining": 0.5, "final_remaining": 0.6})
+
+
+@pytest.mark.parametrize("field,value,method", [
+    ("final_lambda", 10.0, "movement"),
+    ("final_remaining", 0.1, "soft_movement"),
+    ("scope", "global", "l0"),
+    ("l0_beta", 0.5, "soft_movement"),
+    ("score_lr", 0.1, "magnitude"),
+])
+def test_method_specific_fields_only_with_their_method(field, value, method):
+    with pytest.raises(PolicyError, match=f"field '{field}'.*does not apply to method '{method}'"):
+        PruningPolicy(method=method, total_steps=10, **{field: value})
+
+
+def test_invalid_regex_is_refused():
+    with pytest.raises(PolicyError, match=r"targets\[0\] = '\(' is not a valid regular expression"):
+        PruningPolicy(**{**BASE, "targets": ["("]})
+
+
+def test_policy_is_immutable():
+    p = PruningPolicy(**BASE)
+    with pytest.raises(Exception):
+        p.final_remaining = 0.5  # type: ignore[misc]
+
+
+def test_from_file_json_and_yaml(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps(BASE))
+    (tmp_path / "p.yaml").write_text("method: movement\nfinal_remaining: 0.1\nwarmup_steps: 5\n"
+                                     "cooldown_steps: 5\ntotal_steps: 100\ntargets: [encoder]\n")
+    assert PruningPolicy.from_file(tmp_path / "p.json") == PruningPolicy(**BASE)
+    assert PruningPolicy.from_file(tmp_path / "p.yaml").targets == ["encoder"]
+
+
+def test_from_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: movement\ntotal_steps: -3\n")
+    with pytest.raises(PolicyError, match=r"(?s)bad.yaml.*total_steps: got -3"):
+        PruningPolicy.from_file(bad)
+    with pytest.raises(PolicyError, match="does not exist"):
+        PruningPolicy.from_file(tmp_path / "missing.json")
+    (tmp_path / "p.toml").write_text("")
+    with pytest.raises(PolicyError, match="suffix '.toml'"):
+        PruningPolicy.from_file(tmp_path / "p.toml")
+
+
+def test_policy_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        PruningPolicy(method="nope", total_steps=1)
+
+
+def test_json_schema_lists_the_methods():
+    schema = PruningPolicy.model_json_schema()
+    assert set(schema["properties"]["method"]["enum"]) == {"magnitude", "movement", "soft_movement", "l0"}
+    assert "total_steps" in schema["required"]
