@@ -34,7 +34,7 @@ from prune_plugin.errors import AttachError
 from prune_plugin.masks import hard_concrete_gate, l0_eval_gate, masked_linear, threshold_mask
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.schedule import cubic_schedule
-from prune_plugin.selection import TopVThreshold, topv_count, topv_masks
+from prune_plugin.selection import SelectionHint, TopVThreshold, topv_count, topv_masks
 from prune_plugin.targeting import find_targets
 
 #: Name of the score Parameter registered on each pruned Linear.
@@ -158,6 +158,7 @@ class Attachment:
         self.closed = False
         self.last_threshold: TopVThreshold | float | None = None
         self.current_target: float | None = None  # remaining fraction (Top-v) or tau (soft)
+        self._hints: dict[str, SelectionHint | None] = {}  # warm starts for Top-v, per selection
         self._on_close: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
@@ -196,18 +197,15 @@ class Attachment:
             for layer in self.layers:
                 layer.set_mask(None)
             return
-        if self.policy.scope == "local":
-            for layer in self.layers:
-                masks, self.last_threshold = topv_masks(
-                    [layer.importance()], topv_count(remaining, layer.numel),
-                    out=[layer.mask_buffer()])
-                layer.set_mask(masks[0])
-        else:
-            total = sum(layer.numel for layer in self.layers)
-            masks, self.last_threshold = topv_masks(
-                [layer.importance() for layer in self.layers], topv_count(remaining, total),
-                out=[layer.mask_buffer() for layer in self.layers])
-            for layer, mask in zip(self.layers, masks):
+        groups = [[layer] for layer in self.layers] if self.policy.scope == "local" \
+            else [self.layers]
+        for group in groups:
+            key = group[0].name if len(group) == 1 else "*"
+            k = topv_count(remaining, sum(layer.numel for layer in group))
+            masks, self.last_threshold, self._hints[key] = topv_masks(
+                [layer.importance() for layer in group], k,
+                out=[layer.mask_buffer() for layer in group], hint=self._hints.get(key))
+            for layer, mask in zip(group, masks):
                 layer.set_mask(mask)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,38 +58,6 @@ def _np_view(t: Tensor):
     return None
 
 
-def _count_gt(t: Tensor, x: float) -> int:
-    a = _np_view(t)
-    if a is not None:
-        return int(np.count_nonzero(a > a.dtype.type(x)))
-    return int(torch.count_nonzero(t > x))
-
-
-def _split(t: Tensor, lo: float, hi: float, extract: bool) -> tuple[int, int, Tensor | None]:
-    """(# > hi, # > lo, the scores in (lo, hi] in index order if ``extract``)."""
-    a = _np_view(t)
-    if a is not None:
-        g_hi = a > a.dtype.type(hi)
-        g_lo = a > a.dtype.type(lo)
-        c_hi, c_lo = int(np.count_nonzero(g_hi)), int(np.count_nonzero(g_lo))
-        band = torch.from_numpy(a[g_lo ^ g_hi]) if extract and c_lo > c_hi else None
-        return c_hi, c_lo, band
-    flat = t.detach().reshape(-1)
-    g_hi, g_lo = flat > hi, flat > lo
-    c_hi, c_lo = int(torch.count_nonzero(g_hi)), int(torch.count_nonzero(g_lo))
-    band = flat[g_lo ^ g_hi] if extract and c_lo > c_hi else None
-    return c_hi, c_lo, band
-
-
-def _write_mask_gt(t: Tensor, x: float, out: Tensor) -> None:
-    a, o = _np_view(t), None
-    if a is not None and out.device.type == "cpu" and out.is_contiguous():
-        o = out.view(-1).numpy()
-        np.greater(a, a.dtype.type(x), out=o)
-    else:
-        torch.gt(t.detach(), x, out=out)
-
-
 def _first_equal(t: Tensor, x: float, count: int) -> Tensor:
     """Flat indices of the first ``count`` elements equal to ``x``."""
     a = _np_view(t)
@@ -99,8 +68,17 @@ def _first_equal(t: Tensor, x: float, count: int) -> Tensor:
 
 # --- selection ---------------------------------------------------------------------------------
 
-def _sample(parts: Sequence[Tensor], n: int, lo: float, hi: float, band_n: int) -> Tensor:
-    """A strided sample of the scores in (lo, hi]; balances sorting it against gathering."""
+@dataclass(frozen=True)
+class SelectionHint:
+    """Where the last threshold was, to bracket the next one (scores move little per step)."""
+
+    value: float
+    delta: float
+
+
+def _sample(parts: Sequence[Tensor], lo: float, hi: float, band_n: int, n: int) -> Tensor:
+    """A strided sample of the scores in (lo, hi]; ~band^(2/3) of them balances sorting it
+    against gathering the bracket."""
     size = min(SAMPLE_SIZE, max(1024, int(band_n ** (2.0 / 3.0))))
     stride = max(1, band_n // size)
     pieces = [p.detach().reshape(-1)[::stride] for p in parts]
@@ -128,102 +106,179 @@ def _narrow(sample: Tensor, q: float, lo: float, hi: float, dtype: torch.dtype
     return new_lo, new_hi
 
 
-def _split_all(parts: Sequence[Tensor], lo: float, hi: float
-               ) -> tuple[int, int, list[Tensor] | None]:
-    """Counts over all parts and the in-bracket scores of each (None if too many to gather)."""
-    c_hi = c_lo = 0
-    bands: list[Tensor] | None = []
-    for p in parts:
-        ch, cl, band = _split(p, lo, hi, extract=bands is not None)
-        c_hi += ch
-        c_lo += cl
-        if bands is not None:
-            if c_lo - c_hi > BAND_LIMIT:
-                bands = None  # too wide to gather: keep counting, narrow next round
-            else:
-                bands.append(band if band is not None else p.new_empty(0))
-    return c_hi, c_lo, bands
-
-
 def _next_down(x: float, dtype: torch.dtype) -> float:
     """The largest value of ``dtype`` below ``x``."""
     t = torch.tensor(x, dtype=dtype)
     return float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)))
 
 
-def kth_largest(parts: Sequence[Tensor], k: int) -> tuple[float, int, list[int] | None]:
-    """Exact k-th largest value over ``parts`` (any shapes), 1 <= k <= total size.
+def _to_dtype(x: float, dtype: torch.dtype) -> float:
+    """``x`` rounded to a value of ``dtype`` (bracket ends must be exact in the scores' dtype)."""
+    return float(torch.tensor(x, dtype=dtype)) if math.isfinite(x) else x
 
-    Returns (value, number of elements strictly greater, per-part counts of elements equal to
-    value or None when unknown).
-    """
-    n = sum(p.numel() for p in parts)
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    dtype = parts[0].dtype
-    lo, hi = -math.inf, math.inf  # invariant: c_hi < k <= c_lo, so the answer is in (lo, hi]
-    c_lo, c_hi = n, 0
-    bands: list[Tensor] | None = None
-    for _ in range(_MAX_ROUNDS):
-        band_n = c_lo - c_hi
-        if bands is not None and band_n <= BAND_LIMIT:
-            break
-        if lo == _next_down(hi, dtype):  # every score in the bracket equals hi
-            return hi, c_hi, None
-        new_lo, new_hi = lo, hi
-        if band_n > NARROW_MIN:
-            new_lo, new_hi = _narrow(_sample(parts, n, lo, hi, band_n), (k - c_hi) / band_n,
-                                     lo, hi, dtype)
-        t_hi, t_lo, extracted = _split_all(parts, new_lo, new_hi)
-        if t_hi >= k:      # the answer is above new_hi
-            lo, c_lo, bands = new_hi, t_hi, None
-        elif t_lo < k:     # the answer is at or below new_lo
-            hi, c_hi, bands = new_lo, t_lo, None
+
+def _nonzero(flags) -> Any:
+    """Positions of the True entries of a numpy bool array: scan 8 flags per uint64 word
+    first, since bracket members are few and numpy's flatnonzero is slow per element."""
+    n8 = flags.size - flags.size % 8
+    words = np.flatnonzero(flags[:n8].view(np.uint64))
+    pos = (words[:, None] * 8 + np.arange(8)).reshape(-1)
+    pos = pos[flags[pos]]
+    if n8 < flags.size:
+        pos = np.concatenate([pos, n8 + np.flatnonzero(flags[n8:])])
+    return pos
+
+
+@dataclass
+class _Pass:
+    """One bracketing pass: masks hold ``S > hi``; counts; in-bracket positions and values."""
+
+    above: int
+    inside: int
+    positions: list[Tensor] | None
+    values: list[Tensor] | None
+
+
+def _bracket_pass(parts: Sequence[Tensor], masks: Sequence[Tensor], lo: float, hi: float,
+                  extract: bool, limit: float = BAND_LIMIT) -> _Pass:
+    above = inside = 0
+    positions: list[Tensor] | None = [] if extract else None
+    values: list[Tensor] | None = [] if extract else None
+    for p, m in zip(parts, masks):
+        a = _np_view(p)
+        mv = m.view(-1).numpy() if a is not None and m.device.type == "cpu" \
+            and m.is_contiguous() else None
+        if mv is not None:
+            np.greater(a, a.dtype.type(hi), out=mv)
+            flags = a > a.dtype.type(lo)
+            np.bitwise_xor(flags, mv, out=flags)  # lo < S <= hi
+            c_above = int(np.count_nonzero(mv))
+            c_inside = int(np.count_nonzero(flags))
+            if positions is not None and inside + c_inside <= limit:
+                pos = _nonzero(flags)
+                positions.append(torch.from_numpy(pos))
+                values.append(torch.from_numpy(a[pos]))
         else:
-            lo, hi, c_lo, c_hi, bands = new_lo, new_hi, t_lo, t_hi, extracted
-    else:  # pragma: no cover - the bracket shrinks geometrically; this is a safety net
-        bands = [_split(p, lo, hi, extract=True)[2] for p in parts]
-        bands = [b if b is not None else p.new_empty(0) for b, p in zip(bands, parts)]
-    if lo == _next_down(hi, dtype):
-        return hi, c_hi, None
-    assert bands is not None
-    band = torch.cat([b.reshape(-1) for b in bands])
-    if band.dtype in (torch.float16, torch.bfloat16):
-        band = band.float()  # exact: kthvalue lacks half kernels on some devices
-    r = k - c_hi  # rank of the answer from the top of the band
-    value = float(torch.kthvalue(band, band.numel() - r + 1).values)
-    greater = c_hi + int(torch.count_nonzero(band > value))
-    ties = [int(torch.count_nonzero(b == value)) for b in bands]
-    return value, greater, ties
+            flat = p.detach().reshape(-1)
+            torch.gt(flat, hi, out=m.view(-1))
+            flags = (flat > lo) ^ m.view(-1)
+            c_above = int(torch.count_nonzero(m))
+            c_inside = int(torch.count_nonzero(flags))
+            if positions is not None and inside + c_inside <= limit:
+                pos = torch.nonzero(flags).reshape(-1)
+                positions.append(pos)
+                values.append(flat[pos])
+        above += c_above
+        inside += c_inside
+        if positions is not None and inside > limit:
+            positions = values = None  # too many to gather: count only, narrow next round
+    return _Pass(above, inside, positions, values)
 
 
-def topv_masks(parts: Sequence[Tensor], k: int, out: Sequence[Tensor] | None = None
-               ) -> tuple[list[Tensor], TopVThreshold]:
+def _add_first_equal(parts: Sequence[Tensor], masks: Sequence[Tensor], value: float,
+                     need: int) -> None:
+    """Keep the first ``need`` scores equal to ``value`` (lowest index, part by part)."""
+    for p, m in zip(parts, masks):
+        if need == 0:
+            return
+        idx = _first_equal(p, value, need)
+        m.view(-1)[idx.to(m.device)] = True
+        need -= idx.numel()
+
+
+def topv_masks(parts: Sequence[Tensor], k: int, out: Sequence[Tensor] | None = None,
+               hint: SelectionHint | None = None
+               ) -> tuple[list[Tensor], TopVThreshold, SelectionHint | None]:
     """Masks keeping exactly the ``k`` largest scores over ``parts`` (Eq. 1 with v = k / n).
 
     Ties at the threshold are kept lowest flat index first, part by part. ``out`` are bool
-    buffers of the parts' shapes, reused across steps to avoid allocating every step.
+    buffers of the parts' shapes, reused across steps. ``hint`` (returned by the previous call
+    on the same scores) brackets the threshold without sampling; any hint gives the same
+    exact result, a good one is just faster.
     """
+    n = sum(p.numel() for p in parts)
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, {n}], got {k}")
     masks = list(out) if out is not None else [torch.empty(p.shape, dtype=torch.bool,
                                                            device=p.device) for p in parts]
     if k == 0:
         for m in masks:
             m.fill_(False)
-        return masks, TopVThreshold(math.inf, 0, 0)
-    value, greater, ties = kth_largest(parts, k)
-    for p, m in zip(parts, masks):
-        _write_mask_gt(p, value, m)
-    need = k - greater
-    threshold = TopVThreshold(value, need, k)
-    for i, (p, m) in enumerate(zip(parts, masks)):
-        if need == 0:
-            break
-        if ties is not None and ties[i] == 0:
-            continue
-        idx = _first_equal(p, value, need)
-        m.view(-1)[idx.to(m.device)] = True
-        need -= idx.numel()
-    return masks, threshold
+        return masks, TopVThreshold(math.inf, 0, 0), hint
+    dtype = parts[0].dtype
+    lo, hi = -math.inf, math.inf  # invariant: above(hi) < k <= above(lo): answer in (lo, hi]
+    c_lo, c_hi = n, 0
+    attempt = None
+    if hint is not None and math.isfinite(hint.value):
+        attempt = (_to_dtype(hint.value - hint.delta, dtype),
+                   _to_dtype(hint.value + hint.delta, dtype))
+    result: _Pass | None = None
+    for _ in range(_MAX_ROUNDS):
+        band_n = c_lo - c_hi
+        if attempt is None:
+            if lo == _next_down(hi, dtype):
+                attempt = (lo, hi)
+            elif band_n > NARROW_MIN:
+                attempt = _narrow(_sample(parts, lo, hi, band_n, n), (k - c_hi) / band_n,
+                                  lo, hi, dtype)
+            else:
+                attempt = (lo, hi)
+        a_lo, a_hi = max(attempt[0], lo), min(attempt[1], hi)
+        if a_lo >= a_hi:
+            a_lo = _next_down(a_hi, dtype)
+        single = a_lo == _next_down(a_hi, dtype)  # every score in the bracket equals a_hi
+        stuck = (a_lo, a_hi) == (lo, hi)  # no narrower bracket to try: gather whatever it holds
+        attempt = None
+        r = _bracket_pass(parts, masks, a_lo, a_hi, extract=not single,
+                          limit=math.inf if stuck else BAND_LIMIT)
+        if r.above >= k:             # the answer is above a_hi
+            lo, c_lo = a_hi, r.above
+        elif r.above + r.inside < k:  # the answer is at or below a_lo
+            hi, c_hi = a_lo, r.above + r.inside
+        else:
+            lo, hi, c_lo, c_hi = a_lo, a_hi, r.above + r.inside, r.above
+            if single or r.positions is not None:
+                result = r
+                break
+    if result is None:  # pragma: no cover - the bracket shrinks geometrically; a safety net
+        result = _bracket_pass(parts, masks, lo, hi, extract=True, limit=math.inf)
+    return _finish(parts, masks, k, lo, hi, result, hint, dtype, n)
+
+
+def _finish(parts: Sequence[Tensor], masks: Sequence[Tensor], k: int, lo: float, hi: float,
+            r: _Pass, hint: SelectionHint | None, dtype: torch.dtype, n: int
+            ) -> tuple[list[Tensor], TopVThreshold, SelectionHint]:
+    need = k - r.above  # how many in-bracket scores to keep; masks already hold S > hi
+    if r.positions is None:  # every in-bracket score equals hi
+        value = hi
+        _add_first_equal(parts, masks, value, need)
+    else:
+        band = torch.cat(r.values)
+        if band.dtype in (torch.float16, torch.bfloat16):
+            band = band.float()  # exact: kthvalue lacks half kernels on some devices
+        value = float(torch.kthvalue(band, band.numel() - need + 1).values)
+        greater = 0
+        for m, pos, vals in zip(masks, r.positions, r.values):
+            keep = pos[vals > value]
+            m.view(-1)[keep.to(m.device)] = True
+            greater += keep.numel()
+        ties = need - greater
+        for m, pos, vals in zip(masks, r.positions, r.values):
+            if ties == 0:
+                break
+            eq = pos[vals == value][:ties]  # positions are ascending: lowest index first
+            m.view(-1)[eq.to(m.device)] = True
+            ties -= eq.numel()
+        need -= greater
+    # The next bracket: wide enough for how far the threshold moved, tight enough to gather
+    # few scores (~0.1% of them, at least a few thousand).
+    inside = max(1, r.inside)
+    target = max(4096, n // 1000)
+    width = (hi - lo) if math.isfinite(hi - lo) else abs(value) + 1.0
+    delta = 0.5 * width * min(4.0, max(0.25, target / inside))
+    if hint is not None and math.isfinite(hint.value):
+        delta = max(delta, 4.0 * abs(value - hint.value))
+    return list(masks), TopVThreshold(value, need, k), SelectionHint(value, max(delta, 1e-12))
 
 
 def topv_mask_reference(parts: Sequence[Tensor], k: int) -> list[Tensor]:

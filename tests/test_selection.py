@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from prune_plugin import selection
-from prune_plugin.selection import kth_largest, topv_count, topv_mask_reference, topv_masks
+from prune_plugin.selection import SelectionHint, topv_count, topv_mask_reference, topv_masks
 
 
 def _random_parts(g: torch.Generator, kind: str) -> list[torch.Tensor]:
@@ -27,7 +27,7 @@ def test_topv_equals_stable_sort_reference_and_keeps_exactly_k(kind):
         parts = _random_parts(g, kind)
         n = sum(p.numel() for p in parts)
         k = int(torch.randint(0, n + 1, (), generator=g))
-        masks, threshold = topv_masks(parts, k)
+        masks, threshold, _ = topv_masks(parts, k)
         assert sum(int(m.sum()) for m in masks) == k
         for m, ref in zip(masks, topv_mask_reference(parts, k)):
             assert torch.equal(m, ref)
@@ -47,7 +47,7 @@ def test_bracket_narrowing_path_is_exact(monkeypatch, kind):
         parts = [p + torch.randn(p.shape, generator=g) * (kind == "normal") for p in parts]
         n = sum(p.numel() for p in parts)
         k = int(torch.randint(1, n + 1, (), generator=g))
-        masks, _ = topv_masks(parts, k)
+        masks, _, _ = topv_masks(parts, k)
         for m, ref in zip(masks, topv_mask_reference(parts, k)):
             assert torch.equal(m, ref)
 
@@ -55,31 +55,51 @@ def test_bracket_narrowing_path_is_exact(monkeypatch, kind):
 def test_torch_backend_for_half_precision_matches_reference():
     g = torch.Generator().manual_seed(3)
     parts = [torch.randn(50, 40, generator=g).bfloat16(), torch.randn(30, 7, generator=g).bfloat16()]
-    masks, _ = topv_masks(parts, 777)
+    masks, _, _ = topv_masks(parts, 777)
     for m, ref in zip(masks, topv_mask_reference(parts, 777)):
         assert torch.equal(m, ref)
 
 
 def test_ties_are_kept_lowest_index_first_across_parts():
     parts = [torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.0, 2.0])]
-    masks, threshold = topv_masks(parts, 3)
+    masks, threshold, _ = topv_masks(parts, 3)
     assert masks[0].tolist() == [True, True, False]
     assert masks[1].tolist() == [False, True]
     assert threshold.value == 0.0 and threshold.ties_kept == 1
 
 
-def test_kth_largest_reports_greater_count():
+def test_threshold_reports_value_and_kept_ties():
     t = torch.tensor([5.0, 1.0, 3.0, 3.0, 2.0])
-    value, greater, _ = kth_largest([t], 3)
-    assert value == 3.0 and greater == 1
-    with pytest.raises(ValueError, match="k must be in"):
-        kth_largest([t], 6)
+    _, threshold, _ = topv_masks([t], 3)
+    assert threshold.value == 3.0 and threshold.ties_kept == 2 and threshold.k == 3
+    with pytest.raises(ValueError, match=r"k must be in \[0, 5\]"):
+        topv_masks([t], 6)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_any_hint_gives_the_exact_result(kind, monkeypatch):
+    monkeypatch.setattr(selection, "NARROW_MIN", 64)
+    monkeypatch.setattr(selection, "BAND_LIMIT", 300)
+    g = torch.Generator().manual_seed(4)
+    parts = [torch.randn(60, 50, generator=g), torch.randn(40, 30, generator=g)]
+    if kind == "ties":
+        parts = [(p * 2).round() * 0.01 for p in parts]
+    n = sum(p.numel() for p in parts)
+    hints = [None, SelectionHint(0.0, 1e-9), SelectionHint(5.0, 0.1), SelectionHint(-3.0, 10.0),
+             SelectionHint(float("nan"), 1.0)]
+    for k in (1, 17, n // 3, n - 5, n):
+        ref = topv_mask_reference(parts, k)
+        hint = None
+        for h in hints + [None]:  # the last one reuses the returned hint
+            masks, _, hint = topv_masks(parts, k, hint=h if h is not None else hint)
+            for m, r in zip(masks, ref):
+                assert torch.equal(m, r)
 
 
 def test_masks_are_written_into_given_buffers():
     t = torch.randn(20, 20)
     buf = torch.empty(20, 20, dtype=torch.bool)
-    masks, _ = topv_masks([t], 40, out=[buf])
+    masks, _, _ = topv_masks([t], 40, out=[buf])
     assert masks[0] is buf and int(buf.sum()) == 40
 
 
