@@ -27,8 +27,11 @@ try:
 except ImportError:  # pragma: no cover - numpy ships with practically every torch install
     np = None  # type: ignore[assignment]
 
-#: Largest number of in-bracket scores gathered for the final ``kthvalue``.
+#: Most in-bracket scores gathered for the final ``kthvalue``: 1% of the scores, between
+#: 64K and 2M. A bracket holding more is narrowed first; on tied scores (the first Adam steps
+#: leave them on a lattice of +-lr multiples) that ends on one tied value, gathered never.
 BAND_LIMIT = 1 << 21
+BAND_MIN = 1 << 16
 #: Brackets holding more scores than this are narrowed from a sample before gathering.
 NARROW_MIN = 1 << 14
 #: Most scores sampled to place the bracket (fewer for small brackets: ~band^(2/3)).
@@ -74,12 +77,16 @@ class SelectionHint:
 
     value: float
     delta: float
+    #: Whether the last threshold fell inside the bracket this hint's predecessor proposed.
+    #: Early in training every score moves by about the score lr per step and the threshold
+    #: jumps; a hint that keeps missing costs a pass, so it is used only while it predicts.
+    reliable: bool = True
 
 
 def _sample(parts: Sequence[Tensor], lo: float, hi: float, band_n: int, n: int) -> Tensor:
-    """A strided sample of the scores in (lo, hi]; ~band^(2/3) of them balances sorting it
+    """A strided sample of the scores in (lo, hi]; ~4 band^(2/3) of them balances sampling
     against gathering the bracket."""
-    size = min(SAMPLE_SIZE, max(1024, int(band_n ** (2.0 / 3.0))))
+    size = min(SAMPLE_SIZE, max(1024, 4 * int(band_n ** (2.0 / 3.0))))
     stride = max(1, band_n // size)
     pieces = [p.detach().reshape(-1)[::stride] for p in parts]
     s = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
@@ -95,12 +102,20 @@ def _narrow(sample: Tensor, q: float, lo: float, hi: float, dtype: torch.dtype
     m = sample.numel()
     if m == 0:
         return lo, hi
-    ordered = torch.sort(sample, descending=True).values
-    j = q * m
+    j = q * m  # rank from the top; in ascending order the answer sits near m - j
     margin = 4.0 * math.sqrt(m * q * (1.0 - q)) + 2.0
     top, bottom = int(math.floor(j - margin)), int(math.ceil(j + margin))
-    new_hi = hi if top < 0 else float(ordered[top])
-    new_lo = lo if bottom >= m else float(ordered[bottom])
+    ranks = [m - 1 - r for r in (top, bottom) if 0 <= r < m]  # ascending positions
+    if ranks:
+        if np is not None and sample.dtype in (torch.float32, torch.float64):
+            a = sample.numpy()
+            picked = np.partition(a, ranks)[ranks]  # linear time, unlike a sort
+            values = {r: float(v) for r, v in zip(ranks, picked)}
+        else:
+            ordered = torch.sort(sample).values
+            values = {r: float(ordered[r]) for r in ranks}
+    new_hi = hi if not 0 <= top < m else values[m - 1 - top]
+    new_lo = lo if not 0 <= bottom < m else values[m - 1 - bottom]
     if new_lo >= new_hi:  # the sample ties around the answer: bracket that value alone
         new_lo = _next_down(new_hi, dtype)
     return new_lo, new_hi
@@ -117,62 +132,53 @@ def _to_dtype(x: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(x, dtype=dtype)) if math.isfinite(x) else x
 
 
-def _nonzero(flags) -> Any:
-    """Positions of the True entries of a numpy bool array: scan 8 flags per uint64 word
-    first, since bracket members are few and numpy's flatnonzero is slow per element."""
-    n8 = flags.size - flags.size % 8
-    words = np.flatnonzero(flags[:n8].view(np.uint64))
-    pos = (words[:, None] * 8 + np.arange(8)).reshape(-1)
-    pos = pos[flags[pos]]
-    if n8 < flags.size:
-        pos = np.concatenate([pos, n8 + np.flatnonzero(flags[n8:])])
-    return pos
-
-
 @dataclass
 class _Pass:
-    """One bracketing pass: masks hold ``S > hi``; counts; in-bracket positions and values."""
+    """One bracketing pass: masks hold ``S > hi``; counts; the in-bracket scores."""
 
     above: int
     inside: int
-    positions: list[Tensor] | None
     values: list[Tensor] | None
 
 
 def _bracket_pass(parts: Sequence[Tensor], masks: Sequence[Tensor], lo: float, hi: float,
                   extract: bool, limit: float = BAND_LIMIT) -> _Pass:
     above = inside = 0
-    positions: list[Tensor] | None = [] if extract else None
     values: list[Tensor] | None = [] if extract else None
     for p, m in zip(parts, masks):
-        a = _np_view(p)
-        mv = m.view(-1).numpy() if a is not None and m.device.type == "cpu" \
-            and m.is_contiguous() else None
-        if mv is not None:
+        a, mv = _np_view(p), _np_mask_view(m)
+        if a is not None and mv is not None:
             np.greater(a, a.dtype.type(hi), out=mv)
             flags = a > a.dtype.type(lo)
             np.bitwise_xor(flags, mv, out=flags)  # lo < S <= hi
-            c_above = int(np.count_nonzero(mv))
-            c_inside = int(np.count_nonzero(flags))
-            if positions is not None and inside + c_inside <= limit:
-                pos = _nonzero(flags)
-                positions.append(torch.from_numpy(pos))
-                values.append(torch.from_numpy(a[pos]))
+            c_above, c_inside = int(np.count_nonzero(mv)), int(np.count_nonzero(flags))
+            gather = lambda: torch.from_numpy(a[flags])  # noqa: E731
         else:
             flat = p.detach().reshape(-1)
             torch.gt(flat, hi, out=m.view(-1))
             flags = (flat > lo) ^ m.view(-1)
-            c_above = int(torch.count_nonzero(m))
-            c_inside = int(torch.count_nonzero(flags))
-            if positions is not None and inside + c_inside <= limit:
-                pos = torch.nonzero(flags).reshape(-1)
-                positions.append(pos)
-                values.append(flat[pos])
+            c_above, c_inside = int(torch.count_nonzero(m)), int(torch.count_nonzero(flags))
+            gather = lambda: flat[flags]  # noqa: E731
         above += c_above
         inside += c_inside
-        if positions is not None and inside > limit:
-            positions = values = None  # too many to gather: count only, narrow next round
-    return _Pass(above, inside, positions, values)
+        if values is not None:
+            values = values + [gather()] if inside <= limit else None
+    return _Pass(above, inside, values)
+
+
+def _np_mask_view(m: Tensor):
+    if np is not None and m.device.type == "cpu" and m.is_contiguous():
+        return m.view(-1).numpy()
+    return None
+
+
+def _write_mask(p: Tensor, m: Tensor, value: float, inclusive: bool) -> None:
+    """m = S >= value (inclusive) or S > value."""
+    a, mv = _np_view(p), _np_mask_view(m)
+    if a is not None and mv is not None:
+        (np.greater_equal if inclusive else np.greater)(a, a.dtype.type(value), out=mv)
+    else:
+        (torch.ge if inclusive else torch.gt)(p.detach(), value, out=m)
 
 
 def _add_first_equal(parts: Sequence[Tensor], masks: Sequence[Tensor], value: float,
@@ -209,16 +215,17 @@ def topv_masks(parts: Sequence[Tensor], k: int, out: Sequence[Tensor] | None = N
     lo, hi = -math.inf, math.inf  # invariant: above(hi) < k <= above(lo): answer in (lo, hi]
     c_lo, c_hi = n, 0
     attempt = None
-    if hint is not None and math.isfinite(hint.value):
+    if hint is not None and hint.reliable and math.isfinite(hint.value):
         attempt = (_to_dtype(hint.value - hint.delta, dtype),
                    _to_dtype(hint.value + hint.delta, dtype))
+    limit = min(BAND_LIMIT, max(BAND_MIN, n // 100))
     result: _Pass | None = None
     for _ in range(_MAX_ROUNDS):
         band_n = c_lo - c_hi
         if attempt is None:
             if lo == _next_down(hi, dtype):
                 attempt = (lo, hi)
-            elif band_n > NARROW_MIN:
+            elif band_n > min(NARROW_MIN, limit):
                 attempt = _narrow(_sample(parts, lo, hi, band_n, n), (k - c_hi) / band_n,
                                   lo, hi, dtype)
             else:
@@ -230,14 +237,14 @@ def topv_masks(parts: Sequence[Tensor], k: int, out: Sequence[Tensor] | None = N
         stuck = (a_lo, a_hi) == (lo, hi)  # no narrower bracket to try: gather whatever it holds
         attempt = None
         r = _bracket_pass(parts, masks, a_lo, a_hi, extract=not single,
-                          limit=math.inf if stuck else BAND_LIMIT)
+                          limit=math.inf if stuck else limit)
         if r.above >= k:             # the answer is above a_hi
             lo, c_lo = a_hi, r.above
         elif r.above + r.inside < k:  # the answer is at or below a_lo
             hi, c_hi = a_lo, r.above + r.inside
         else:
             lo, hi, c_lo, c_hi = a_lo, a_hi, r.above + r.inside, r.above
-            if single or r.positions is not None:
+            if single or r.values is not None:
                 result = r
                 break
     if result is None:  # pragma: no cover - the bracket shrinks geometrically; a safety net
@@ -248,37 +255,31 @@ def topv_masks(parts: Sequence[Tensor], k: int, out: Sequence[Tensor] | None = N
 def _finish(parts: Sequence[Tensor], masks: Sequence[Tensor], k: int, lo: float, hi: float,
             r: _Pass, hint: SelectionHint | None, dtype: torch.dtype, n: int
             ) -> tuple[list[Tensor], TopVThreshold, SelectionHint]:
-    need = k - r.above  # how many in-bracket scores to keep; masks already hold S > hi
-    if r.positions is None:  # every in-bracket score equals hi
-        value = hi
-        _add_first_equal(parts, masks, value, need)
+    need = k - r.above  # how many in-bracket scores to keep
+    if r.values is None:  # every in-bracket score equals hi; masks already hold S > hi
+        value, ties, tied = hi, need, r.inside
     else:
         band = torch.cat(r.values)
         if band.dtype in (torch.float16, torch.bfloat16):
             band = band.float()  # exact: kthvalue lacks half kernels on some devices
         value = float(torch.kthvalue(band, band.numel() - need + 1).values)
-        greater = 0
-        for m, pos, vals in zip(masks, r.positions, r.values):
-            keep = pos[vals > value]
-            m.view(-1)[keep.to(m.device)] = True
-            greater += keep.numel()
-        ties = need - greater
-        for m, pos, vals in zip(masks, r.positions, r.values):
-            if ties == 0:
-                break
-            eq = pos[vals == value][:ties]  # positions are ascending: lowest index first
-            m.view(-1)[eq.to(m.device)] = True
-            ties -= eq.numel()
-        need -= greater
-    # The next bracket: wide enough for how far the threshold moved, tight enough to gather
-    # few scores (~0.1% of them, at least a few thousand).
+        ties = need - int(torch.count_nonzero(band > value))
+        tied = int(torch.count_nonzero(band == value))
+    if r.values is not None or ties == tied:
+        for p, m in zip(parts, masks):
+            _write_mask(p, m, value, inclusive=ties == tied)
+    if ties != tied:  # keep only the first `ties` of the scores equal to the threshold
+        _add_first_equal(parts, masks, value, ties)
+    # The next warm bracket gathers few scores (~0.1% of them, at least a few thousand); it is
+    # used only while thresholds stay inside it, else the next call samples.
     inside = max(1, r.inside)
     target = max(4096, n // 1000)
     width = (hi - lo) if math.isfinite(hi - lo) else abs(value) + 1.0
     delta = 0.5 * width * min(4.0, max(0.25, target / inside))
-    if hint is not None and math.isfinite(hint.value):
-        delta = max(delta, 4.0 * abs(value - hint.value))
-    return list(masks), TopVThreshold(value, need, k), SelectionHint(value, max(delta, 1e-12))
+    reliable = hint is None or not math.isfinite(hint.value) \
+        or abs(value - hint.value) <= hint.delta
+    return (list(masks), TopVThreshold(value, ties, k),
+            SelectionHint(value, max(delta, 1e-12), reliable))
 
 
 def topv_mask_reference(parts: Sequence[Tensor], k: int) -> list[Tensor]:

@@ -40,6 +40,7 @@ def test_bracket_narrowing_path_is_exact(monkeypatch, kind):
     # Small limits force the sampled-bracket rounds that large models go through.
     monkeypatch.setattr(selection, "NARROW_MIN", 64)
     monkeypatch.setattr(selection, "BAND_LIMIT", 256)
+    monkeypatch.setattr(selection, "BAND_MIN", 128)
     monkeypatch.setattr(selection, "SAMPLE_SIZE", 128)
     g = torch.Generator().manual_seed(2)
     for _ in range(30):
@@ -80,6 +81,7 @@ def test_threshold_reports_value_and_kept_ties():
 def test_any_hint_gives_the_exact_result(kind, monkeypatch):
     monkeypatch.setattr(selection, "NARROW_MIN", 64)
     monkeypatch.setattr(selection, "BAND_LIMIT", 300)
+    monkeypatch.setattr(selection, "BAND_MIN", 100)
     g = torch.Generator().manual_seed(4)
     parts = [torch.randn(60, 50, generator=g), torch.randn(40, 30, generator=g)]
     if kind == "ties":
