@@ -39,3 +39,62 @@ def bert_batch(seed: int = 0, batch: int = 8, length: int = 12) -> dict[str, tor
 def mlp_batch(seed: int = 0, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 12, generator=g), torch.randint(0, 3, (batch,), generator=g)
+
+
+WORDS = ["good", "great", "fun", "bad", "awful", "dull", "movie", "plot", "the", "a", "was",
+         "is", "very", "not"]
+
+
+def tiny_hf_folder(path, num_labels: int = 2, seed: int = 0, vocab_extra: int = 0):
+    """A tiny BERT classifier + WordPiece tokenizer saved like a Hub model (offline)."""
+    from pathlib import Path
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS,
+             *[f"extra{i}" for i in range(vocab_extra)]]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64, num_labels=num_labels)
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_glue_folder(path, n_train: int = 96, n_eval: int = 32, regression: bool = False):
+    """A dataset folder in the Hub's parquet layout: <config>/<split>-00000-of-00001.parquet."""
+    import random
+    from pathlib import Path
+
+    import datasets
+
+    rng = random.Random(0)
+    path = Path(path)
+
+    def rows(n):
+        out = {"sentence": [], "label": [], "idx": []}
+        for i in range(n):
+            positive = rng.random() < 0.5
+            words = rng.sample(WORDS[:3] if positive else WORDS[3:6], 2) + ["movie"]
+            out["sentence"].append(" ".join(words))
+            out["label"].append(float(positive) * 5.0 if regression else int(positive))
+            out["idx"].append(i)
+        return out
+
+    features = datasets.Features({
+        "sentence": datasets.Value("string"),
+        "label": datasets.Value("float32") if regression else datasets.ClassLabel(names=["negative", "positive"]),
+        "idx": datasets.Value("int32")})
+    (path / "toy").mkdir(parents=True, exist_ok=True)
+    (path / "README.md").write_text(  # the Hub's layout: configs named in the card's header
+        "---\nconfigs:\n- config_name: toy\n  data_files:\n  - split: train\n"
+        "    path: toy/train-00000-of-00001.parquet\n  - split: validation\n"
+        "    path: toy/validation-00000-of-00001.parquet\n---\n")
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        datasets.Dataset.from_dict(rows(n), features=features).to_parquet(
+            str(path / "toy" / f"{split}-00000-of-00001.parquet"))
+    return path

@@ -1,0 +1,196 @@
+"""Hugging Face Trainer integration.
+
+Two ways in, for scripts that already have a Trainer:
+
+- ``Trainer(..., optimizers=(PruningOptimizer(...), None), callbacks=[PruningCallback()])``:
+  your optimizer, wrapped; the callback logs the pruning state and saves it beside each
+  checkpoint.
+- ``PruningTrainer(..., pruning_policy=policy)``: builds the Trainer's usual AdamW (weight decay
+  groups and all) and wraps it in ``create_optimizer()``, the hook that DeepSpeed and FSDP
+  paths also go through. It adds the callback itself and, with ``teacher=``, distils
+  (the paper's Sec. 6).
+
+Resuming: ``trainer.train(resume_from_checkpoint=...)`` restores the scores with the model
+weights (they are model parameters while attached) and the step, masks and score optimizer
+state with ``optimizer.pt`` (``PruningOptimizer.state_dict`` holds them).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from prune_plugin.optimizer import PruningOptimizer, as_policy
+from prune_plugin.policy import PruningPolicy
+from prune_plugin.report import sparsity_report
+from prune_plugin.state import save_pruning_state
+
+STATE_FILE = "pruning_state.safetensors"
+
+
+def find_pruning_optimizer(optimizer: Any) -> PruningOptimizer | None:
+    """The PruningOptimizer inside whatever wrappers (accelerate, DeepSpeed) hold it."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, PruningOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
+class PruningCallback(TrainerCallback):
+    """Logs remaining weights and lambda, saves the pruning state beside each checkpoint, and
+    refuses a schedule that cannot finish within the run."""
+
+    def __init__(self) -> None:
+        self.optimizer: PruningOptimizer | None = None
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, optimizer: Any = None, **kwargs: Any) -> None:
+        self.optimizer = find_pruning_optimizer(optimizer)
+        if self.optimizer is None:
+            raise TypeError("PruningCallback found no PruningOptimizer in the Trainer. Fix: pass "
+                            "optimizers=(PruningOptimizer(...), None), or use PruningTrainer.")
+        total = self.optimizer.policy.total_steps
+        if state.max_steps and total > state.max_steps:
+            raise ValueError(
+                f"the pruning policy's total_steps ({total}) exceeds the Trainer's max_steps "
+                f"({state.max_steps}): the final sparsity would never be reached. Fix: set "
+                f"total_steps to {state.max_steps} (or train longer).")
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        # The Trainer stores a copy of the logs before callbacks run; PruningTrainer adds these
+        # figures in log(), a plain Trainer gets them here.
+        if logs is None or "remaining" in logs:
+            return
+        extra = pruning_logs(self.optimizer)
+        logs.update(extra)
+        if state.log_history:
+            state.log_history[-1].update(extra)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                **kwargs: Any) -> None:
+        if self.optimizer is None or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            save_pruning_state(self.optimizer, folder / STATE_FILE)
+
+
+def pruning_logs(optimizer: PruningOptimizer | None) -> dict[str, float]:
+    """Remaining weights (and the schedule's target, or lambda) for the training logs."""
+    if optimizer is None or optimizer.attachment.closed:
+        return {}
+    logs = {"remaining": round(sparsity_report(optimizer.attachment.model).remaining, 5)}
+    if optimizer.policy.uses_topv:
+        logs["remaining_target"] = round(optimizer.attachment.current_target or 1.0, 5)
+    if optimizer.policy.is_regularized:
+        logs["lambda"] = optimizer.current_lambda
+    return logs
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """KL between the softened teacher and student distributions, times T^2 (Hinton et al.),
+    as in the paper's code; mean squared error for regression (one output)."""
+    if student_logits.shape[-1] == 1:
+        return F.mse_loss(student_logits, teacher_logits)
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),
+                    F.softmax(teacher_logits / temperature, dim=-1),
+                    reduction="batchmean") * temperature ** 2
+
+
+class PruningTrainer(Trainer):
+    """A Trainer that prunes with ``pruning_policy`` and optionally distils from ``teacher``
+    (``pruning_policy=None``: distillation alone).
+
+    loss = alpha * KL(teacher/T || student/T) * T^2 + (1 - alpha) * task loss.
+    """
+
+    def __init__(self, *args: Any, pruning_policy: PruningPolicy | dict | str | Path | None,
+                 teacher: torch.nn.Module | None = None, distill_alpha: float = 0.9,
+                 distill_temperature: float = 2.0, **kwargs: Any) -> None:
+        self.pruning_policy = None if pruning_policy is None else as_policy(pruning_policy)
+        if not 0.0 <= distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1], got {distill_alpha}")
+        if not distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {distill_temperature}")
+        self.teacher = teacher
+        self.distill_alpha = distill_alpha
+        self.distill_temperature = distill_temperature
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if self.pruning_policy is not None and \
+                not any(isinstance(c, PruningCallback) for c in callbacks):
+            callbacks.append(PruningCallback())
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.pruning_policy is None:  # distillation alone
+            return super().create_optimizer(model)
+        if find_pruning_optimizer(self.optimizer) is None:
+            target = self.model if model is None else model
+            inner = super().create_optimizer(model)
+            self.optimizer = PruningOptimizer(inner, self.pruning_policy, model=target)
+        return self.optimizer
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        logs.update(pruning_logs(find_pruning_optimizer(self.optimizer)))
+        super().log(logs, *args, **kwargs)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any],
+                     return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        if self.teacher is None or self.distill_alpha == 0.0:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        outputs = model(**inputs)
+        task_loss = outputs.loss
+        if self.teacher.device != outputs.logits.device:
+            self.teacher.to(outputs.logits.device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**{k: v for k, v in inputs.items()
+                                             if k != "labels"}).logits
+        kd = distillation_loss(outputs.logits, teacher_logits, self.distill_temperature)
+        loss = self.distill_alpha * kd + (1.0 - self.distill_alpha) * task_loss
+        return (loss, outputs) if return_outputs else loss
+
+
+def classification_metrics(logits: Any, labels: Any, task: str) -> dict[str, float]:
+    """accuracy (+ F1 of class 1 when binary) or Pearson/Spearman for regression."""
+    logits, labels = torch.as_tensor(logits), torch.as_tensor(labels)
+    if task == "regression":
+        pred, gold = logits.reshape(-1).double(), labels.reshape(-1).double()
+        return {"pearson": _pearson(pred, gold),
+                "spearman": _pearson(_ranks(pred), _ranks(gold))}
+    pred = logits.argmax(-1)
+    metrics = {"accuracy": float((pred == labels).double().mean())}
+    if logits.shape[-1] == 2:
+        tp = int(((pred == 1) & (labels == 1)).sum())
+        fp, fn = int(((pred == 1) & (labels == 0)).sum()), int(((pred == 0) & (labels == 1)).sum())
+        metrics["f1"] = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return metrics
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
+    return float((a * b).sum()) / denom if denom else 0.0
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share their mean rank), for Spearman."""
+    order = torch.argsort(x)
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    values, inverse = torch.unique(x, return_inverse=True)
+    sums = torch.zeros(len(values), dtype=x.dtype).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(values), dtype=x.dtype).index_add_(0, inverse, torch.ones_like(x))
+    return (sums / counts)[inverse]

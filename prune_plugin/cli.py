@@ -1,0 +1,169 @@
+"""``prune-plugin``: fine-prune | report | compress | decompress | schema.
+
+The fine-pruning job needs the ``hf`` extra (transformers, datasets); it is imported only
+when that command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    flags = {"model": args.model, "data.path": args.dataset, "output_dir": args.output_dir,
+             "training.max_steps": args.max_steps,
+             "data.max_train_samples": args.max_train_samples}
+    out.update({k: v for k, v in flags.items() if v is not None})
+    if args.max_steps is not None:
+        out["training.epochs"] = None
+    return out
+
+
+def _fine_prune(args: argparse.Namespace) -> int:
+    from prune_plugin.integrations.job import load_job, run_job
+
+    job = load_job(args.job, overrides=_overrides(args))
+    metrics = run_job(job, overwrite=args.overwrite, resume=args.resume,
+                      progress=not args.no_progress)
+    out = Path(job.output_dir)
+    shown = {k: round(v, 4) for k, v in metrics["eval"].items()
+             if k in ("accuracy", "f1", "pearson", "spearman", "loss")}
+    print(f"\ndone: {metrics['method']}, {metrics['steps']} steps in "
+          f"{metrics['train_wall_s']:.0f} s; eval {shown}; "
+          f"{100 * metrics['remaining']:.2f}% of pruned weights remain")
+    print(f"outputs in {out}/: model/ (plain model + tokenizer), metrics.json, sparsity.json, "
+          "sparsity.png, config.resolved.yaml")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from prune_plugin.report import LayerSparsity, SparsityReport
+
+    out = Path(args.run_dir)
+    path = out / "sparsity.json"
+    if not path.is_file():
+        raise SystemExit(f"{out} holds no sparsity.json: is it the output folder of a finished "
+                         "fine-prune run?")
+    data = json.loads(path.read_text())
+    report = SparsityReport([LayerSparsity(d["name"], d["kept"], d["total"])
+                             for d in data["layers"]], data["scope"], data["scope_kept"],
+                            data["scope_total"])
+    print(report)
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        print("\nmetrics:", json.dumps(json.loads(metrics.read_text())["eval"]))
+    try:
+        from prune_plugin.integrations.job import plot_sparsity
+
+        plot_sparsity(data, out / "sparsity.png", out.name)
+        print(f"plot: {out / 'sparsity.png'}")
+    except ImportError:  # pragma: no cover - matplotlib missing
+        print("(install matplotlib for the per-layer plot)")
+    return 0
+
+
+def _compress(args: argparse.Namespace) -> int:
+    from prune_plugin.compress import compress_folder
+
+    run = Path(args.run_dir)
+    model_dir = run / "model" if (run / "model").is_dir() else run
+    out = Path(args.output) if args.output else run / ("compressed-int8" if args.int8
+                                                       else "compressed")
+    manifest = compress_folder(model_dir, out, quantize="int8" if args.int8 else "none",
+                               codec=args.codec)
+    params = manifest["params"]
+    total = sum(e["bytes"] for e in params.values())
+    dense = sum(_dense_bytes(e) for e in params.values())
+    sparse = [n for n, e in params.items() if e["encoding"] == "bitmask"]
+    sparse_bytes = sum(params[n]["bytes"] for n in sparse)
+    sparse_dense = sum(_dense_bytes(params[n]) for n in sparse)
+    print(f"compressed {model_dir} -> {out}")
+    print(f"  all weights: {dense / 1e6:.2f} MB dense fp32 -> {total / 1e6:.2f} MB")
+    print(f"  {len(sparse)} pruned matrices: {sparse_dense / 1e6:.2f} MB -> "
+          f"{sparse_bytes / 1e6:.2f} MB")
+    return 0
+
+
+def _dense_bytes(entry: dict[str, Any]) -> int:
+    n = 1
+    for d in entry["shape"]:
+        n *= d
+    return 4 * n
+
+
+def _decompress(args: argparse.Namespace) -> int:
+    from prune_plugin.compress import decompress_folder
+
+    print(f"wrote {decompress_folder(args.compressed_dir, args.output)}")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from prune_plugin.policy import PruningPolicy
+
+    print(json.dumps(PruningPolicy.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prune-plugin", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    fp = sub.add_parser("fine-prune", help="run a fine-pruning job from a YAML file")
+    fp.add_argument("job", help="job YAML")
+    fp.add_argument("--model", help="override the model (Hub id, folder, or 'minilm')")
+    fp.add_argument("--dataset", help="override data.path (Hub id or local folder)")
+    fp.add_argument("--output-dir", help="override output_dir")
+    fp.add_argument("--max-steps", type=int, help="override training.max_steps")
+    fp.add_argument("--max-train-samples", type=int, help="override data.max_train_samples")
+    fp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override any field by dotted key, e.g. --set pruning.method=l0")
+    fp.add_argument("--overwrite", action="store_true", help="replace a finished run")
+    fp.add_argument("--resume", action="store_true", help="resume from the last checkpoint")
+    fp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    fp.set_defaults(func=_fine_prune)
+    rp = sub.add_parser("report", help="sparsity table and plot of a finished run")
+    rp.add_argument("run_dir")
+    rp.set_defaults(func=_report)
+    cp = sub.add_parser("compress", help="compressed sparse checkpoint of a finished run")
+    cp.add_argument("run_dir", help="a run's output folder, or a saved model folder")
+    cp.add_argument("--int8", action="store_true", help="int8 per-row quantised values")
+    cp.add_argument("--codec", default="zstd", choices=["zstd", "none"])
+    cp.add_argument("--output", help="default: RUN_DIR/compressed[-int8]")
+    cp.set_defaults(func=_compress)
+    dp = sub.add_parser("decompress", help="rebuild a from_pretrained-loadable folder")
+    dp.add_argument("compressed_dir")
+    dp.add_argument("output")
+    dp.set_defaults(func=_decompress)
+    sp = sub.add_parser("schema", help="print the policy's JSON schema")
+    sp.set_defaults(func=_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prune_plugin.errors import PruningError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (PruningError, ValueError, ImportError) as err:
+        # One clear line (or block) for the user's mistakes; real bugs keep their traceback.
+        if type(err).__name__ in ("JobError", "DataError") or isinstance(err, PruningError):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

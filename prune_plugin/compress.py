@@ -1,0 +1,203 @@
+"""Compressed sparse checkpoints of finalized (plain, pruned) models.
+
+Each 2-D weight that is mostly zeros is stored as a bitmask of its kept positions (1 bit per
+weight, packed) plus the kept values in row-major order: fp32, or int8 with one fp32 scale per
+row (absmax / 127) when asked. Every other tensor is stored as it is. Each blob is then
+compressed with zstd (the bitmask of a 94%-sparse matrix has ~0.33 bits of entropy per weight).
+Everything goes in one safetensors file whose metadata holds the manifest, so the container
+is a format every tool can open; ``decompress_folder`` rebuilds a plain checkpoint that
+``from_pretrained`` loads with the model's own class.
+
+The paper's anchor: BERT-base's encoder, 340 MB dense, fits in 11 MB at 6% remaining weights
+(CSR + int8 + a general-purpose compressor).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from prune_plugin.errors import StateError
+from prune_plugin.state import _DTYPES, _FROM_NAME, read_safetensors, write_safetensors
+
+FORMAT = "prune_plugin.compressed"
+VERSION = 1
+WEIGHTS_NAME = "model.compressed.safetensors"
+Quantize = Literal["none", "int8"]
+#: Matrices with at most this fraction of non-zeros are stored sparse (and quantised if asked);
+#: others, pruned or not (embeddings, heads), are stored exactly as they are.
+MAX_DENSITY = 0.5
+_SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+
+
+# -- pure encodings --------------------------------------------------------------------------------
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool tensor -> uint8, 8 flags per byte, most significant bit first (numpy.packbits)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    return (flat.view(-1, 8) << _SHIFTS).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    bits = (packed.reshape(-1, 1) >> _SHIFTS) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def quantize_rows(values: torch.Tensor, rows: torch.Tensor, n_rows: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and per-row fp32 scales (absmax / 127) for values grouped by ``rows``."""
+    absmax = torch.zeros(n_rows, dtype=torch.float32).scatter_reduce_(
+        0, rows, values.abs().float(), reduce="amax")
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q = torch.round(values.float() / scale[rows]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _codec(name: str):
+    if name == "none":
+        return (lambda b: b), (lambda b: b)
+    try:
+        import zstandard
+    except ImportError:
+        raise ImportError("zstd compression needs the 'zstandard' package. Fix: pip install "
+                          "zstandard, or pass codec='none'.") from None
+    comp = zstandard.ZstdCompressor(level=19, threads=-1)
+    return comp.compress, zstandard.ZstdDecompressor().decompress
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _blob(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+        torch.zeros(0, dtype=torch.uint8)
+
+
+def compress_state_dict(state_dict: dict[str, torch.Tensor], *, quantize: Quantize = "none",
+                        codec: str = "zstd") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Encode a plain state dict: (blobs for the safetensors file, manifest)."""
+    if quantize not in ("none", "int8"):
+        raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
+    compress, _ = _codec(codec)
+    blobs: dict[str, torch.Tensor] = {}
+    params: dict[str, Any] = {}
+    for name, t in state_dict.items():
+        t = t.detach().cpu()
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"cannot store {name!r} of dtype {t.dtype}")
+        entry: dict[str, Any] = {"shape": list(t.shape), "dtype": _DTYPES[t.dtype]}
+        nonzero = t != 0 if t.dtype.is_floating_point and t.dim() == 2 else None
+        kept = int(nonzero.sum()) if nonzero is not None else t.numel()
+        if nonzero is not None and kept <= MAX_DENSITY * t.numel():
+            values = t[nonzero]
+            entry["encoding"] = "bitmask"
+            entry["quantize"] = quantize
+            blobs[f"{name}:mask"] = _blob(compress(_bytes(pack_bits(nonzero))))
+            if quantize == "int8":
+                rows = nonzero.nonzero()[:, 0]
+                q, scale = quantize_rows(values, rows, t.shape[0])
+                blobs[f"{name}:values"] = _blob(compress(_bytes(q)))
+                blobs[f"{name}:scale"] = _blob(compress(_bytes(scale)))
+            else:
+                blobs[f"{name}:values"] = _blob(compress(_bytes(values)))
+        else:
+            entry["encoding"] = "dense"
+            blobs[f"{name}:dense"] = _blob(compress(_bytes(t)))
+        entry["bytes"] = sum(b.numel() for k, b in blobs.items() if k.rsplit(":", 1)[0] == name)
+        params[name] = entry
+    return blobs, {"format": FORMAT, "version": VERSION, "codec": codec, "params": params}
+
+
+def decompress_state_dict(blobs: dict[str, torch.Tensor], manifest: dict[str, Any]
+                          ) -> dict[str, torch.Tensor]:
+    """Rebuild the plain state dict from ``compress_state_dict``'s output."""
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise StateError(f"not a {FORMAT} v{VERSION} checkpoint (got {manifest.get('format')!r} "
+                         f"v{manifest.get('version')!r}).")
+    _, decompress = _codec(manifest["codec"])
+
+    def read(key: str, dtype: torch.dtype) -> torch.Tensor:
+        data = decompress(_bytes(blobs[key]))
+        return _blob(data).view(dtype) if data else torch.zeros(0, dtype=dtype)
+
+    out: dict[str, torch.Tensor] = {}
+    for name, entry in manifest["params"].items():
+        dtype, shape = _FROM_NAME[entry["dtype"]], entry["shape"]
+        if entry["encoding"] == "dense":
+            out[name] = read(f"{name}:dense", dtype).reshape(shape).clone()
+            continue
+        numel = shape[0] * shape[1]
+        mask = unpack_bits(read(f"{name}:mask", torch.uint8), numel).view(shape)
+        if entry["quantize"] == "int8":
+            scale = read(f"{name}:scale", torch.float32)
+            rows = mask.nonzero()[:, 0]
+            values = (read(f"{name}:values", torch.int8).float() * scale[rows]).to(dtype)
+        else:
+            values = read(f"{name}:values", dtype)
+        dense = torch.zeros(shape, dtype=dtype)
+        dense[mask] = values
+        out[name] = dense
+    return out
+
+
+# -- checkpoint folders (e.g. from save_pretrained) -------------------------------------------------
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
+    index = folder / "model.safetensors.index.json"
+    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) \
+        if index.is_file() else [folder / "model.safetensors"]
+    if not all(f.is_file() for f in files):
+        raise StateError(f"{folder} holds no model.safetensors. Fix: point at a folder written "
+                         "by save_pretrained (a finished fine-prune run's 'model' folder).")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(read_safetensors(f)[0])
+    return state, files + ([index] if index.is_file() else [])
+
+
+def compress_folder(model_dir: str | Path, out_dir: str | Path, *, quantize: Quantize = "none",
+                    codec: str = "zstd") -> dict[str, Any]:
+    """Compress a saved model folder; config, tokenizer and other files are copied as they are.
+
+    Returns the manifest (with each parameter's stored bytes)."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    state, weight_files = _read_weights(model_dir)
+    blobs, manifest = compress_state_dict(state, quantize=quantize, codec=codec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f not in weight_files:
+            shutil.copy2(f, out_dir / f.name)
+    write_safetensors(out_dir / WEIGHTS_NAME, blobs, {"manifest": json.dumps(manifest)})
+    return manifest
+
+
+def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
+    """The plain state dict stored in a compressed folder (or its weights file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.is_file():
+        raise StateError(f"no compressed checkpoint at {str(path)!r}.")
+    blobs, meta = read_safetensors(path)
+    if "manifest" not in meta:
+        raise StateError(f"{path} is a safetensors file but not a compressed checkpoint.")
+    return decompress_state_dict(blobs, json.loads(meta["manifest"]))
+
+
+def decompress_folder(compressed_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a plain checkpoint folder (``model.safetensors`` + the copied files) that the
+    model's own ``from_pretrained`` loads."""
+    compressed_dir, out_dir = Path(compressed_dir), Path(out_dir)
+    state = load_compressed(compressed_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in compressed_dir.iterdir():
+        if f.is_file() and f.name != WEIGHTS_NAME:
+            shutil.copy2(f, out_dir / f.name)
+    write_safetensors(out_dir / "model.safetensors", state, {"format": "pt"})
+    return out_dir

@@ -1,0 +1,122 @@
+"""The fine-pruning job end to end on a tiny model and dataset, and its errors."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+from prune_plugin.cli import main  # noqa: E402
+from prune_plugin.integrations.job import JobError, load_job, run_job  # noqa: E402
+
+from .models import tiny_glue_folder, tiny_hf_folder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    return {"model": str(tiny_hf_folder(root / "model")),
+            "data": str(tiny_glue_folder(root / "glue")),
+            "regression": str(tiny_glue_folder(root / "glue-reg", regression=True)),
+            "other_vocab": str(tiny_hf_folder(root / "other", vocab_extra=3)),
+            "root": root}
+
+
+def job_dict(assets, out, **pruning):
+    return {"model": assets["model"],
+            "data": {"path": assets["data"], "name": "toy", "text_columns": ["sentence"]},
+            "training": {"max_steps": 6, "batch_size": 16, "learning_rate": 1e-3,
+                         "logging_steps": 2, "max_length": 16},
+            "pruning": {"method": "movement", "final_remaining": 0.2, "warmup_steps": 1,
+                        "cooldown_steps": 2, **pruning},
+            "output_dir": str(out)}
+
+
+def test_job_writes_a_plain_model_that_reproduces_the_metrics(assets, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path / "run"
+    metrics = run_job(load_job(data=job_dict(assets, out)), progress=False)
+    for name in ("metrics.json", "sparsity.json", "sparsity.png", "config.resolved.yaml",
+                 "model/config.json", "model/model.safetensors", "model/tokenizer_config.json"):
+        assert (out / name).exists(), name
+    sparsity = json.loads((out / "sparsity.json").read_text())
+    assert sparsity["remaining"] == pytest.approx(0.2, abs=1e-3) == metrics["remaining"]
+    resolved = (out / "config.resolved.yaml").read_text()
+    assert "total_steps: 6" in resolved
+
+    # The stock class loads it: no pruning keys, the kept weights, the same accuracy.
+    model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    assert not any("pruning" in k for k in model.state_dict())
+    q = model.bert.encoder.layer[0].attention.self.query.weight
+    assert int(torch.count_nonzero(q)) <= round(0.2 * q.numel())
+    import datasets
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    val = datasets.load_dataset(assets["data"], "toy")["validation"]
+    enc = tok(list(val["sentence"]), padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(-1)
+    accuracy = float((pred == torch.tensor(val["label"])).double().mean())
+    assert accuracy == pytest.approx(metrics["eval"]["accuracy"])
+
+
+def test_dense_job_and_distillation_job(assets, tmp_path):
+    dense = job_dict(assets, tmp_path / "dense")
+    dense["pruning"] = None
+    run_job(load_job(data=dense), progress=False)
+    distil = job_dict(assets, tmp_path / "distil", method="soft_movement", final_lambda=10.0)
+    del distil["pruning"]["final_remaining"]
+    distil["teacher"] = {"model": str(tmp_path / "dense" / "model"), "alpha": 0.5}
+    metrics = run_job(load_job(data=distil), progress=False)
+    assert metrics["method"] == "soft_movement" and metrics["teacher"].endswith("model")
+
+
+def test_output_folder_with_a_run_is_not_overwritten(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(JobError, match="already holds a run.*--overwrite"):
+        run_job(load_job(data=job_dict(assets, out)), progress=False)
+    assert (out / "metrics.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda j, a: j["data"].update(path=str(a["root"] / "nope")), "dataset folder .* does not exist"),
+    (lambda j, a: j.update(model=str(a["root"] / "nope")), "model folder .* does not exist"),
+    (lambda j, a: j["data"].update(text_columns=["text"]), r"column 'text' is not in .*'sentence'"),
+    (lambda j, a: j["data"].update(path=a["regression"], task="classification"), r"'classification' needs integer class labels.*Fix: set task: regression"),
+    (lambda j, a: j["data"].update(task="regression"), "'regression' needs numeric labels"),
+    (lambda j, a: j.update(teacher={"model": a["other_vocab"]}), "another vocabulary"),
+    (lambda j, a: j["pruning"].update(method="movment"), "Did you mean 'movement'"),
+    (lambda j, a: j["data"].update(path=a["regression"]), r"has a 2-label classification head.*task has 1"),
+    (lambda j, a: j["training"].update(epochs=1), "exactly one of training.max_steps and training.epochs"),
+    (lambda j, a: j["data"].update(train_split="dev"), r"no split 'dev'"),
+])
+def test_errors_name_what_and_how_to_fix(assets, tmp_path, change, message):
+    job = job_dict(assets, tmp_path / "run")
+    change(job, assets)
+    with pytest.raises(JobError, match=message):
+        run_job(load_job(data=job), progress=False)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_cli_overrides_and_one_line_errors(assets, tmp_path, capsys):
+    import yaml
+    job = job_dict(assets, tmp_path / "run")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    code = main(["fine-prune", str(path), "--max-steps", "4", "--no-progress",
+                 "--set", "pruning.final_remaining=0.5", "--output-dir", str(tmp_path / "cli")])
+    assert code == 0
+    metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["remaining"] == pytest.approx(0.5, abs=1e-3)
+    assert "outputs in" in capsys.readouterr().out
+    assert main(["fine-prune", str(path), "--dataset", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: dataset folder") and "Fix:" in err
+    assert main(["report", str(tmp_path / "cli")]) == 0
+    assert "pruned layers (12)" in capsys.readouterr().out
+    assert main(["compress", str(tmp_path / "cli"), "--int8", "--codec", "none"]) == 0
+    assert (tmp_path / "cli" / "compressed-int8" / "model.compressed.safetensors").is_file()
