@@ -31,6 +31,9 @@ KEEP = 0.10
 VARIANTS = ["dense", "movement-local", "movement-global", "sort-every-forward", "torch-prune"]
 
 
+ADAMW: dict = {}  # extra AdamW arguments, from --adamw
+
+
 def make_variant(name: str, model_name: str):
     """(model, step function) of one variant."""
     model = build_model(model_name)
@@ -44,9 +47,9 @@ def make_variant(name: str, model_name: str):
     if name == "sort-every-forward":
         scores = baselines.attach_sort_every_forward(modules, KEEP)
         opt = torch.optim.AdamW([{"params": params}, {"params": scores, "lr": 1e-2,
-                                                      "weight_decay": 0.0}], lr=3e-5)
+                                                      "weight_decay": 0.0}], lr=3e-5, **ADAMW)
     else:
-        opt = torch.optim.AdamW(params, lr=3e-5)
+        opt = torch.optim.AdamW(params, lr=3e-5, **ADAMW)
     if name.startswith("movement"):
         policy = PruningPolicy(method="movement", scope=name.split("-")[1], targets=[r"\.encoder\."],
                                initial_remaining=KEEP, final_remaining=KEEP, total_steps=10**6)
@@ -85,11 +88,20 @@ def time_steps(model_names: list[str], repeats: int, steps: int) -> dict:
     return results
 
 
-def peak_memory(model_name: str, variant: str) -> int:
+def peak_memory(model_name: str, variant: str, adamw: str) -> int:
     """Peak RSS (bytes) of a fresh process running ``variant`` for 3 steps."""
-    out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, variant],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, __file__, "--memory-child", model_name, variant,
+                          "--adamw", adamw], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def vm_hwm() -> int:
+    """This process image's peak RSS. (ru_maxrss survives exec, so a child would report its
+    parent's peak.)"""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def selection_times(repeats: int) -> dict:
@@ -127,24 +139,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per variant per repeat")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--out", default="benchmarks/out/step_overhead.json")
+    parser.add_argument("--adamw", choices=["default", "fused"], default="fused",
+                        help="torch.optim.AdamW implementation for every variant")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.adamw == "fused":
+        ADAMW["fused"] = True
     if args.memory_child:
         _, step = make_variant(args.memory_child[1], args.memory_child[0])
         for _ in range(3):
             step()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        print(vm_hwm())
         return
     t0 = time.time()
     results = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+               "adamw": args.adamw,
                "keep": KEEP, "repeats": args.repeats, "steps_per_repeat": args.steps,
                "timing": time_steps(args.models, args.repeats, args.steps)}
     results["selection"] = selection_times(args.repeats)
     if not args.skip_memory:
         mem = {}
         for model_name in args.models:
-            mem[model_name] = {v: peak_memory(model_name, v) for v in VARIANTS}
+            mem[model_name] = {v: peak_memory(model_name, v, args.adamw) for v in VARIANTS}
             print("peak RSS MiB", model_name,
                   {v: round(b / 2**20) for v, b in mem[model_name].items()}, flush=True)
         results["peak_rss_bytes"] = mem

@@ -205,20 +205,21 @@ def plot_sparsity(report: dict[str, Any], path: Path, title: str) -> None:
     layers = report["layers"]
     names = [lay["name"] for lay in layers]
     values = [100 * lay["remaining"] for lay in layers]
-    kinds = [n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] if n.count(".") > 1 else n
-             for n in names]
+    # the module's role inside its block: "attention.self.query", "output.dense", ...
+    kinds = [n.split(".layer.")[-1].split(".", 1)[-1] if ".layer." in n else n for n in names]
     palette = {}
     colors = [palette.setdefault(k, f"C{len(palette) % 10}") for k in kinds]
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layers)), 3.6))
     ax.bar(range(len(layers)), values, color=colors)
     ax.set_ylabel("remaining weights (%)")
     ax.set_xlabel("pruned layer (model order)")
-    ax.set_title(f"{title}: {100 * report['remaining']:.2f}% of pruned weights remain")
+    ax.set_title(f"{title}: {100 * report['remaining']:.2f}% of pruned weights remain", pad=22)
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels([n.split(".layer.")[-1] if ".layer." in n else n for n in names],
                        rotation=90, fontsize=6)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
-    ax.legend(handles, list(palette), fontsize=6, ncol=3, loc="upper right")
+    ax.legend(handles, list(palette), fontsize=6, ncol=6, loc="lower left",
+              bbox_to_anchor=(0.0, 1.08), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

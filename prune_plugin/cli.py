@@ -21,7 +21,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if "=" not in item:
             raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:  # JSON first: YAML 1.1 reads 1e-4 as a string
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = yaml.safe_load(value)
     flags = {"model": args.model, "data.path": args.dataset, "output_dir": args.output_dir,
              "training.max_steps": args.max_steps,
              "data.max_train_samples": args.max_train_samples}

@@ -108,7 +108,7 @@ def test_cli_overrides_and_one_line_errors(assets, tmp_path, capsys):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     code = main(["fine-prune", str(path), "--max-steps", "4", "--no-progress",
-                 "--set", "pruning.final_remaining=0.5", "--output-dir", str(tmp_path / "cli")])
+                 "--set", "pruning.final_remaining=0.5", "--set", "training.learning_rate=1e-3", "--output-dir", str(tmp_path / "cli")])
     assert code == 0
     metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["remaining"] == pytest.approx(0.5, abs=1e-3)
