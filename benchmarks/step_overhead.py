@@ -116,13 +116,15 @@ def selection_times(repeats: int) -> dict:
             for s in opt.attachment.scores:
                 s.copy_(torch.randn(s.shape, generator=g))
         n = sum(s.numel() for s in opt.attachment.scores)
-        t_normal = median_time(lambda: opt.attachment.update_masks(1), repeats)
+        update = opt.attachment.update_masks
+        t_normal = median_time(lambda u=update: u(1), repeats)
         with torch.no_grad():  # after the first Adam steps, scores sit at +-lr and tie
             for s in opt.attachment.scores:
                 s.copy_(torch.randint(-1, 2, s.shape, generator=g).float() * 1e-2)
-        t_tied = median_time(lambda: opt.attachment.update_masks(1), repeats)
+        t_tied = median_time(lambda u=update: u(1), repeats)
         flat = torch.cat([s.detach().reshape(-1) for s in opt.attachment.scores])
-        t_kth = median_time(lambda: torch.kthvalue(flat, n - round(KEEP * n) + 1), 3)
+        rank = n - round(KEEP * n) + 1
+        t_kth = median_time(lambda f=flat, r=rank: torch.kthvalue(f, r), 3)
         result[scope] = {"scores": n, "topv_s": t_normal, "topv_tied_s": t_tied}
         result["full_kthvalue_s"] = t_kth
         print("selection", scope, n, round(t_normal, 3), round(t_tied, 3),

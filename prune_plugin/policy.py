@@ -277,7 +277,7 @@ def _policy_error(err: ValidationError, *, source: str = "policy") -> PolicyErro
         # pydantic runs the overridden __init__ inside model_validate: unwrap its PolicyError.
         inner = (e.get("ctx") or {}).get("error")
         if isinstance(inner, PolicyError):
-            return _format(getattr(inner, "lines"), getattr(inner, "errors"), source)
+            return _format(inner.lines, inner.errors, source)  # type: ignore[attr-defined]
     lines = []
     fields = list(PruningPolicy.model_fields)
     for e in err.errors():

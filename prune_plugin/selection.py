@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -152,17 +151,18 @@ def _bracket_pass(parts: Sequence[Tensor], masks: Sequence[Tensor], lo: float, h
             flags = a > a.dtype.type(lo)
             np.bitwise_xor(flags, mv, out=flags)  # lo < S <= hi
             c_above, c_inside = int(np.count_nonzero(mv)), int(np.count_nonzero(flags))
-            gather = lambda: torch.from_numpy(a[flags])  # noqa: E731
         else:
             flat = p.detach().reshape(-1)
             torch.gt(flat, hi, out=m.view(-1))
             flags = (flat > lo) ^ m.view(-1)
             c_above, c_inside = int(torch.count_nonzero(m)), int(torch.count_nonzero(flags))
-            gather = lambda: flat[flags]  # noqa: E731
         above += c_above
         inside += c_inside
-        if values is not None:
-            values = values + [gather()] if inside <= limit else None
+        if values is not None and inside > limit:
+            values = None  # too many to gather: count only, narrow next round
+        elif values is not None:
+            values.append(torch.from_numpy(a[flags]) if mv is not None and a is not None
+                          else p.detach().reshape(-1)[flags])
     return _Pass(above, inside, values)
 
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from prune_plugin import PolicyError, PruningPolicy
 
@@ -85,7 +86,7 @@ def test_invalid_regex_is_refused():
 
 def test_policy_is_immutable():
     p = PruningPolicy(**BASE)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         p.final_remaining = 0.5  # type: ignore[misc]
 
 
