@@ -18,20 +18,8 @@ from pathlib import Path
 
 import torch
 
-from prune_plugin.compress import compress_folder, compress_state_dict, decompress_folder
-
-
-def encoder_bytes(manifest: dict, prefix: str) -> tuple[int, int]:
-    """(compressed bytes, dense fp32 bytes) of the parameters under ``prefix``."""
-    stored = dense = 0
-    for name, e in manifest["params"].items():
-        if name.startswith(prefix):
-            stored += e["bytes"]
-            n = 1
-            for d in e["shape"]:
-                n *= d
-            dense += 4 * n
-    return stored, dense
+from prune_plugin.compress import (compress_folder, compress_state_dict, decompress_folder,
+                                   stored_bytes)
 
 
 def bert_base_encoder(keep: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -82,7 +70,7 @@ def main() -> None:
     state = bert_base_encoder(0.06)
     for quant in ("none", "int8"):
         _, manifest = compress_state_dict(state, quantize=quant)
-        stored, dense = encoder_bytes(manifest, "bert.encoder.")
+        stored, dense = stored_bytes(manifest, prefix="bert.encoder.")
         results[f"bert-base-encoder-6%-{quant}"] = {"bytes": stored, "dense_bytes": dense}
         print(f"BERT-base encoder at 6%, {quant}: {dense / 1e6:.1f} MB -> {stored / 1e6:.2f} MB",
               flush=True)
@@ -93,8 +81,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for quant in ("none", "int8"):
                 manifest = compress_folder(run / "model", Path(tmp) / quant, quantize=quant)
-                stored, dense = encoder_bytes(manifest, "bert.encoder.")
-                total = sum(e["bytes"] for e in manifest["params"].values())
+                stored, dense = stored_bytes(manifest, prefix="bert.encoder.")
+                total, _ = stored_bytes(manifest)
                 plain = decompress_folder(Path(tmp) / quant, Path(tmp) / f"{quant}-plain")
                 row[quant] = {"encoder_bytes": stored, "encoder_dense_bytes": dense,
                               "model_bytes": total, "accuracy": accuracy(plain, args.glue)}

@@ -52,7 +52,7 @@ def _fine_prune(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from prune_plugin.report import LayerSparsity, SparsityReport
+    from prune_plugin.report import SparsityReport
 
     out = Path(args.run_dir)
     path = out / "sparsity.json"
@@ -60,10 +60,7 @@ def _report(args: argparse.Namespace) -> int:
         raise SystemExit(f"{out} holds no sparsity.json: is it the output folder of a finished "
                          "fine-prune run?")
     data = json.loads(path.read_text())
-    report = SparsityReport([LayerSparsity(d["name"], d["kept"], d["total"])
-                             for d in data["layers"]], data["scope"], data["scope_kept"],
-                            data["scope_total"])
-    print(report)
+    print(SparsityReport.from_dict(data))
     metrics = out / "metrics.json"
     if metrics.is_file():
         print("\nmetrics:", json.dumps(json.loads(metrics.read_text())["eval"]))
@@ -78,7 +75,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
-    from prune_plugin.compress import compress_folder
+    from prune_plugin.compress import compress_folder, stored_bytes
 
     run = Path(args.run_dir)
     model_dir = run / "model" if (run / "model").is_dir() else run
@@ -86,24 +83,13 @@ def _compress(args: argparse.Namespace) -> int:
                                                        else "compressed")
     manifest = compress_folder(model_dir, out, quantize="int8" if args.int8 else "none",
                                codec=args.codec)
-    params = manifest["params"]
-    total = sum(e["bytes"] for e in params.values())
-    dense = sum(_dense_bytes(e) for e in params.values())
-    sparse = [n for n, e in params.items() if e["encoding"] == "bitmask"]
-    sparse_bytes = sum(params[n]["bytes"] for n in sparse)
-    sparse_dense = sum(_dense_bytes(params[n]) for n in sparse)
+    total, dense = stored_bytes(manifest)
+    sparse, sparse_dense = stored_bytes(manifest, encoding="bitmask")
+    n_sparse = sum(e["encoding"] == "bitmask" for e in manifest["params"].values())
     print(f"compressed {model_dir} -> {out}")
     print(f"  all weights: {dense / 1e6:.2f} MB dense fp32 -> {total / 1e6:.2f} MB")
-    print(f"  {len(sparse)} pruned matrices: {sparse_dense / 1e6:.2f} MB -> "
-          f"{sparse_bytes / 1e6:.2f} MB")
+    print(f"  {n_sparse} pruned matrices: {sparse_dense / 1e6:.2f} MB -> {sparse / 1e6:.2f} MB")
     return 0
-
-
-def _dense_bytes(entry: dict[str, Any]) -> int:
-    n = 1
-    for d in entry["shape"]:
-        n *= d
-    return 4 * n
 
 
 def _decompress(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ The paper's anchor: BERT-base's encoder, 340 MB dense, fits in 11 MB at 6% remai
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any, Literal
@@ -112,6 +113,18 @@ def compress_state_dict(state_dict: dict[str, torch.Tensor], *, quantize: Quanti
         entry["bytes"] = sum(b.numel() for k, b in blobs.items() if k.rsplit(":", 1)[0] == name)
         params[name] = entry
     return blobs, {"format": FORMAT, "version": VERSION, "codec": codec, "params": params}
+
+
+def stored_bytes(manifest: dict[str, Any], *, prefix: str = "",
+                 encoding: str | None = None) -> tuple[int, int]:
+    """(stored bytes, dense fp32 bytes) of the parameters under ``prefix`` in a manifest,
+    optionally only those stored with ``encoding`` ("bitmask" or "dense")."""
+    stored = dense = 0
+    for name, entry in manifest["params"].items():
+        if name.startswith(prefix) and encoding in (None, entry["encoding"]):
+            stored += entry["bytes"]
+            dense += 4 * math.prod(entry["shape"])
+    return stored, dense
 
 
 def decompress_state_dict(blobs: dict[str, torch.Tensor], manifest: dict[str, Any]

@@ -34,7 +34,7 @@ from prune_plugin.errors import AttachError
 from prune_plugin.masks import hard_concrete_gate, l0_eval_gate, masked_linear, threshold_mask
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.schedule import cubic_schedule
-from prune_plugin.selection import SelectionHint, TopVThreshold, topv_count, topv_masks
+from prune_plugin.selection import SelectionHint, topv_count, topv_masks
 from prune_plugin.targeting import find_targets
 
 #: Name of the score Parameter registered on each pruned Linear.
@@ -156,7 +156,6 @@ class Attachment:
         self.policy = policy
         self.layers = layers
         self.closed = False
-        self.last_threshold: TopVThreshold | float | None = None
         self.current_target: float | None = None  # remaining fraction (Top-v) or tau (soft)
         self._hints: dict[str, SelectionHint | None] = {}  # warm starts for Top-v, per selection
         self._on_close: list[Callable[[], None]] = []
@@ -185,7 +184,7 @@ class Attachment:
                                      final=p.final_threshold, **sched)
                 for layer in self.layers:
                     layer.set_mask(threshold_mask(layer.scores, tau, out=layer.mask_buffer()))
-                self.current_target = self.last_threshold = tau
+                self.current_target = tau
             elif p.uses_topv:
                 v = cubic_schedule(step, initial=p.initial_remaining, final=p.final_remaining,
                                    **sched)
@@ -202,7 +201,7 @@ class Attachment:
         for group in groups:
             key = group[0].name if len(group) == 1 else "*"
             k = topv_count(remaining, sum(layer.numel for layer in group))
-            masks, self.last_threshold, self._hints[key] = topv_masks(
+            masks, _, self._hints[key] = topv_masks(
                 [layer.importance() for layer in group], k,
                 out=[layer.mask_buffer() for layer in group], hint=self._hints.get(key))
             for layer, mask in zip(group, masks):

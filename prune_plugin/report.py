@@ -61,6 +61,12 @@ class SparsityReport:
             "scope_total": self.scope_total, "scope_remaining": self.scope_remaining,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> SparsityReport:
+        """The inverse of ``as_dict`` (e.g. a run's sparsity.json)."""
+        return cls([LayerSparsity(d["name"], d["kept"], d["total"]) for d in data["layers"]],
+                   data["scope"], data["scope_kept"], data["scope_total"])
+
     def __str__(self) -> str:
         width = max([len(lay.name) for lay in self.layers] + [24])
         rows = [f"{'layer':<{width}} {'kept':>10} {'total':>10} {'remaining':>9}"]

@@ -1,6 +1,7 @@
 import torch
 
-from prune_plugin import PruningOptimizer, PruningPolicy, finalize, sparsity_report
+from prune_plugin import (PruningOptimizer, PruningPolicy, SparsityReport, finalize,
+                          sparsity_report)
 
 from .models import MLP, tiny_bert
 
@@ -15,6 +16,7 @@ def test_report_counts_masks_per_layer_and_in_total():
     assert report.kept == round(0.25 * report.total)
     d = report.as_dict()
     assert d["remaining"] == report.remaining and len(d["layers"]) == 12
+    assert SparsityReport.from_dict(d) == report
     # The paper's count: biases and LayerNorms under the scope count as remaining.
     encoder = [p for n, p in model.named_parameters()
                if n.startswith(report.scope + ".") and not n.endswith("pruning_scores")]
