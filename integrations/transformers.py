@@ -25,23 +25,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from prune_plugin.optimizer import PruningOptimizer, as_policy
+from prune_plugin.optimizer import PruningOptimizer, as_policy, find_pruning_optimizer
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.report import sparsity_report
 from prune_plugin.state import save_pruning_state
 
 STATE_FILE = "pruning_state.safetensors"
-
-
-def find_pruning_optimizer(optimizer: Any) -> PruningOptimizer | None:
-    """The PruningOptimizer inside whatever wrappers (accelerate, DeepSpeed) hold it."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if isinstance(optimizer, PruningOptimizer):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
 
 
 class PruningCallback(TrainerCallback):

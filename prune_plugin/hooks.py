@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,8 @@ from prune_plugin.errors import AttachError
 from prune_plugin.masks import hard_concrete_gate, l0_eval_gate, masked_linear, threshold_mask
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.schedule import cubic_schedule
-from prune_plugin.selection import SelectionHint, topv_count, topv_masks
+from prune_plugin.selection import (SelectionHint, TopVThreshold, mask_from_threshold,
+                                    topv_count, topv_masks, topv_thresholds)
 from prune_plugin.targeting import find_targets
 
 #: Name of the score Parameter registered on each pruned Linear.
@@ -51,6 +53,9 @@ class PrunedLayer:
         self.module = module
         self.policy = policy
         self.mask: Tensor | None = None  # bool, same shape as the weight; None: all kept
+        # Sharded scores (ZeRO-3): no full mask is kept between forwards; each forward rebuilds
+        # it from the gathered scores and this threshold.
+        self.threshold: TopVThreshold | None = None
         self._mask_buffer: Tensor | None = None
         self._gate: Any = _UNSET  # prepared by the pre-hook for the next forward
         self._handle: RemovableHandle | None = None
@@ -66,8 +71,15 @@ class PrunedLayer:
         return self.module._parameters.get(SCORES_NAME)
 
     @property
+    def shape(self) -> torch.Size:
+        """The weight's full shape (also when ZeRO-3 holds only a shard of it)."""
+        w = self.module.weight
+        return getattr(w, "ds_shape", w.shape)
+
+    @property
     def numel(self) -> int:
-        return self.module.weight.numel()
+        w = self.module.weight
+        return getattr(w, "ds_numel", w.numel())
 
     def importance(self) -> Tensor:
         """What Top-v ranks: the learned scores, or |W| for magnitude pruning."""
@@ -87,6 +99,13 @@ class PrunedLayer:
             self.mask_buffer().copy_(mask)
             mask = self._mask_buffer
         self.mask = mask
+        self.threshold = None
+
+    def set_threshold(self, threshold: TopVThreshold | None) -> None:
+        """Sharded mode: the mask is ``importance > value`` plus the first ``ties_kept`` ties,
+        rebuilt in each forward; None: all kept."""
+        self.mask = self._mask_buffer = None
+        self.threshold = threshold
 
     def gate(self, training: bool) -> Tensor | None:
         """The multiplier of W for a forward: bool mask, continuous L0 gate, or None (all)."""
@@ -97,6 +116,8 @@ class PrunedLayer:
                 return hard_concrete_gate(scores, beta=p.l0_beta, left=p.l0_left,
                                           right=p.l0_right)
             return l0_eval_gate(scores, left=p.l0_left, right=p.l0_right)
+        if self.threshold is not None:
+            return mask_from_threshold(self.importance(), self.threshold)
         if self.mask is not None and self.mask.device != self.weight.device:
             self.set_mask(self.mask.to(self.weight.device))  # the model was moved
         return self.mask
@@ -131,9 +152,18 @@ class PrunedLayer:
     def install(self, scores: Tensor | None) -> None:
         m = self.module
         if scores is not None:
-            m.register_parameter(SCORES_NAME, nn.Parameter(scores, requires_grad=True))
+            if not isinstance(scores, nn.Parameter):
+                scores = nn.Parameter(scores, requires_grad=True)
+            m.register_parameter(SCORES_NAME, scores)
         self._handle = m.register_forward_pre_hook(self._pre_hook)
         m.forward = self.forward  # instance attribute; the class is untouched
+
+    def reinstall_hook(self) -> None:
+        """Register the pre-hook again, after the hooks added since (an engine's gather hooks,
+        which must run first so that the gate sees full tensors)."""
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = self.module.register_forward_pre_hook(self._pre_hook)
 
     def uninstall(self) -> None:
         m = self.module
@@ -145,7 +175,20 @@ class PrunedLayer:
         if SCORES_NAME in m._parameters:
             del m._parameters[SCORES_NAME]
         self.mask = self._mask_buffer = None
+        self.threshold = None
         self._gate = _UNSET
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How to reach this rank's share of sharded scores (set by a ZeRO-3 integration).
+
+    ``local_importance(layer)`` returns this rank's flat shard of the layer's importance (its
+    real elements only); ``all_reduce`` sums a small tensor in place across ranks.
+    """
+
+    local_importance: Callable[[PrunedLayer], Tensor]
+    all_reduce: Callable[[Tensor], None]
 
 
 class Attachment:
@@ -159,6 +202,7 @@ class Attachment:
         self.current_target: float | None = None  # remaining fraction (Top-v) or tau (soft)
         self._hints: dict[str, SelectionHint | None] = {}  # warm starts for Top-v, per selection
         self._on_close: list[Callable[[], None]] = []
+        self.sharding: Sharding | None = None
 
     def __repr__(self) -> str:
         return f"Attachment(method={self.policy.method!r}, layers={len(self.layers)})"
@@ -183,7 +227,12 @@ class Attachment:
                 tau = cubic_schedule(step, initial=p.initial_threshold,
                                      final=p.final_threshold, **sched)
                 for layer in self.layers:
-                    layer.set_mask(threshold_mask(layer.scores, tau, out=layer.mask_buffer()))
+                    if self.sharding is not None:  # S > logit(tau): a threshold with no ties
+                        layer.set_threshold(None if tau <= 0.0 else TopVThreshold(
+                            math.log(tau / (1.0 - tau)), 0, 0))
+                    else:
+                        layer.set_mask(threshold_mask(layer.scores, tau,
+                                                      out=layer.mask_buffer()))
                 self.current_target = tau
             elif p.uses_topv:
                 v = cubic_schedule(step, initial=p.initial_remaining, final=p.final_remaining,
@@ -198,6 +247,9 @@ class Attachment:
             return
         groups = [[layer] for layer in self.layers] if self.policy.scope == "local" \
             else [self.layers]
+        if self.sharding is not None:
+            self._update_topv_sharded(remaining, groups)
+            return
         for group in groups:
             key = group[0].name if len(group) == 1 else "*"
             k = topv_count(remaining, sum(layer.numel for layer in group))
@@ -206,6 +258,16 @@ class Attachment:
                 out=[layer.mask_buffer() for layer in group], hint=self._hints.get(key))
             for layer, mask in zip(group, masks):
                 layer.set_mask(mask)
+
+    def _update_topv_sharded(self, remaining: float, groups: list[list[PrunedLayer]]) -> None:
+        index = {id(layer): i for i, layer in enumerate(self.layers)}
+        thresholds = topv_thresholds(
+            [self.sharding.local_importance(layer) for layer in self.layers],
+            [[index[id(layer)] for layer in group] for group in groups],
+            [topv_count(remaining, sum(layer.numel for layer in group)) for group in groups],
+            self.sharding.all_reduce)
+        for layer, threshold in zip(self.layers, thresholds):
+            layer.set_threshold(threshold)
 
     def close(self) -> None:
         for layer in self.layers:
@@ -252,11 +314,15 @@ def _check_attachable(model: nn.Module, targets: list[tuple[str, nn.Linear]]) ->
                               "scores). Fix: exclude it, or attach before quantizing.")
 
 
-def attach(model: nn.Module, policy: PruningPolicy) -> Attachment:
+def attach(model: nn.Module, policy: PruningPolicy, *,
+           score_factory: Callable[[PrunedLayer], Tensor] | None = None,
+           sharding: Sharding | None = None) -> Attachment:
     """Attach ``policy`` to ``model``: scores, hooks and masks on every targeted Linear.
 
     All or nothing: on any error the model is left exactly as it was. Most users never call
-    this directly: ``PruningOptimizer(optimizer, policy, model=model)`` does.
+    this directly: ``PruningOptimizer(optimizer, policy, model=model)`` does. Integrations
+    whose weights are already sharded pass ``score_factory`` (builds one layer's scores) and
+    ``sharding``.
     """
     if not isinstance(policy, PruningPolicy):
         raise TypeError(f"policy must be a PruningPolicy, got {type(policy).__name__}")
@@ -266,9 +332,11 @@ def attach(model: nn.Module, policy: PruningPolicy) -> Attachment:
     _check_attachable(model, targets)
     layers = [PrunedLayer(name, m, policy) for name, m in targets]
     attachment = Attachment(model, policy, layers)
+    attachment.sharding = sharding
+    make = score_factory or (lambda layer: _init_scores(policy, layer.weight))
     try:
         for layer in layers:
-            layer.install(_init_scores(policy, layer.weight) if policy.has_scores else None)
+            layer.install(make(layer) if policy.has_scores else None)
         model.__dict__[_ATTACHMENT_ATTR] = attachment
         attachment.update_masks(0)
     except BaseException:

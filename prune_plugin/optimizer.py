@@ -74,6 +74,9 @@ class PruningOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.policy = policy
         self.step_count = 0
+        #: False when an integration advances the schedule itself (DeepSpeed steps this
+        #: optimizer once per param group; the engine's real steps drive the schedule).
+        self.advance_on_step = True
 
         existing = get_attachment(model)
         if existing is not None and existing.policy == policy and not existing.closed:
@@ -166,15 +169,19 @@ class PruningOptimizer(torch.optim.Optimizer):
                          total_steps=p.total_steps)
 
     def add_regularizer_grads(self) -> None:
-        """Add d(lambda * mean R(S))/dS to the score gradients (soft movement and L0)."""
+        """Add d(lambda * mean R(S))/dS to the score gradients (soft movement and L0).
+
+        It works on whatever the score group holds at this moment: the scores themselves, or
+        the flat fp32 shards that ZeRO swaps in for the one group it is stepping (and nothing
+        while it steps another group), so the penalty counts once per element per step."""
         lam = self.current_lambda
-        if lam == 0.0:
+        group = self.score_group()
+        if lam == 0.0 or group is None:
             return
         p = self.policy
-        scores = self.attachment.scores
-        scale = lam / sum(s.numel() for s in scores)
+        scale = lam / sum(layer.numel for layer in self.attachment.layers)
         with torch.no_grad():
-            for s in scores:
+            for s in group["params"]:
                 g = regularizer_grad(s.detach(), method=p.method, beta=p.l0_beta, left=p.l0_left,
                                      right=p.l0_right).mul_(scale)
                 if s.grad is None:
@@ -197,7 +204,8 @@ class PruningOptimizer(torch.optim.Optimizer):
                 self.add_regularizer_grads()
                 return value
             loss = self.optimizer.step(with_penalty)
-        self.advance()
+        if self.advance_on_step:
+            self.advance()
         return loss
 
     def advance(self, steps: int = 1) -> None:
@@ -234,6 +242,15 @@ class PruningOptimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         apply_pruning_state(self.attachment, pruning)
         self.step_count = int(pruning["step"])
+
+
+def find_pruning_optimizer(optimizer: Any) -> PruningOptimizer | None:
+    """The PruningOptimizer inside whatever wrappers (accelerate, DeepSpeed) hold it."""
+    for _ in range(8):
+        if optimizer is None or isinstance(optimizer, PruningOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
 
 def check_pruning_state(attachment: Attachment, pruning: Mapping[str, Any]) -> None:

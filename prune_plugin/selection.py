@@ -15,7 +15,7 @@ ones, so CPU float tensors go through numpy views (zero-copy); everything else u
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -295,3 +295,119 @@ def topv_mask_reference(parts: Sequence[Tensor], k: int) -> list[Tensor]:
         out.append(keep[start:start + p.numel()].view(p.shape))
         start += p.numel()
     return out
+
+
+# --- sharded Top-v: radix select over order-preserving integer keys ---------------------------
+#
+# When the scores are sharded across ranks (ZeRO-3), no rank holds a whole layer. The k-th
+# largest score is then found digit by digit, most significant first: each rank histograms the
+# next 8 bits of its candidate keys, one all-reduce of the small histograms tells every rank
+# which bin holds the answer, and the candidates shrink to that bin. 32-bit scores take 4
+# rounds, 16-bit ones 2; each moves 256 counts per selection group, never the scores.
+
+_RADIX_BITS = 8
+_KEY_DTYPES = {torch.float32: (torch.int32, 32), torch.bfloat16: (torch.int16, 16),
+               torch.float16: (torch.int16, 16)}
+
+
+def float_keys(x: Tensor) -> Tensor:
+    """Signed integer keys ordered like the float values of ``x`` (flat; -0.0 taken as 0.0).
+
+    Non-negative floats already order like their bit patterns; negative ones order backwards,
+    so their magnitude bits are flipped."""
+    if x.dtype not in _KEY_DTYPES:
+        raise TypeError(f"sharded Top-v supports float32, bfloat16 and float16 scores, got "
+                        f"{x.dtype}")
+    int_dtype, bits = _KEY_DTYPES[x.dtype]
+    i = (x.detach().reshape(-1) + 0.0).view(int_dtype)  # + 0.0 turns -0.0 into +0.0
+    return torch.where(i < 0, i ^ ((1 << (bits - 1)) - 1), i)
+
+
+def key_to_float(key: int, dtype: torch.dtype) -> float:
+    """The float value of ``dtype`` whose key (:func:`float_keys`) is ``key``."""
+    int_dtype, bits = _KEY_DTYPES[dtype]
+    i = key ^ ((1 << (bits - 1)) - 1) if key < 0 else key
+    return float(torch.tensor([i], dtype=int_dtype).view(dtype)[0])
+
+
+def topv_thresholds(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
+                    ks: Sequence[int], all_reduce: Callable[[Tensor], None] | None = None
+                    ) -> list[TopVThreshold]:
+    """Exact Top-v thresholds when each part may be one rank's shard of a tensor.
+
+    ``parts[i]`` is this rank's (flat) share of tensor ``i``; ``groups`` lists which tensors are
+    ranked together (one per layer: local Top-v; all of them: global) and ``ks[g]`` how many of
+    group ``g``'s scores, over all ranks, to keep. ``all_reduce`` sums a tensor in place across
+    ranks (None: one process holds everything). Returns one threshold per tensor: keep
+    ``S > value`` plus the first ``ties_kept`` scores equal to ``value`` (flat order within the
+    tensor; tensors of a group tie-broken in group order), which is bitwise what
+    :func:`topv_masks` keeps on the gathered tensors. Every rank gets the same answer.
+    """
+    reduce = all_reduce or (lambda t: None)
+    dtypes = {p.dtype for p in parts}
+    if len(dtypes) > 1:
+        raise TypeError(f"all score tensors must share one dtype, got {sorted(map(str, dtypes))}")
+    dtype = parts[0].dtype if parts else torch.float32
+    bits = _KEY_DTYPES[dtype][1] if parts else 32
+    n_groups = len(groups)
+    # Every rank must make the same collective calls: all groups advance together.
+    sizes = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
+    reduce(sizes)
+    ks = [min(max(0, int(k)), int(sum(int(sizes[i]) for i in g))) for k, g in zip(ks, groups)]
+    candidates = [float_keys(p) for p in parts]
+    prefix = [0] * n_groups
+    remaining = list(ks)  # rank (from the top) of the answer among the current candidates
+    above = [0] * n_groups  # scores known to be above the answer
+    for shift in range(bits - _RADIX_BITS, -1, -_RADIX_BITS):
+        hist = torch.zeros(n_groups, 1 << _RADIX_BITS, dtype=torch.int64)
+        digits: list[Tensor] = []
+        for g, members in enumerate(groups):
+            for i in members:
+                d = (candidates[i] >> shift) & 0xFF
+                if shift == bits - _RADIX_BITS:  # the sign digit: negatives first
+                    d = d ^ 0x80
+                digits.append(d)
+                hist[g] += torch.bincount(d, minlength=1 << _RADIX_BITS)
+        reduce(hist)
+        it = iter(digits)
+        for g, members in enumerate(groups):
+            if remaining[g] == 0:
+                for i in members:
+                    next(it)
+                continue
+            from_top = hist[g].flip(0).cumsum(0)
+            b_rev = int(torch.searchsorted(from_top, remaining[g]))
+            b = (1 << _RADIX_BITS) - 1 - b_rev
+            skipped = int(from_top[b_rev - 1]) if b_rev > 0 else 0
+            above[g] += skipped
+            remaining[g] -= skipped
+            prefix[g] = (prefix[g] << _RADIX_BITS) | b
+            for i in members:
+                candidates[i] = candidates[i][next(it) == b]
+    # Candidates left are the scores equal to the answer; keep the first ones in group order.
+    tied = torch.tensor([c.numel() for c in candidates], dtype=torch.int64)
+    reduce(tied)
+    out: list[TopVThreshold | None] = [None] * len(parts)
+    for g, members in enumerate(groups):
+        if ks[g] == 0:
+            for i in members:
+                out[i] = TopVThreshold(math.inf, 0, 0)
+            continue
+        # the flipped sign digit made the prefix the key offset by 2^(bits-1)
+        value = key_to_float(prefix[g] - (1 << (bits - 1)), dtype)
+        need = ks[g] - above[g]
+        for i in members:
+            kept = min(need, int(tied[i]))
+            need -= kept
+            out[i] = TopVThreshold(value, kept, ks[g])
+    return out  # type: ignore[return-value]
+
+
+def mask_from_threshold(importance: Tensor, threshold: TopVThreshold,
+                        out: Tensor | None = None) -> Tensor:
+    """The mask of one whole tensor from its :func:`topv_thresholds` entry."""
+    mask = torch.gt(importance, threshold.value, out=out)
+    if threshold.ties_kept:
+        idx = torch.nonzero(importance.reshape(-1) == threshold.value).reshape(-1)
+        mask.view(-1)[idx[:threshold.ties_kept]] = True
+    return mask

@@ -1,0 +1,419 @@
+"""DeepSpeed: the pruning policy as an entry of the DeepSpeed JSON config, ZeRO stages 0-3.
+
+    from prune_plugin.integrations.deepspeed import initialize
+    engine, optimizer, _, scheduler = initialize(model=model, optimizer=torch.optim.AdamW(...),
+                                                 config="ds_config.json")
+
+with ``"movement_pruning": {...policy fields...}`` in the config; then the usual ``engine(x)``,
+``engine.backward(loss)``, ``engine.step()`` loop under ``deepspeed`` or ``torchrun``.
+
+How pruning fits into the engine:
+
+- **Scores** are Parameters of each pruned Linear, created before the engine is built, so
+  ZeRO-3 partitions them like the weight, and they and their optimizer state are sharded,
+  gathered and checkpointed like any parameter (also under ``zero.Init``: each layer is
+  gathered alone to size its scores, which are then partitioned right away).
+- **The optimizer** is wrapped in :class:`PruningOptimizer`; ZeRO steps it once per param
+  group with flat fp32 shards swapped in, so the penalty gradient is added to whatever shard
+  the score group holds, and the wrapper's ``step()`` does not count steps.
+- **The schedule** advances from the engine's ``lr_scheduler`` slot (:class:`PruningSchedule`):
+  DeepSpeed calls it once per applied optimizer step, not on accumulation micro-steps nor on
+  fp16 overflow, and saves and restores it with every checkpoint.
+- **Masks under ZeRO-3** are never held whole between forwards: after each step an exact
+  sharded Top-v (:func:`prune_plugin.selection.topv_thresholds`, a radix select with one
+  small all-reduce per digit) gives each layer a threshold, and each forward rebuilds the mask
+  from the gathered scores. Our forward pre-hooks are re-registered after DeepSpeed's gather
+  hooks, so they see full tensors. Under ZeRO 0-2 the parameters are whole on every rank and
+  each rank computes the same masks locally.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prune_plugin.errors import PolicyError, PruningError
+from prune_plugin.hooks import SCORES_NAME, Attachment, PrunedLayer, Sharding, get_attachment
+from prune_plugin.optimizer import PruningOptimizer, find_pruning_optimizer
+from prune_plugin.policy import PruningPolicy
+from prune_plugin.report import LayerSparsity, SparsityReport
+
+#: The top-level key of the DeepSpeed config that holds the pruning policy.
+CONFIG_KEY = "movement_pruning"
+_BOUND_ATTR = "_prune_plugin_schedule"
+
+
+class DeepSpeedConfigError(PruningError, ValueError):
+    """The DeepSpeed config cannot run pruning as given."""
+
+
+# -- config -------------------------------------------------------------------------------------
+
+def load_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """The DeepSpeed config as a fresh dict, from a dict or a JSON file path."""
+    if isinstance(config, Mapping):
+        return copy.deepcopy(dict(config))
+    path = Path(config)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"DeepSpeed config {str(path)!r} does not exist. Fix: pass "
+                                   "the path of the JSON file or the config dict.")
+    try:
+        loaded = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DeepSpeedConfigError(f"DeepSpeed config {str(path)!r} is not valid JSON: {err}"
+                                   ) from None
+    if not isinstance(loaded, dict):
+        raise DeepSpeedConfigError(f"DeepSpeed config {str(path)!r} holds a "
+                                   f"{type(loaded).__name__}, not a JSON object.")
+    return loaded
+
+
+def read_policy(config: Mapping[str, Any]) -> PruningPolicy | None:
+    """The policy of the config's ``movement_pruning`` entry (None when there is none).
+
+    Validated by the same pydantic model as everywhere, so errors name the field, the value
+    and the fix. Whole numbers given for float fields are accepted (DeepSpeed's own parser
+    writes 1.0 as 1)."""
+    entry = config.get(CONFIG_KEY)
+    if entry is None:
+        return None
+    if not isinstance(entry, Mapping):
+        raise DeepSpeedConfigError(f"DeepSpeed config entry {CONFIG_KEY!r} must be an object of "
+                                   f"policy fields, got {type(entry).__name__}.")
+    fields = PruningPolicy.model_fields
+    coerced = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) and k in fields
+               and fields[k].annotation is float else v for k, v in entry.items()}
+    try:
+        policy = PruningPolicy.from_dict(coerced)
+    except PolicyError as err:
+        raise PolicyError(f"in the DeepSpeed config entry {CONFIG_KEY!r}: {err}") from None
+    if policy.mask_update_every != 1:
+        raise PolicyError(f"in the DeepSpeed config entry {CONFIG_KEY!r}: mask_update_every is "
+                          f"{policy.mask_update_every}; under DeepSpeed masks are refreshed "
+                          "after every optimizer step. Fix: remove mask_update_every.")
+    return policy
+
+
+def _zero_stage(config: Mapping[str, Any]) -> int:
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
+
+
+def _check_config(config: Mapping[str, Any]) -> None:
+    if "scheduler" in config:
+        raise DeepSpeedConfigError(
+            "the DeepSpeed config has a 'scheduler' block: DeepSpeed's schedulers give every "
+            "param group one learning rate, the pruning scores' included. Fix: remove the "
+            "block and pass lr_scheduler=... (a torch scheduler, which keeps the score lr).")
+
+
+_TORCH_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+                     "sgd": torch.optim.SGD}
+
+
+def _client_optimizer(model: nn.Module, optimizer: Any, config: dict[str, Any]
+                      ) -> torch.optim.Optimizer:
+    """The optimizer to wrap: the caller's, or a torch one built from the config's block."""
+    block = config.pop("optimizer", None)
+    if optimizer is not None:
+        if block is not None:
+            raise DeepSpeedConfigError("both optimizer=... and an 'optimizer' block in the "
+                                       "DeepSpeed config were given. Fix: keep one of them.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer instance, got "
+                            f"{type(optimizer).__name__} (DeepSpeed refuses callables and "
+                            "duck-typed optimizers with pruning).")
+        return optimizer
+    if block is None:
+        raise DeepSpeedConfigError("no optimizer: pass optimizer=torch.optim.AdamW(...) or give "
+                                   "the DeepSpeed config an 'optimizer' block.")
+    kind = str(block.get("type", "")).lower()
+    if kind not in _TORCH_OPTIMIZERS:
+        raise DeepSpeedConfigError(
+            f"the DeepSpeed config's optimizer type {block.get('type')!r} cannot carry the "
+            f"pruning scores' param group; supported here: Adam, AdamW, SGD (built as torch "
+            "optimizers). Fix: use one of them or pass optimizer=... yourself.")
+    params = dict(block.get("params") or {})
+    params.pop("torch_adam", None)
+    params.pop("adam_w_mode", None)
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    return _TORCH_OPTIMIZERS[kind]([p for p in model.parameters() if p.requires_grad],
+                                   **params)
+
+
+# -- the engine's lr_scheduler slot --------------------------------------------------------------
+
+class PruningSchedule:
+    """Occupies the engine's ``lr_scheduler`` slot: steps the user's scheduler (if any), then
+    advances the pruning schedule and refreshes the masks.
+
+    DeepSpeed calls ``step()`` once per applied optimizer step and saves ``state_dict()`` in
+    every checkpoint, which makes it the one place that counts real steps. Anything else is
+    delegated to the wrapped scheduler.
+    """
+
+    def __init__(self, scheduler: Any, pruner: PruningOptimizer) -> None:
+        self.scheduler = scheduler
+        self.pruner = pruner
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step(*args, **kwargs)
+        self.pruner.advance()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "prune_plugin_step": self.pruner.step_count,
+                "prune_plugin_policy": self.pruner.policy.to_json()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "prune_plugin_step" not in state:
+            raise PruningError("this checkpoint's lr_scheduler state has no pruning step (it "
+                               "was not saved by a pruning engine). Fix: load a checkpoint "
+                               "saved with prune_plugin.integrations.deepspeed.")
+        saved = PruningPolicy.model_validate_json(state["prune_plugin_policy"])
+        if saved != self.pruner.policy:
+            raise PruningError("this checkpoint was saved with another pruning policy. Fix: "
+                               "resume with the config entry it was saved with.")
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        # masks are refreshed once the engine has loaded the parameters too (see bind)
+        self.pruner.step_count = int(state["prune_plugin_step"])
+
+    def get_last_lr(self) -> list[float]:
+        if self.scheduler is not None:
+            return self.scheduler.get_last_lr()
+        return [g["lr"] for g in self.pruner.param_groups]
+
+    def __getattr__(self, name: str) -> Any:
+        scheduler = self.__dict__.get("scheduler")
+        if scheduler is None:
+            raise AttributeError(name)
+        return getattr(scheduler, name)
+
+
+# -- ZeRO-3 shards ------------------------------------------------------------------------------
+
+def _is_partitioned(p: Tensor) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def _local_importance(layer: PrunedLayer) -> Tensor:
+    """This rank's real elements of the layer's importance (scores, or |W| for magnitude)."""
+    import deepspeed.comm as dist
+
+    src = layer.scores if layer.scores is not None else layer.weight
+    shard = src.ds_tensor.detach().reshape(-1)
+    rank = dist.get_rank(group=src.ds_process_group)
+    start = rank * shard.numel()
+    valid = max(0, min(shard.numel(), src.ds_numel - start))
+    part = shard[:valid]
+    return part if layer.scores is not None else part.abs()
+
+
+def _all_reduce_for(group: Any):
+    import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
+
+    def all_reduce(t: Tensor) -> None:
+        on_device = t.to(device)
+        dist.all_reduce(on_device, group=group)
+        t.copy_(on_device)
+    return all_reduce
+
+
+def _gathered(layer: PrunedLayer):
+    """Context: the layer's own parameters whole (ZeRO-3), or a no-op."""
+    import deepspeed
+
+    params = [p for p in layer.module.parameters(recurse=False) if _is_partitioned(p)]
+    if not params:
+        from contextlib import nullcontext
+        return nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def attach_partitioned(model: nn.Module, policy: PruningPolicy) -> Attachment:
+    """Attach to a model whose weights ZeRO-3 already partitioned (built under ``zero.Init``,
+    e.g. ``from_pretrained`` with a ZeRO-3 config): each layer is gathered alone to build its
+    scores, which are partitioned at once, like the weight."""
+    from prune_plugin.hooks import _init_scores, attach
+
+    def make_scores(layer: PrunedLayer) -> Tensor:
+        with _gathered(layer):
+            scores = nn.Parameter(_init_scores(policy, layer.weight), requires_grad=True)
+        layer.weight.convert_to_zero_parameters([scores])
+        return scores
+
+    group = next(p.ds_process_group for p in model.parameters() if _is_partitioned(p))
+    return attach(model, policy, score_factory=make_scores,
+                  sharding=Sharding(_local_importance, _all_reduce_for(group)))
+
+
+# -- binding to an engine -----------------------------------------------------------------------
+
+def bind(engine: Any) -> PruningSchedule:
+    """Fit a built engine for pruning (idempotent); ``initialize`` calls it.
+
+    Integrations that build the engine themselves (the transformers Trainer) call this after
+    ``deepspeed.initialize``: it takes over the ``lr_scheduler`` slot, re-registers the hooks
+    after ZeRO-3's gather hooks, switches ZeRO-3 to sharded Top-v, and makes
+    ``load_checkpoint`` refresh the masks from the loaded scores."""
+    bound = getattr(engine, _BOUND_ATTR, None)
+    if bound is not None:
+        return bound
+    pruner = find_pruning_optimizer(getattr(engine, "optimizer", None))
+    if pruner is None:
+        raise PruningError("this DeepSpeed engine's optimizer is not a PruningOptimizer. Fix: "
+                           "build the engine with prune_plugin.integrations.deepspeed."
+                           "initialize, or pass optimizer=PruningOptimizer(...) to it.")
+    scheduler = engine.lr_scheduler
+    if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        inner = getattr(scheduler, "scheduler", None)  # accelerate's wrapper
+        if not isinstance(inner, torch.optim.lr_scheduler.LRScheduler):
+            raise DeepSpeedConfigError(
+                f"the engine's lr scheduler is {type(scheduler).__name__}, which gives every "
+                "param group one learning rate, the pruning scores' included. Fix: remove the "
+                "DeepSpeed config's 'scheduler' block and use a torch scheduler.")
+    pruner.advance_on_step = False
+    attachment = pruner.attachment
+    if engine.zero_optimization_stage() == 3:
+        group = next(p.ds_process_group for p in engine.module.parameters() if _is_partitioned(p))
+        attachment.sharding = Sharding(_local_importance, _all_reduce_for(group))
+        for layer in attachment.layers:
+            layer.reinstall_hook()  # after DeepSpeed's gather hooks
+    schedule = PruningSchedule(scheduler, pruner)
+    engine.lr_scheduler = schedule
+    load_checkpoint = engine.load_checkpoint
+
+    def load_and_refresh(*args: Any, **kwargs: Any) -> Any:
+        result = load_checkpoint(*args, **kwargs)
+        if kwargs.get("load_lr_scheduler_states", True) is False:
+            pruner.step_count = engine.global_steps - engine.skipped_steps
+        attachment.update_masks(pruner.step_count)
+        return result
+    engine.load_checkpoint = load_and_refresh
+    attachment.update_masks(pruner.step_count)
+    setattr(engine, _BOUND_ATTR, schedule)
+    return schedule
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+               config: str | Path | Mapping[str, Any] | None = None,
+               lr_scheduler: Any = None, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
+    """``deepspeed.initialize`` with pruning from the config's ``movement_pruning`` entry.
+
+    Same arguments and return value as ``deepspeed.initialize`` (``config`` a path or dict).
+    The entry is validated before anything is allocated; if the engine cannot be built, the
+    model is detached again, as it was."""
+    import deepspeed
+
+    if config is None:
+        raise DeepSpeedConfigError("config is required: the DeepSpeed JSON (path or dict) "
+                                   f"with a {CONFIG_KEY!r} entry.")
+    cfg = load_config(config)
+    policy = read_policy(cfg)
+    if policy is None:
+        raise DeepSpeedConfigError(f"the DeepSpeed config has no {CONFIG_KEY!r} entry. Fix: add "
+                                   f'"{CONFIG_KEY}": {{"method": "movement", ...}} or call '
+                                   "deepspeed.initialize directly.")
+    _check_config(cfg)
+    cfg.pop(CONFIG_KEY)
+    cfg["zero_allow_untested_optimizer"] = True
+    client = _client_optimizer(model, optimizer, cfg)
+    attached_here = get_attachment(model) is None
+    if attached_here and any(_is_partitioned(p) for p in model.parameters()):
+        if _zero_stage(cfg) != 3:
+            raise DeepSpeedConfigError("the model was built under deepspeed.zero.Init but the "
+                                       "config's ZeRO stage is not 3. Fix: use stage 3.")
+        attach_partitioned(model, policy)
+    try:
+        pruner = PruningOptimizer(client, policy, model=model)
+        engine, opt, loader, _ = deepspeed.initialize(model=model, optimizer=pruner, config=cfg,
+                                                      lr_scheduler=lr_scheduler, **kwargs)
+        schedule = bind(engine)
+    except BaseException:
+        attachment = get_attachment(model)
+        if attached_here and attachment is not None:
+            attachment.close()
+        raise
+    return engine, opt, loader, schedule
+
+
+# -- reports and export -------------------------------------------------------------------------
+
+def sparsity_report(engine: Any) -> SparsityReport:
+    """Remaining weights per pruned layer of a (possibly ZeRO-3-sharded) engine's model.
+
+    A collective under ZeRO-3 (each layer is gathered in turn): call it on every rank."""
+    attachment = _attachment_of(engine)
+    layers = []
+    for layer in attachment.layers:
+        with _gathered(layer):
+            layers.append(LayerSparsity(layer.name, layer.kept(), layer.numel))
+    kept, total = sum(x.kept for x in layers), sum(x.total for x in layers)
+    return SparsityReport(layers, scope="pruned layers", scope_kept=kept, scope_total=total)
+
+
+def finalized_state_dict(engine: Any) -> dict[str, Tensor]:
+    """The model's plain state dict with ``W * M`` baked in and no scores, in fp32 (the
+    master weights under ZeRO), whole on every rank: what ``save_pretrained(state_dict=...)``
+    of the finalized model writes. A collective: call it on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    attachment = _attachment_of(engine)
+    module = engine.module
+    by_weight = {id(layer.weight): layer for layer in attachment.layers}
+    stage = engine.zero_optimization_stage()
+    out: dict[str, Tensor] = {}
+    for name, param in module.named_parameters():
+        if name.rsplit(".", 1)[-1] == SCORES_NAME:
+            continue
+        full = safe_get_full_fp32_param(param) if stage > 0 and param.requires_grad else None
+        if full is None:
+            with _gathered_params([param]):
+                full = param.detach().float().clone()
+        full = full.detach().float().cpu().clone()
+        layer = by_weight.get(id(param))
+        if layer is not None:
+            with _gathered(layer), torch.no_grad():
+                gate = layer.gate(training=False)
+            if gate is not None:
+                full.mul_(gate.to(torch.float32).cpu())
+        out[name] = full
+    for name, buf in module.named_buffers():
+        out[name] = buf.detach().cpu().clone()
+    return out
+
+
+def _gathered_params(params: list[Tensor]):
+    import deepspeed
+
+    params = [p for p in params if _is_partitioned(p)]
+    if not params:
+        from contextlib import nullcontext
+        return nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _attachment_of(engine: Any) -> Attachment:
+    pruner = find_pruning_optimizer(getattr(engine, "optimizer", None))
+    if pruner is None or pruner.attachment.closed:
+        raise PruningError("this engine has no pruning attached. Fix: build it with "
+                           "prune_plugin.integrations.deepspeed.initialize.")
+    return pruner.attachment
+
+
+def remaining_after(engine: Any) -> float:
+    """Fraction of pruned-layer weights kept (a collective under ZeRO-3)."""
+    report = sparsity_report(engine)
+    return report.kept / report.total if report.total else math.nan

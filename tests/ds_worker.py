@@ -1,0 +1,98 @@
+"""One rank of a DeepSpeed fine-pruning run on a tiny BERT; launched by tests/test_deepspeed.py
+with ``torchrun``. Every rank sees its slice of the same global batches, so runs on 1 and 2
+ranks train on the same data. Rank 0 writes what the test compares to ``--out`` (torch.save).
+
+    torchrun --nproc_per_node 2 tests/ds_worker.py --stage 3 --method movement --steps 6 \
+        --out result.pt [--save-at 3 --ckpt DIR] [--resume DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", type=int, default=0)
+    parser.add_argument("--method", default="movement")
+    parser.add_argument("--scope", default="local")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--zero-init", action="store_true", help="build the model under zero.Init")
+    parser.add_argument("--save-at", type=int, default=None)
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    import deepspeed
+    from models import bert_batch, tiny_bert
+
+    from prune_plugin.optimizer import find_pruning_optimizer
+    from prune_plugin.integrations.deepspeed import (finalized_state_dict, initialize,
+                                                     sparsity_report)
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    torch.manual_seed(0)
+    micro = args.global_batch // (world * args.accumulation)
+    policy = {"method": args.method, "scope": args.scope, "warmup_steps": 1,
+              "cooldown_steps": 1, "total_steps": args.steps}
+    if args.method in ("magnitude", "movement"):
+        policy["final_remaining"] = 0.25
+    elif args.method == "soft_movement":
+        policy.update(final_threshold=0.45, final_lambda=50.0, score_lr=0.05)
+    config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": args.accumulation,
+        "zero_optimization": {"stage": args.stage, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": args.bf16},
+        "steps_per_print": 10 ** 9,
+        "movement_pruning": policy,
+    }
+    if args.zero_init:
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = tiny_bert(seed=0)
+    else:
+        model = tiny_bert(seed=0)
+    for m in model.modules():  # deterministic: no dropout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    engine, _, _, _ = initialize(model=model, config=config,
+                                 optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    start = 0
+    if args.resume:
+        engine.load_checkpoint(args.resume)
+        start = engine.global_steps
+    losses = []
+    for step in range(start, args.steps):
+        for micro_step in range(args.accumulation):
+            batch = bert_batch(seed=step, batch=args.global_batch)
+            lo = (micro_step * world + rank) * micro
+            inputs = {k: v[lo:lo + micro] for k, v in batch.items()}
+            loss = engine(**inputs).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()))
+        if args.save_at is not None and step + 1 == args.save_at:
+            engine.save_checkpoint(args.ckpt)
+    report = sparsity_report(engine)
+    state = finalized_state_dict(engine)
+    pruner = find_pruning_optimizer(engine.optimizer)
+    if rank == 0:
+        torch.save({"losses": losses, "kept": {x.name: x.kept for x in report.layers},
+                    "total": report.total, "remaining": report.remaining, "state": state,
+                    "step": pruner.step_count, "global_steps": engine.global_steps}, args.out)
+
+
+if __name__ == "__main__":
+    main()
