@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,8 @@ from prune_plugin.errors import PolicyError, PruningError
 from prune_plugin.hooks import SCORES_NAME, Attachment, PrunedLayer, Sharding, get_attachment
 from prune_plugin.optimizer import PruningOptimizer, find_pruning_optimizer
 from prune_plugin.policy import PruningPolicy
-from prune_plugin.report import LayerSparsity, SparsityReport
+from prune_plugin.report import SparsityReport
+from prune_plugin.report import sparsity_report as core_sparsity_report
 
 #: The top-level key of the DeepSpeed config that holds the pruning policy.
 CONFIG_KEY = "movement_pruning"
@@ -90,12 +90,9 @@ def read_policy(config: Mapping[str, Any]) -> PruningPolicy | None:
     fields = PruningPolicy.model_fields
     coerced = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) and k in fields
                and fields[k].annotation is float else v for k, v in entry.items()}
-    try:
-        policy = PruningPolicy.from_dict(coerced)
-    except PolicyError as err:
-        raise PolicyError(f"in the DeepSpeed config entry {CONFIG_KEY!r}: {err}") from None
+    policy = PruningPolicy.from_dict(coerced, source=f"DeepSpeed config entry {CONFIG_KEY!r}")
     if policy.mask_update_every != 1:
-        raise PolicyError(f"in the DeepSpeed config entry {CONFIG_KEY!r}: mask_update_every is "
+        raise PolicyError(f"DeepSpeed config entry {CONFIG_KEY!r}: mask_update_every is "
                           f"{policy.mask_update_every}; under DeepSpeed masks are refreshed "
                           "after every optimizer step. Fix: remove mask_update_every.")
     return policy
@@ -352,16 +349,8 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
 # -- reports and export -------------------------------------------------------------------------
 
 def sparsity_report(engine: Any) -> SparsityReport:
-    """Remaining weights per pruned layer of a (possibly ZeRO-3-sharded) engine's model.
-
-    A collective under ZeRO-3 (each layer is gathered in turn): call it on every rank."""
-    attachment = _attachment_of(engine)
-    layers = []
-    for layer in attachment.layers:
-        with _gathered(layer):
-            layers.append(LayerSparsity(layer.name, layer.kept(), layer.numel))
-    kept, total = sum(x.kept for x in layers), sum(x.total for x in layers)
-    return SparsityReport(layers, scope="pruned layers", scope_kept=kept, scope_total=total)
+    """Remaining weights of the engine's model; a collective under ZeRO-3 (every rank)."""
+    return core_sparsity_report(_attachment_of(engine).model)
 
 
 def finalized_state_dict(engine: Any) -> dict[str, Tensor]:
@@ -411,9 +400,3 @@ def _attachment_of(engine: Any) -> Attachment:
         raise PruningError("this engine has no pruning attached. Fix: build it with "
                            "prune_plugin.integrations.deepspeed.initialize.")
     return pruner.attachment
-
-
-def remaining_after(engine: Any) -> float:
-    """Fraction of pruned-layer weights kept (a collective under ZeRO-3)."""
-    report = sparsity_report(engine)
-    return report.kept / report.total if report.total else math.nan

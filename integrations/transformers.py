@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from prune_plugin.hooks import get_attachment
 from prune_plugin.optimizer import PruningOptimizer, as_policy, find_pruning_optimizer
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.report import sparsity_report
@@ -43,6 +44,11 @@ class PruningCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, optimizer: Any = None, **kwargs: Any) -> None:
         self.optimizer = find_pruning_optimizer(optimizer)
+        if self.optimizer is None and args.deepspeed:
+            raise TypeError("under DeepSpeed the Trainer ignores optimizers=(...), so no "
+                            "PruningOptimizer reached the engine and nothing would be pruned. "
+                            "Fix: use PruningTrainer(..., pruning_policy=...), which builds it "
+                            "in create_optimizer().")
         if self.optimizer is None:
             raise TypeError("PruningCallback found no PruningOptimizer in the Trainer. Fix: pass "
                             "optimizers=(PruningOptimizer(...), None), or use PruningTrainer.")
@@ -66,8 +72,8 @@ class PruningCallback(TrainerCallback):
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                 **kwargs: Any) -> None:
-        if self.optimizer is None or not state.is_world_process_zero:
-            return
+        if self.optimizer is None or not state.is_world_process_zero or args.deepspeed:
+            return  # under DeepSpeed the engine's own checkpoint holds scores and step
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
             save_pruning_state(self.optimizer, folder / STATE_FILE)
@@ -121,6 +127,44 @@ class PruningTrainer(Trainer):
         super().__init__(*args, callbacks=callbacks, **kwargs)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
+        self._check_deepspeed()
+
+    def _check_deepspeed(self) -> None:
+        """Under DeepSpeed: take the policy from the config's entry if none was given, and
+        refuse config blocks that would build DeepSpeed's own optimizer or scheduler (the
+        first would drop the scores' param group, the second their learning rate)."""
+        hf_config = getattr(self.args, "hf_deepspeed_config", None)
+        if hf_config is None:
+            return
+        from prune_plugin.integrations.deepspeed import (CONFIG_KEY, DeepSpeedConfigError,
+                                                         read_policy)
+        config = hf_config.config
+        entry = read_policy(config)
+        if self.pruning_policy is None:
+            self.pruning_policy = entry
+        elif entry is not None and entry != self.pruning_policy:
+            raise DeepSpeedConfigError(f"pruning_policy differs from the DeepSpeed config's "
+                                       f"{CONFIG_KEY!r} entry. Fix: give the policy once.")
+        if self.pruning_policy is None:
+            return
+        if not any(isinstance(c, PruningCallback) for c in self.callback_handler.callbacks):
+            self.add_callback(PruningCallback())
+        for block in ("optimizer", "scheduler"):
+            if block in config:
+                raise DeepSpeedConfigError(
+                    f"the DeepSpeed config has an {block!r} block: DeepSpeed would build its "
+                    f"own {block}, which cannot carry the pruning scores' param group and "
+                    f"learning rate. Fix: remove the block; the Trainer's AdamW and schedule "
+                    f"(TrainingArguments) are used and pruned.")
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        engine = getattr(getattr(self.accelerator, "deepspeed_engine_wrapped", None), "engine",
+                         None)
+        if engine is not None and self.pruning_policy is not None:
+            from prune_plugin.integrations.deepspeed import bind
+            bind(engine)  # before any resume: it refreshes masks after load_checkpoint
+        return scheduler
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.pruning_policy is None:  # distillation alone
@@ -128,6 +172,11 @@ class PruningTrainer(Trainer):
         if find_pruning_optimizer(self.optimizer) is None:
             target = self.model if model is None else model
             inner = super().create_optimizer(model)
+            if any(hasattr(p, "ds_id") for p in target.parameters()) \
+                    and get_attachment(target) is None:
+                # from_pretrained under ZeRO-3's zero.Init: the weights are already sharded
+                from prune_plugin.integrations.deepspeed import attach_partitioned
+                attach_partitioned(target, self.pruning_policy)
             self.optimizer = PruningOptimizer(inner, self.pruning_policy, model=target)
         return self.optimizer
 

@@ -269,6 +269,27 @@ class Attachment:
         for layer, threshold in zip(self.layers, thresholds):
             layer.set_threshold(threshold)
 
+    def kept_counts(self) -> list[int]:
+        """Weights each layer's forward keeps. With sharded scores each rank counts its shard
+        and one all-reduce adds them up (a collective: call it on every rank)."""
+        if self.sharding is None:
+            return [layer.kept() for layer in self.layers]
+        local = []
+        with torch.no_grad():
+            for layer in self.layers:
+                imp = self.sharding.local_importance(layer)
+                if self.policy.method == "l0":
+                    gate = l0_eval_gate(imp, left=self.policy.l0_left, right=self.policy.l0_right)
+                    local.append(int(torch.count_nonzero(gate)))
+                elif layer.threshold is None:
+                    local.append(imp.numel())
+                else:
+                    local.append(int(torch.count_nonzero(imp > layer.threshold.value)))
+        counts = torch.tensor(local, dtype=torch.int64)
+        self.sharding.all_reduce(counts)
+        return [int(c) + (layer.threshold.ties_kept if layer.threshold is not None else 0)
+                for c, layer in zip(counts.tolist(), self.layers)]
+
     def close(self) -> None:
         for layer in self.layers:
             layer.uninstall()

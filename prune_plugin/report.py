@@ -89,14 +89,16 @@ def sparsity_report(model: nn.Module, *, scope: str | None = None,
                     policy: PruningPolicy | None = None) -> SparsityReport:
     """Remaining weights of ``model``.
 
-    Attached models report their masks (L0: evaluation gates above 0). Plain (finalized)
+    Attached models report their masks (L0: evaluation gates above 0); with ZeRO-3-sharded
+    scores this is a collective, to call on every rank. Plain (finalized)
     models report the non-zero weights of the Linears ``policy`` targets (default: every
     Linear but the output heads).
     """
     attachment = get_attachment(model)
     modules: dict[str, nn.Linear]
     if attachment is not None:
-        layers = [LayerSparsity(lay.name, lay.kept(), lay.numel) for lay in attachment.layers]
+        layers = [LayerSparsity(lay.name, kept, lay.numel)
+                  for lay, kept in zip(attachment.layers, attachment.kept_counts())]
         modules = {lay.name: lay.module for lay in attachment.layers}
     else:
         policy = policy or PruningPolicy(method="magnitude", total_steps=1)
@@ -112,6 +114,7 @@ def sparsity_report(model: nn.Module, *, scope: str | None = None,
     for name, p in model.named_parameters():
         if not name.startswith(prefix) or name.endswith("." + SCORES_NAME):
             continue
-        scope_total += p.numel()
-        scope_kept += kept_by_weight.get(id(p), p.numel())
+        numel = getattr(p, "ds_numel", p.numel())  # ZeRO-3 holds only a shard
+        scope_total += numel
+        scope_kept += kept_by_weight.get(id(p), numel)
     return SparsityReport(layers, scope, scope_kept, scope_total)

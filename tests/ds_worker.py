@@ -45,12 +45,14 @@ def main() -> None:
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     torch.manual_seed(0)
     micro = args.global_batch // (world * args.accumulation)
-    policy = {"method": args.method, "scope": args.scope, "warmup_steps": 1,
-              "cooldown_steps": 1, "total_steps": args.steps}
+    policy = {"method": args.method, "warmup_steps": 1, "cooldown_steps": 1,
+              "total_steps": args.steps}
     if args.method in ("magnitude", "movement"):
-        policy["final_remaining"] = 0.25
+        policy.update(final_remaining=0.25, scope=args.scope)
     elif args.method == "soft_movement":
-        policy.update(final_threshold=0.45, final_lambda=50.0, score_lr=0.05)
+        policy.update(final_threshold=0.48, final_lambda=2000.0, score_lr=0.1)
+    elif args.method == "l0":  # fast enough to close gates within a few steps
+        policy.update(score_init_value=0.0, final_lambda=5000.0, score_lr=0.5)
     config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": args.accumulation,
@@ -59,9 +61,9 @@ def main() -> None:
         "steps_per_print": 10 ** 9,
         "movement_pruning": policy,
     }
-    if args.zero_init:
+    if args.zero_init:  # weights sharded from birth: attach must gather layer by layer
         with deepspeed.zero.Init(config_dict_or_path=config):
-            model = tiny_bert(seed=0)
+            model = TinyClassifier()
     else:
         model = tiny_bert(seed=0)
     for m in model.modules():  # deterministic: no dropout
@@ -69,6 +71,7 @@ def main() -> None:
             m.p = 0.0
     engine, _, _, _ = initialize(model=model, config=config,
                                  optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    pruner = find_pruning_optimizer(engine.optimizer)
     start = 0
     if args.resume:
         engine.load_checkpoint(args.resume)
@@ -86,12 +89,55 @@ def main() -> None:
         if args.save_at is not None and step + 1 == args.save_at:
             engine.save_checkpoint(args.ckpt)
     report = sparsity_report(engine)
+    mismatch = gathered_topv_mismatch(pruner) if pruner.policy.uses_topv else 0
     state = finalized_state_dict(engine)
-    pruner = find_pruning_optimizer(engine.optimizer)
     if rank == 0:
         torch.save({"losses": losses, "kept": {x.name: x.kept for x in report.layers},
                     "total": report.total, "remaining": report.remaining, "state": state,
-                    "step": pruner.step_count, "global_steps": engine.global_steps}, args.out)
+                    "step": pruner.step_count, "gathered_mismatch": mismatch, "global_steps": engine.global_steps}, args.out)
+
+
+class TinyClassifier(torch.nn.Module):
+    """A torch-only classifier taking BERT-style batches (built under zero.Init)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(100, 32)
+        self.up = torch.nn.Linear(32, 96)
+        self.down = torch.nn.Linear(96, 32)
+        self.classifier = torch.nn.Linear(32, 2)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        from types import SimpleNamespace
+
+        h = self.embed(input_ids).mean(1)
+        logits = self.classifier(self.down(torch.relu(self.up(h))))
+        return SimpleNamespace(loss=torch.nn.functional.cross_entropy(logits.float(), labels))
+
+
+def gathered_topv_mismatch(pruner) -> int:
+    """Masks used by the forwards vs a Top-v on the gathered scores (the reference)."""
+    import deepspeed
+
+    from prune_plugin.selection import topv_count, topv_mask_reference
+
+    layers = pruner.attachment.layers
+    params = [p for layer in layers for p in layer.module.parameters(recurse=False)
+              if hasattr(p, "ds_id")]
+    remaining = pruner.attachment.current_target
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
+        gates = [layer.gate(training=False) for layer in layers]
+        groups = [[i] for i in range(len(layers))] if pruner.policy.scope == "local" \
+            else [list(range(len(layers)))]
+        mismatch = 0
+        for group in groups:
+            parts = [layers[i].importance() for i in group]
+            k = topv_count(remaining, sum(p.numel() for p in parts))
+            for i, ref in zip(group, topv_mask_reference(parts, k)):
+                gate = gates[i] if gates[i] is not None else torch.ones_like(ref)
+                mismatch += int((gate.bool() != ref).sum())
+    return mismatch
 
 
 if __name__ == "__main__":
