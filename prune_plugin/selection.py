@@ -353,11 +353,12 @@ def topv_thresholds(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
     # Every rank must make the same collective calls: all groups advance together.
     sizes = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
     reduce(sizes)
-    ks = [min(max(0, int(k)), int(sum(int(sizes[i]) for i in g))) for k, g in zip(ks, groups)]
-    candidates = [float_keys(p) for p in parts]
+    totals = [int(sum(int(sizes[i]) for i in g)) for g in groups]
+    ks = [min(max(0, int(k)), n) for k, n in zip(ks, totals)]
+    above, survivors = _bracket_prefilter(parts, groups, ks, totals, reduce)
+    candidates = [float_keys(p) for p in survivors]
     prefix = [0] * n_groups
-    remaining = list(ks)  # rank (from the top) of the answer among the current candidates
-    above = [0] * n_groups  # scores known to be above the answer
+    remaining = [k - a for k, a in zip(ks, above)]  # rank of the answer among the candidates
     for shift in range(bits - _RADIX_BITS, -1, -_RADIX_BITS):
         hist = torch.zeros(n_groups, 1 << _RADIX_BITS, dtype=torch.int64)
         digits: list[Tensor] = []
@@ -401,6 +402,71 @@ def topv_thresholds(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
             need -= kept
             out[i] = TopVThreshold(value, kept, ks[g])
     return out  # type: ignore[return-value]
+
+
+def _bracket_prefilter(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
+                       ks: Sequence[int], totals: Sequence[int],
+                       reduce: Callable[[Tensor], None]) -> tuple[list[int], list[Tensor]]:
+    """Shrink the radix select's input to a bracket around each group's answer.
+
+    Each rank samples its shards and proposes a bracket (lo, hi] around the k-th largest score
+    (sample quantile +- 4 binomial standard deviations); the ranks average their proposals
+    (one all-reduce), count the scores above and inside (one more), and a group whose bracket
+    holds its answer hands only the in-bracket scores to the radix select, with the count above
+    it. A group whose bracket missed (unlucky sample, or shards unlike each other) keeps all its
+    scores: slower, never wrong. Returns (scores known above the answer, scores to select from).
+    """
+    dtype = parts[0].dtype if parts else torch.float32
+    bounds = torch.zeros(len(groups), 3, dtype=torch.float64)
+    for g, members in enumerate(groups):
+        q = 1.0 - ks[g] / totals[g] if totals[g] else 0.0  # ascending quantile of the answer
+        pieces = [parts[i].detach().reshape(-1) for i in members]
+        n_local = sum(p.numel() for p in pieces)
+        if not 0 < ks[g] < totals[g] or n_local == 0:
+            continue
+        stride = max(1, n_local // SAMPLE_SIZE)
+        sample = torch.cat([p[::stride] for p in pieces]).double().sort().values
+        m = sample.numel()
+        margin = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
+        lo_i, hi_i = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+        lo = sample[lo_i].item() if lo_i >= 0 else -math.inf
+        hi = sample[hi_i].item() if hi_i < m else math.inf
+        bounds[g] = torch.tensor([lo, hi, 1.0], dtype=torch.float64)
+    finite = torch.isfinite(bounds)
+    counted = torch.where(finite, bounds, torch.zeros_like(bounds))
+    flags = (~finite[:, :2]).to(torch.float64)  # an infinite end anywhere wins
+    packed = torch.cat([counted, flags], dim=1)
+    reduce(packed)
+    counts = torch.zeros(len(groups), 2, dtype=torch.int64)
+    brackets: list[tuple[float, float] | None] = []
+    for g, members in enumerate(groups):
+        voters = packed[g, 2].item()
+        if voters == 0:
+            brackets.append(None)
+            continue
+        lo = -math.inf if packed[g, 3] > 0 else packed[g, 0].item() / voters
+        hi = math.inf if packed[g, 4] > 0 else packed[g, 1].item() / voters
+        lo, hi = _to_dtype(lo, dtype), _to_dtype(hi, dtype)
+        if lo >= hi:  # the sample ties around the answer: bracket that value alone
+            lo = _next_down(hi, dtype)
+        brackets.append((lo, hi))
+        for i in members:
+            p = parts[i].detach().reshape(-1)
+            counts[g, 0] += int(torch.count_nonzero(p > hi))
+            counts[g, 1] += int(torch.count_nonzero((p > lo) & (p <= hi)))
+    reduce(counts)
+    above = [0] * len(groups)
+    survivors = [p.detach().reshape(-1) for p in parts]
+    for g, members in enumerate(groups):
+        c_above, c_inside = int(counts[g, 0]), int(counts[g, 1])
+        if brackets[g] is None or not c_above < ks[g] <= c_above + c_inside:
+            continue  # no bracket, or it missed: select from every score of the group
+        lo, hi = brackets[g]
+        above[g] = c_above
+        for i in members:
+            p = survivors[i]
+            survivors[i] = p[(p > lo) & (p <= hi)]
+    return above, survivors
 
 
 def mask_from_threshold(importance: Tensor, threshold: TopVThreshold,

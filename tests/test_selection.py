@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -110,3 +112,56 @@ def test_topv_count_rounds():
     assert topv_count(0.1234, 1000) == 123
     assert topv_count(1.0, 7) == 7
     assert topv_count(0.01, 10) == 0
+
+
+# -- sharded Top-v (radix select), single process ------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_topv_thresholds_match_the_reference(dtype: torch.dtype) -> None:
+    from prune_plugin.selection import mask_from_threshold, topv_thresholds
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        sizes = torch.randint(1, 4000 if trial % 4 == 0 else 60, (3,), generator=g).tolist()
+        parts = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+        if trial % 3 == 0:
+            parts = [(p * 2).round() / 2 for p in parts]  # many ties
+        if trial % 5 == 0:
+            parts[0] = -parts[0].abs() - 0.0  # negatives and -0.0
+        for groups in ([[0], [1], [2]], [[0, 1, 2]]):
+            ks = [int(torch.randint(0, sum(sizes[i] for i in grp) + 1, (), generator=g))
+                  for grp in groups]
+            thresholds = topv_thresholds(parts, groups, ks)
+            for grp, k in zip(groups, ks):
+                reference = topv_mask_reference([parts[i] for i in grp], k)
+                for i, ref in zip(grp, reference):
+                    assert torch.equal(mask_from_threshold(parts[i], thresholds[i]), ref)
+
+
+def test_topv_thresholds_without_the_bracket_and_with_it(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """The bracket only shrinks the radix select's input: when it misses (shards unlike each
+    other), every score goes through the radix select and the answer is the same."""
+    x = torch.cat([torch.full((5000,), 1.0), torch.randn(20000)])
+    k = 5200
+    reference = topv_mask_reference([x], k)[0]
+    above, survivors = selection._bracket_prefilter([x], [[0]], [k], [x.numel()],
+                                                    lambda t: None)
+    assert 0 < survivors[0].numel() < x.numel() // 4 and above[0] < k  # it did shrink
+    th = selection.topv_thresholds([x], [[0]], [k])
+    assert torch.equal(selection.mask_from_threshold(x, th[0]), reference)
+    monkeypatch.setattr(selection, "_bracket_prefilter",
+                        lambda parts, groups, *rest: ([0] * len(groups), list(parts)))
+    th = selection.topv_thresholds([x], [[0]], [k])
+    assert torch.equal(selection.mask_from_threshold(x, th[0]), reference)
+
+
+def test_float_keys_order_like_the_floats() -> None:
+    from prune_plugin.selection import float_keys, key_to_float
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.tensor([-math.inf, -2.0, -1.0, -1e-3, -0.0, 0.0, 1e-3, 1.0, 2.0, math.inf],
+                         dtype=dtype)
+        keys = float_keys(x)
+        assert torch.all(keys[1:] >= keys[:-1]) and keys[4] == keys[5]
+        assert [key_to_float(int(k), dtype) for k in keys] == [float(v) + 0.0 for v in x]
