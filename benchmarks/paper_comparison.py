@@ -31,7 +31,7 @@ from prune_plugin.integrations.job import load_job, run_job
 
 GLUE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
 VARIANTS = {
-    "full": {"steps": 1000, "batch": 16, "train": 16000, "remaining": (0.10, 0.03),
+    "full": {"steps": 1000, "batch": 16, "train": 16000, "remaining": (0.03, 0.10),
              "distill": True},
     "short": {"steps": 300, "batch": 32, "train": 9600, "remaining": (0.10,), "distill": False},
 }

@@ -14,7 +14,10 @@ README = (ROOT / "README.md").read_text()
 
 
 def _blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+    """The README's ``lang`` code blocks, less fragments (first line ``# fragment: ...``, code
+    that needs a launcher; each names the complete script the tests run instead)."""
+    blocks = re.findall(rf"```{lang}\n(.*?)```", README, re.S)
+    return [b for b in blocks if not b.startswith("# fragment:")]
 
 
 @pytest.mark.parametrize("index", range(len(_blocks("python"))))
@@ -37,6 +40,13 @@ def test_schema_file_is_current():
     on_disk = json.loads((ROOT / "docs" / "policy.schema.json").read_text())
     assert on_disk == PruningPolicy.model_json_schema(), \
         "regenerate docs/policy.schema.json from PruningPolicy.model_json_schema()"
+
+
+def test_deepspeed_config_block_is_a_valid_entry():
+    from prune_plugin.integrations.deepspeed import read_policy
+
+    (config,) = [json.loads(b) for b in _blocks("json") if "movement_pruning" in b]
+    assert read_policy(config).method == "movement"
 
 
 def test_ci_runs_the_readme_test_command():
