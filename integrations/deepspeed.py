@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import nullcontext
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -230,11 +231,15 @@ def _all_reduce_for(group: Any):
 
 def _gathered(layer: PrunedLayer):
     """Context: the layer's own parameters whole (ZeRO-3), or a no-op."""
+    return _gathered_params(list(layer.module.parameters(recurse=False)))
+
+
+def _gathered_params(params: list[Tensor]):
+    """Context: ``params`` whole on every rank (ZeRO-3), or a no-op for unpartitioned ones."""
     import deepspeed
 
-    params = [p for p in layer.module.parameters(recurse=False) if _is_partitioned(p)]
+    params = [p for p in params if _is_partitioned(p)]
     if not params:
-        from contextlib import nullcontext
         return nullcontext()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
@@ -382,16 +387,6 @@ def finalized_state_dict(engine: Any) -> dict[str, Tensor]:
     for name, buf in module.named_buffers():
         out[name] = buf.detach().cpu().clone()
     return out
-
-
-def _gathered_params(params: list[Tensor]):
-    import deepspeed
-
-    params = [p for p in params if _is_partitioned(p)]
-    if not params:
-        from contextlib import nullcontext
-        return nullcontext()
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _attachment_of(engine: Any) -> Attachment:
