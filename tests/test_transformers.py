@@ -61,6 +61,36 @@ def test_callback_without_pruning_optimizer_is_refused(tmp_path):
         trainer.train()
 
 
+def test_under_deepspeed_settings_that_would_lose_pruning_are_refused(tmp_path):
+    """The Trainer drops optimizers=(...) under DeepSpeed, and a DeepSpeed config's own
+    optimizer or scheduler block would replace the pruning optimizer or its score lr."""
+    from types import SimpleNamespace
+
+    from prune_plugin.integrations.deepspeed import DeepSpeedConfigError
+
+    ds_args = SimpleNamespace(deepspeed="ds_config.json")
+    with pytest.raises(TypeError, match="ignores optimizers"):
+        PruningCallback().on_train_begin(ds_args, SimpleNamespace(max_steps=8), None,
+                                         optimizer=torch.optim.AdamW(tiny_bert().parameters()))
+    trainer = PruningTrainer(model=tiny_bert(), args=args(tmp_path),
+                             train_dataset=toy_dataset(), pruning_policy=None)
+    entry = {"movement_pruning": {"method": "movement", "final_remaining": 0.3,
+                                  "total_steps": 8}}
+    for config, match in [({**entry, "optimizer": {"type": "AdamW"}}, "'optimizer' block"),
+                          ({**entry, "scheduler": {"type": "WarmupLR"}}, "'scheduler' block"),
+                          ({**entry, "movement_pruning": {"method": "magic"}}, "magic")]:
+        trainer.args.hf_deepspeed_config = SimpleNamespace(config=config)
+        trainer.pruning_policy = None
+        with pytest.raises((DeepSpeedConfigError, ValueError), match=match):
+            trainer._check_deepspeed()
+    trainer.args.hf_deepspeed_config = SimpleNamespace(config=entry)
+    trainer._check_deepspeed()  # the policy comes from the entry
+    assert trainer.pruning_policy.final_remaining == 0.3
+    trainer.pruning_policy = POLICY
+    with pytest.raises(DeepSpeedConfigError, match="differs"):
+        trainer._check_deepspeed()
+
+
 def _train(tmp_path, resume_from=None, max_steps=8, **kw):
     torch.manual_seed(0)
     model = tiny_bert()
