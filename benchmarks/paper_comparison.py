@@ -14,8 +14,9 @@ log-log secant of (lambda, remaining reached) until the run lands within 25% of 
 Every try is kept in the results; the table's entry is the last try. The distilled runs reuse
 the calibrated lambda (one run each) and report what they reach.
 
-Each finished run is appended to ``benchmarks/out/paper_comparison.<variant>.jsonl``; a
-rerun skips the runs already there (so an interrupted table resumes). The Markdown table is
+Each finished run is appended to ``benchmarks/results/paper_comparison.<variant>.jsonl``
+(tracked); a rerun skips the runs already there, so an interrupted table resumes where it
+stopped, in a later session too. The Markdown table is
 printed at the end.
 """
 
@@ -80,7 +81,8 @@ def main() -> None:
     args = parser.parse_args()
     v = VARIANTS[args.variant]
     out_root = Path(args.out) / args.variant
-    log = Path(args.out).parent / f"paper_comparison.{args.variant}.jsonl"
+    # the finished runs are kept in the repository (small), so a later session resumes them
+    log = Path(__file__).with_name("results") / f"paper_comparison.{args.variant}.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
     done = {r["run"]: r for r in map(json.loads, log.read_text().splitlines())} \
         if log.exists() else {}
