@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import nullcontext
 from collections.abc import Mapping
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from prune_plugin.errors import PolicyError, PruningError
 from prune_plugin.hooks import SCORES_NAME, Attachment, PrunedLayer, Sharding, get_attachment
-from prune_plugin.optimizer import PruningOptimizer, find_pruning_optimizer
+from prune_plugin.optimizer import (PruningOptimizer, check_saved_policy,
+                                    find_pruning_optimizer)
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.report import SparsityReport
 from prune_plugin.report import sparsity_report as core_sparsity_report
@@ -176,10 +177,7 @@ class PruningSchedule:
             raise PruningError("this checkpoint's lr_scheduler state has no pruning step (it "
                                "was not saved by a pruning engine). Fix: load a checkpoint "
                                "saved with prune_plugin.integrations.deepspeed.")
-        saved = PruningPolicy.model_validate_json(state["prune_plugin_policy"])
-        if saved != self.pruner.policy:
-            raise PruningError("this checkpoint was saved with another pruning policy. Fix: "
-                               "resume with the config entry it was saved with.")
+        check_saved_policy(state["prune_plugin_policy"], self.pruner.policy)
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         # masks are refreshed once the engine has loaded the parameters too (see bind)
@@ -214,6 +212,12 @@ def _local_importance(layer: PrunedLayer) -> Tensor:
     valid = max(0, min(shard.numel(), src.ds_numel - start))
     part = shard[:valid]
     return part if layer.scores is not None else part.abs()
+
+
+def _zero3_sharding(model: nn.Module) -> Sharding:
+    """How the core reaches this rank's shards and sums across ZeRO-3's data-parallel group."""
+    group = next(p.ds_process_group for p in model.parameters() if _is_partitioned(p))
+    return Sharding(_local_importance, _all_reduce_for(group))
 
 
 def _all_reduce_for(group: Any):
@@ -256,9 +260,7 @@ def attach_partitioned(model: nn.Module, policy: PruningPolicy) -> Attachment:
         layer.weight.convert_to_zero_parameters([scores])
         return scores
 
-    group = next(p.ds_process_group for p in model.parameters() if _is_partitioned(p))
-    return attach(model, policy, score_factory=make_scores,
-                  sharding=Sharding(_local_importance, _all_reduce_for(group)))
+    return attach(model, policy, score_factory=make_scores, sharding=_zero3_sharding(model))
 
 
 # -- binding to an engine -----------------------------------------------------------------------
@@ -289,8 +291,7 @@ def bind(engine: Any) -> PruningSchedule:
     pruner.advance_on_step = False
     attachment = pruner.attachment
     if engine.zero_optimization_stage() == 3:
-        group = next(p.ds_process_group for p in engine.module.parameters() if _is_partitioned(p))
-        attachment.sharding = Sharding(_local_importance, _all_reduce_for(group))
+        attachment.sharding = _zero3_sharding(engine.module)
         for layer in attachment.layers:
             layer.reinstall_hook()  # after DeepSpeed's gather hooks
     schedule = PruningSchedule(scheduler, pruner)

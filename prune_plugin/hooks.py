@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from prune_plugin.errors import AttachError
-from prune_plugin.masks import hard_concrete_gate, l0_eval_gate, masked_linear, threshold_mask
+from prune_plugin.masks import (hard_concrete_gate, l0_eval_gate, logit, masked_linear,
+                                threshold_mask)
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.schedule import cubic_schedule
 from prune_plugin.selection import (SelectionHint, TopVThreshold, mask_from_threshold,
@@ -69,12 +70,6 @@ class PrunedLayer:
     @property
     def scores(self) -> nn.Parameter | None:
         return self.module._parameters.get(SCORES_NAME)
-
-    @property
-    def shape(self) -> torch.Size:
-        """The weight's full shape (also when ZeRO-3 holds only a shard of it)."""
-        w = self.module.weight
-        return getattr(w, "ds_shape", w.shape)
 
     @property
     def numel(self) -> int:
@@ -229,7 +224,7 @@ class Attachment:
                 for layer in self.layers:
                     if self.sharding is not None:  # S > logit(tau): a threshold with no ties
                         layer.set_threshold(None if tau <= 0.0 else TopVThreshold(
-                            math.log(tau / (1.0 - tau)), 0, 0))
+                            logit(tau), 0, 0))
                     else:
                         layer.set_mask(threshold_mask(layer.scores, tau,
                                                       out=layer.mask_buffer()))

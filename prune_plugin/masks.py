@@ -60,11 +60,16 @@ def masked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor |
     return _MaskedLinear.apply(x, weight, bias, scores, mask)
 
 
+def logit(p: float) -> float:
+    """log(p / (1 - p)): sigmoid(S) > p exactly when S > logit(p)."""
+    return math.log(p / (1.0 - p))
+
+
 def threshold_mask(scores: Tensor, tau: float, out: Tensor | None = None) -> Tensor | None:
     """Soft movement mask ``sigmoid(S) > tau``; None (all kept) when ``tau`` is 0."""
     if tau <= 0.0:
         return None
-    return torch.gt(scores, math.log(tau / (1.0 - tau)), out=out)
+    return torch.gt(scores, logit(tau), out=out)
 
 
 def _l0_stretch(s: Tensor, left: float, right: float) -> Tensor:

@@ -253,19 +253,23 @@ def find_pruning_optimizer(optimizer: Any) -> PruningOptimizer | None:
     return None
 
 
+def check_saved_policy(saved_json: str, policy: PruningPolicy) -> None:
+    """Refuse pruning state saved with another policy, naming the fields that differ."""
+    saved = PruningPolicy.model_validate_json(saved_json)
+    if saved != policy:
+        diff = [f"{k}: saved {getattr(saved, k)!r} vs current {getattr(policy, k)!r}"
+                for k in PruningPolicy.model_fields if getattr(saved, k) != getattr(policy, k)]
+        raise StateError("pruning state was saved with another policy (" + "; ".join(diff)
+                         + "). Fix: attach with the saved policy to resume.")
+
+
 def check_pruning_state(attachment: Attachment, pruning: Mapping[str, Any]) -> None:
     """Refuse saved pruning state that does not fit; changes nothing."""
     version = pruning.get("format_version")
     if version != STATE_FORMAT_VERSION:
         raise StateError(f"pruning state has format_version {version!r}; this prune_plugin "
                          f"reads {STATE_FORMAT_VERSION}. Fix: save it again with this version.")
-    saved = PruningPolicy.model_validate_json(pruning["policy"])
-    if saved != attachment.policy:
-        diff = [f"{k}: saved {getattr(saved, k)!r} vs current {getattr(attachment.policy, k)!r}"
-                for k in PruningPolicy.model_fields
-                if getattr(saved, k) != getattr(attachment.policy, k)]
-        raise StateError("pruning state was saved with another policy (" + "; ".join(diff)
-                         + "). Fix: attach with the saved policy to resume.")
+    check_saved_policy(pruning["policy"], attachment.policy)
     layers = attachment.named_layers()
     if list(pruning["layers"]) != list(layers):
         missing = sorted(set(pruning["layers"]) - set(layers))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -310,10 +309,3 @@ def _format(lines: list[str], errors: list[Any], source: str) -> PolicyError:
     error.lines = lines  # type: ignore[attr-defined]
     error.errors = errors  # type: ignore[attr-defined]
     return error
-
-
-def logit(p: float) -> float:
-    """log(p / (1 - p)); -inf at 0."""
-    if p <= 0.0:
-        return -math.inf
-    return math.log(p / (1.0 - p))

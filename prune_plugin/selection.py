@@ -438,34 +438,31 @@ def _bracket_prefilter(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
     packed = torch.cat([counted, flags], dim=1)
     reduce(packed)
     counts = torch.zeros(len(groups), 2, dtype=torch.int64)
-    brackets: list[tuple[float, float] | None] = []
+    survivors = [p.detach().reshape(-1) for p in parts]
+    inside: dict[int, Tensor] = {}  # in-bracket scores, extracted by the counting pass
     for g, members in enumerate(groups):
         voters = packed[g, 2].item()
         if voters == 0:
-            brackets.append(None)
             continue
         lo = -math.inf if packed[g, 3] > 0 else packed[g, 0].item() / voters
         hi = math.inf if packed[g, 4] > 0 else packed[g, 1].item() / voters
         lo, hi = _to_dtype(lo, dtype), _to_dtype(hi, dtype)
         if lo >= hi:  # the sample ties around the answer: bracket that value alone
             lo = _next_down(hi, dtype)
-        brackets.append((lo, hi))
-        for i in members:
-            p = parts[i].detach().reshape(-1)
-            counts[g, 0] += int(torch.count_nonzero(p > hi))
-            counts[g, 1] += int(torch.count_nonzero((p > lo) & (p <= hi)))
-    reduce(counts)
-    above = [0] * len(groups)
-    survivors = [p.detach().reshape(-1) for p in parts]
-    for g, members in enumerate(groups):
-        c_above, c_inside = int(counts[g, 0]), int(counts[g, 1])
-        if brackets[g] is None or not c_above < ks[g] <= c_above + c_inside:
-            continue  # no bracket, or it missed: select from every score of the group
-        lo, hi = brackets[g]
-        above[g] = c_above
         for i in members:
             p = survivors[i]
-            survivors[i] = p[(p > lo) & (p <= hi)]
+            inside[i] = p[(p > lo) & (p <= hi)]
+            counts[g, 0] += int(torch.count_nonzero(p > hi))
+            counts[g, 1] += inside[i].numel()
+    reduce(counts)
+    above = [0] * len(groups)
+    for g, members in enumerate(groups):
+        c_above, c_inside = int(counts[g, 0]), int(counts[g, 1])
+        if members[0] not in inside or not c_above < ks[g] <= c_above + c_inside:
+            continue  # no bracket, or it missed: select from every score of the group
+        above[g] = c_above
+        for i in members:
+            survivors[i] = inside[i]
     return above, survivors
 
 
