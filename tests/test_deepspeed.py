@@ -17,12 +17,9 @@ import torch
 from prune_plugin import PolicyError, get_attachment
 from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_mask_reference,
                                     topv_thresholds)
+from prune_plugin.integrations import deepspeed as ds
 
-deepspeed = pytest.importorskip("deepspeed")
-
-from prune_plugin.integrations import deepspeed as ds  # noqa: E402
-
-from .models import tiny_bert  # noqa: E402
+from .models import tiny_bert
 
 WORKER = Path(__file__).with_name("ds_worker.py")
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,13 +5,10 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytest.importorskip("datasets")
+from prune_plugin.cli import main
+from prune_plugin.integrations.job import JobError, load_job, run_job
 
-from prune_plugin.cli import main  # noqa: E402
-from prune_plugin.integrations.job import JobError, load_job, run_job  # noqa: E402
-
-from .models import tiny_glue_folder, tiny_hf_folder  # noqa: E402
+from .models import tiny_glue_folder, tiny_hf_folder
 
 
 @pytest.fixture(scope="module")

