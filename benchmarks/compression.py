@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from prune_plugin.compress import (compress_folder, compress_state_dict, decompress_folder,
-                                   stored_bytes)
+                                   quantize_rows, stored_bytes)
+from prune_plugin.state import read_safetensors
 
 
 def bert_base_encoder(keep: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -41,6 +42,42 @@ def bert_base_encoder(keep: float, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+def _entropy_bits(symbols: torch.Tensor) -> float:
+    """Order-0 entropy of an integer tensor, in bits in all."""
+    counts = torch.unique(symbols, return_counts=True)[1].double()
+    p = counts / counts.sum()
+    return float(-(counts * p.log2()).sum())
+
+
+def breakdown(state: dict[str, torch.Tensor], prefix: str = "bert.encoder.") -> dict:
+    """Where the int8 variant's bytes go, next to what an ideal order-0 coder of the same
+    streams would need: the positions (binary entropy of each matrix's density, i.e. a random
+    mask) and the int8 values (their empirical entropy, per matrix)."""
+    blobs, manifest = compress_state_dict(state, quantize="int8")
+    out = {"mask": 0, "values": 0, "scale": 0, "dense": 0}
+    ideal_mask = ideal_values = 0.0
+    weights = kept = 0
+    for key, blob in blobs.items():
+        name, kind = key.rsplit(":", 1)
+        if name.startswith(prefix):
+            out[kind] += blob.numel()
+    for name, entry in manifest["params"].items():
+        if not name.startswith(prefix) or entry["encoding"] != "bitmask":
+            continue
+        t = state[name]
+        nonzero = t != 0
+        n, k = t.numel(), int(nonzero.sum())
+        weights, kept = weights + n, kept + k
+        ideal_mask += _entropy_bits(nonzero.reshape(-1).to(torch.uint8))
+        q, _ = quantize_rows(t[nonzero], nonzero.nonzero()[:, 0], t.shape[0])
+        ideal_values += _entropy_bits(q)
+    out.update({"mask_bits_per_weight": 8 * out["mask"] / weights,
+                "mask_entropy_bits_per_weight": ideal_mask / weights,
+                "value_bits_per_kept": 8 * out["values"] / kept,
+                "value_entropy_bits_per_kept": ideal_values / kept})
+    return out
+
+
 def accuracy(model_dir: Path, glue: str, max_length: int = 64) -> float:
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -59,6 +96,16 @@ def accuracy(model_dir: Path, glue: str, max_length: int = 64) -> float:
     return correct / len(val)
 
 
+def _report(b: dict) -> dict:
+    print(f"  int8 bytes: mask {b['mask'] / 1e6:.2f} MB "
+          f"({b['mask_bits_per_weight']:.3f} bits/weight; a random mask of the same densities: "
+          f"{b['mask_entropy_bits_per_weight']:.3f}), values {b['values'] / 1e6:.2f} MB "
+          f"({b['value_bits_per_kept']:.2f} bits each; their order-0 entropy "
+          f"{b['value_entropy_bits_per_kept']:.2f}), scales {b['scale'] / 1e6:.2f} MB, "
+          f"biases and LayerNorms {b['dense'] / 1e6:.2f} MB", flush=True)
+    return b
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", action="append", default=[], help="finished fine-prune run")
@@ -74,10 +121,13 @@ def main() -> None:
         results[f"bert-base-encoder-6%-{quant}"] = {"bytes": stored, "dense_bytes": dense}
         print(f"BERT-base encoder at 6%, {quant}: {dense / 1e6:.1f} MB -> {stored / 1e6:.2f} MB",
               flush=True)
+    results["bert-base-encoder-6%-int8"]["breakdown"] = _report(breakdown(state))
     for run in args.run:
         run = Path(run)
         metrics = json.loads((run / "metrics.json").read_text())
-        row = {"remaining": metrics["remaining"], "job_accuracy": metrics["eval"]["accuracy"]}
+        row = {"remaining": metrics["remaining"], "job_accuracy": metrics["eval"]["accuracy"],
+               "breakdown": _report(breakdown(read_safetensors(run / "model" /
+                                                               "model.safetensors")[0]))}
         with tempfile.TemporaryDirectory() as tmp:
             for quant in ("none", "int8"):
                 manifest = compress_folder(run / "model", Path(tmp) / quant, quantize=quant)
