@@ -11,8 +11,10 @@ distillation from the dense model.
 Soft movement and L0 are controlled by lambda, not by a target. Their lambda is calibrated
 here, in the open: a first guess, then up to ``--tries`` runs that move lambda along the
 log-log secant of (lambda, remaining reached) until the run lands within 25% of the target.
-Every try is kept in the results; the table's entry is the last try. The distilled runs reuse
-the calibrated lambda (one run each) and report what they reach.
+The first guess for the second target comes from the
+first target's tries. Every try is kept in the results; the table's entry is the try closest
+to the target. The distilled runs reuse the calibrated lambda (one run each) and report what
+they reach.
 
 Each finished run is appended to ``benchmarks/results/paper_comparison.<variant>.jsonl``
 (tracked); a rerun skips the runs already there, so an interrupted table resumes where it
@@ -61,16 +63,22 @@ def job(name: str, v: dict, pruning: dict | None, teacher: str | None, out_root:
 
 
 def next_lambda(tries: list[tuple[float, float]], target: float) -> float:
-    """Secant step in log-log space towards ``target`` from the (lambda, remaining) tries."""
-    (l1, r1) = tries[-1]
+    """The next lambda to try towards ``target``, from the (lambda, remaining) tries so far
+    (of any target: for one method and budget it is one monotone curve). Works in log-log
+    space: between the nearest tries either side of the target when there are some (regula
+    falsi), else along the secant of the two nearest, else with an assumed slope."""
+    t = math.log(target)
+    pts = [(math.log(lam), math.log(max(r, 1e-4))) for lam, r in tries]
+    below, above = [p for p in pts if p[1] <= t], [p for p in pts if p[1] > t]
+    if below and above:
+        a, b = max(below, key=lambda p: p[1]), min(above, key=lambda p: p[1])
+    else:
+        a, b = (sorted(pts, key=lambda p: abs(p[1] - t)) * 2)[:2]
     slope = ASSUMED_SLOPE
-    if len(tries) >= 2:
-        (l0, r0) = tries[-2]
-        if l0 != l1 and r0 > 0 and r1 > 0 and r0 != r1:
-            slope = (math.log(r1) - math.log(r0)) / (math.log(l1) - math.log(l0))
-            slope = min(-0.2, max(-5.0, slope))  # keep the step sane on noisy secants
-    r1 = max(r1, 1e-4)
-    return l1 * math.exp((math.log(target) - math.log(r1)) / slope)
+    if a[0] != b[0] and a[1] != b[1]:
+        slope = min(-0.2, max(-5.0, (b[1] - a[1]) / (b[0] - a[0])))  # sane on noisy secants
+    near = min((a, b), key=lambda p: abs(p[1] - t))
+    return math.exp(near[0] + (t - near[1]) / slope)
 
 
 def main() -> None:
@@ -107,6 +115,7 @@ def main() -> None:
 
     table: list[tuple[str, dict]] = [("dense", run("dense", None))]
     calibrated: dict[tuple[str, float], float] = {}
+    history: dict[str, list[tuple[float, float]]] = {m: [] for m in LAMBDA_GUESS}
     teachers = [None] + ([str(out_root / "dense" / "model")] if v["distill"] else [])
     for teacher in teachers:
         suffix = "-distil" if teacher else ""
@@ -117,15 +126,19 @@ def main() -> None:
                 if method not in LAMBDA_GUESS:
                     table.append((label, run(label, {**pruning, "final_remaining": target})))
                     continue
-                lam = calibrated.get((method, target), LAMBDA_GUESS[method][target])
+                lam = calibrated.get((method, target)) or (
+                    next_lambda(history[method], target) if history[method]
+                    else LAMBDA_GUESS[method][target])
                 tries: list[tuple[float, float]] = []
                 for i in range(args.tries if teacher is None else 1):
                     row = run(f"{label}-try{i + 1}",
                               {**pruning, "final_lambda": round(lam, 3)})
-                    tries.append((lam, row["remaining"]))
+                    tries.append((row["lambda"], row["remaining"]))
+                    if teacher is None:
+                        history[method].append(tries[-1])
                     if 1 / TOLERANCE <= row["remaining"] / target <= TOLERANCE:
                         break
-                    lam = next_lambda(tries, target)
+                    lam = next_lambda(history[method], target)
                 # the table's entry: the try closest to the target (in log ratio)
                 best = min(range(len(tries)),
                            key=lambda j: abs(math.log(max(tries[j][1], 1e-6) / target)))
