@@ -104,12 +104,19 @@ def _zero_stage(config: Mapping[str, Any]) -> int:
     return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
-def _check_config(config: Mapping[str, Any]) -> None:
-    if "scheduler" in config:
-        raise DeepSpeedConfigError(
-            "the DeepSpeed config has a 'scheduler' block: DeepSpeed's schedulers give every "
-            "param group one learning rate, the pruning scores' included. Fix: remove the "
-            "block and pass lr_scheduler=... (a torch scheduler, which keeps the score lr).")
+_WHY_REFUSED = {
+    "optimizer": "DeepSpeed would build its own optimizer, which cannot carry the pruning "
+                 "scores' param group",
+    "scheduler": "DeepSpeed's schedulers give every param group one learning rate, the pruning "
+                 "scores' included"}
+
+
+def refuse_blocks(config: Mapping[str, Any], blocks: tuple[str, ...], fix: str) -> None:
+    """Raise if the DeepSpeed config has one of ``blocks`` ('optimizer', 'scheduler')."""
+    for block in blocks:
+        if block in config:
+            raise DeepSpeedConfigError(f"the DeepSpeed config has an {block!r} block: "
+                                       f"{_WHY_REFUSED[block]}. Fix: remove the block; {fix}")
 
 
 _TORCH_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
@@ -329,7 +336,8 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
         raise DeepSpeedConfigError(f"the DeepSpeed config has no {CONFIG_KEY!r} entry. Fix: add "
                                    f'"{CONFIG_KEY}": {{"method": "movement", ...}} or call '
                                    "deepspeed.initialize directly.")
-    _check_config(cfg)
+    refuse_blocks(cfg, ("scheduler",), "pass lr_scheduler=... (a torch scheduler, which keeps "
+                  "the score lr).")
     cfg.pop(CONFIG_KEY)
     cfg["zero_allow_untested_optimizer"] = True
     client = _client_optimizer(model, optimizer, cfg)

@@ -137,7 +137,7 @@ class PruningTrainer(Trainer):
         if hf_config is None:
             return
         from prune_plugin.integrations.deepspeed import (CONFIG_KEY, DeepSpeedConfigError,
-                                                         read_policy)
+                                                         read_policy, refuse_blocks)
         config = hf_config.config
         entry = read_policy(config)
         if self.pruning_policy is None:
@@ -149,13 +149,8 @@ class PruningTrainer(Trainer):
             return
         if not any(isinstance(c, PruningCallback) for c in self.callback_handler.callbacks):
             self.add_callback(PruningCallback())
-        for block in ("optimizer", "scheduler"):
-            if block in config:
-                raise DeepSpeedConfigError(
-                    f"the DeepSpeed config has an {block!r} block: DeepSpeed would build its "
-                    f"own {block}, which cannot carry the pruning scores' param group and "
-                    f"learning rate. Fix: remove the block; the Trainer's AdamW and schedule "
-                    f"(TrainingArguments) are used and pruned.")
+        refuse_blocks(config, ("optimizer", "scheduler"), "the Trainer's AdamW and schedule "
+                      "(TrainingArguments) are used and pruned.")
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         scheduler = super().create_scheduler(num_training_steps, optimizer)
