@@ -9,11 +9,10 @@ L0 at 10% and 3% remaining encoder Linear weights, without and (full variant) wi
 distillation from the dense model.
 
 Soft movement and L0 are controlled by lambda, not by a target. Their lambda is calibrated
-here, in the open: a first guess, then up to ``--tries`` runs that move lambda along the
-log-log secant of (lambda, remaining reached) until the run lands within 25% of the target.
-The first guess for the second target comes from the
-first target's tries. Every try is kept in the results; the table's entry is the try closest
-to the target. The distilled runs reuse the calibrated lambda (one run each) and report what
+here, in the open: a first guess, then up to ``--tries`` (4) runs in all that move lambda along
+the log-log curve of (lambda, remaining reached) until a run lands within 25% of the target.
+The second target's first guess comes from the first target's tries. Every try is kept in
+the results; the table's entry is the try closest to the target. The distilled runs reuse the calibrated lambda (one run each) and report what
 they reach.
 
 Each finished run is appended to ``benchmarks/results/paper_comparison.<variant>.jsonl``
@@ -85,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", choices=list(VARIANTS), default="short")
     parser.add_argument("--out", default="benchmarks/out/paper_comparison")
-    parser.add_argument("--tries", type=int, default=3, help="calibration runs per lambda")
+    parser.add_argument("--tries", type=int, default=4, help="calibration runs per lambda")
     args = parser.parse_args()
     v = VARIANTS[args.variant]
     out_root = Path(args.out) / args.variant
