@@ -43,7 +43,6 @@ METHODS = {
     "soft_movement": {"method": "soft_movement", "final_threshold": 0.1},
     "l0": {"method": "l0"},
 }
-DISTIL_ORDER = ("soft_movement", "movement", "magnitude", "l0")
 # First guesses of lambda per target; the calibration moves from there.
 LAMBDA_GUESS = {"soft_movement": {0.10: 1500.0, 0.03: 5000.0}, "l0": {0.10: 30.0, 0.03: 90.0}}
 TOLERANCE = 1.25  # a regularised run is on target when reached/target is within [1/1.25, 1.25]
@@ -81,6 +80,21 @@ def next_lambda(tries: list[tuple[float, float]], target: float) -> float:
     return math.exp(near[0] + (t - near[1]) / slope)
 
 
+def run_order(v: dict) -> list[tuple[bool, float, str]]:
+    """(distilled?, target, method) in the order run: the first target's table, then what the
+    paper's headline needs (soft movement at the other targets, then distilled), then the rest.
+    The order changes nothing in the results, only what an interrupted table has."""
+    first, *rest = v["remaining"]
+    order = [(False, first, m) for m in METHODS]
+    order += [(False, t, "soft_movement") for t in rest]
+    if v["distill"]:
+        order += [(True, t, "soft_movement") for t in v["remaining"]]
+    order += [(False, t, m) for t in rest for m in METHODS if m != "soft_movement"]
+    if v["distill"]:
+        order += [(True, t, m) for m in METHODS if m != "soft_movement" for t in v["remaining"]]
+    return order
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", choices=list(VARIANTS), default="short")
@@ -116,37 +130,34 @@ def main() -> None:
     table: list[tuple[str, dict]] = [("dense", run("dense", None))]
     calibrated: dict[tuple[str, float], float] = {}
     history: dict[str, list[tuple[float, float]]] = {m: [] for m in LAMBDA_GUESS}
-    teachers = [None] + ([str(out_root / "dense" / "model")] if v["distill"] else [])
-    for teacher in teachers:
+    teacher_dir = str(out_root / "dense" / "model")
+    for distilled, target, method in run_order(v):
+        teacher = teacher_dir if distilled else None
         suffix = "-distil" if teacher else ""
-        # distilled: soft movement (the paper's headline: its retention of dense) first
-        order = [(t, m) for t in v["remaining"] for m in METHODS] if teacher is None else \
-            [(t, m) for m in DISTIL_ORDER for t in v["remaining"]]
-        for target, method in order:
-            fields = METHODS[method]
-            pruning = {**fields, "warmup_steps": warm, "cooldown_steps": cool}
-            label = f"{method}-{round(100 * target)}{suffix}"
-            if method not in LAMBDA_GUESS:
-                table.append((label, run(label, {**pruning, "final_remaining": target})))
-                continue
-            lam = calibrated.get((method, target)) or (
-                next_lambda(history[method], target) if history[method]
-                else LAMBDA_GUESS[method][target])
-            tries: list[tuple[float, float]] = []
-            for i in range(args.tries if teacher is None else 1):
-                row = run(f"{label}-try{i + 1}",
-                          {**pruning, "final_lambda": round(lam, 3)})
-                tries.append((row["lambda"], row["remaining"]))
-                if teacher is None:
-                    history[method].append(tries[-1])
-                if 1 / TOLERANCE <= row["remaining"] / target <= TOLERANCE:
-                    break
-                lam = next_lambda(history[method], target)
-            # the table's entry: the try closest to the target (in log ratio)
-            best = min(range(len(tries)),
-                       key=lambda j: abs(math.log(max(tries[j][1], 1e-6) / target)))
-            calibrated[(method, target)] = tries[best][0]
-            table.append((label, done[f"{label}-try{best + 1}"]))
+        fields = METHODS[method]
+        pruning = {**fields, "warmup_steps": warm, "cooldown_steps": cool}
+        label = f"{method}-{round(100 * target)}{suffix}"
+        if method not in LAMBDA_GUESS:
+            table.append((label, run(label, {**pruning, "final_remaining": target})))
+            continue
+        lam = calibrated.get((method, target)) or (
+            next_lambda(history[method], target) if history[method]
+            else LAMBDA_GUESS[method][target])
+        tries: list[tuple[float, float]] = []
+        for i in range(args.tries if teacher is None else 1):
+            row = run(f"{label}-try{i + 1}",
+                      {**pruning, "final_lambda": round(lam, 3)})
+            tries.append((row["lambda"], row["remaining"]))
+            if teacher is None:
+                history[method].append(tries[-1])
+            if 1 / TOLERANCE <= row["remaining"] / target <= TOLERANCE:
+                break
+            lam = next_lambda(history[method], target)
+        # the table's entry: the try closest to the target (in log ratio)
+        best = min(range(len(tries)),
+                   key=lambda j: abs(math.log(max(tries[j][1], 1e-6) / target)))
+        calibrated[(method, target)] = tries[best][0]
+        table.append((label, done[f"{label}-try{best + 1}"]))
 
     dense = table[0][1]["accuracy"]
     print(f"\n{args.variant}: {steps} steps x batch {v['batch']}, {v['train']} training "
