@@ -117,7 +117,7 @@ def main() -> None:
         t0 = time.time()
         metrics = run_job(load_job(data=job(name, v, pruning, teacher, out_root)),
                           overwrite=True, progress=False)
-        row = {"run": name, "accuracy": metrics["eval"]["accuracy"],
+        row = {"run": name, "teacher": teacher, "accuracy": metrics["eval"]["accuracy"],
                "remaining": metrics["remaining"], "wall_s": round(time.time() - t0, 1),
                "lambda": (pruning or {}).get("final_lambda"), "steps": steps,
                "batch": v["batch"], "train_examples": v["train"], "seed": 42}
@@ -138,7 +138,8 @@ def main() -> None:
         pruning = {**fields, "warmup_steps": warm, "cooldown_steps": cool}
         label = f"{method}-{round(100 * target)}{suffix}"
         if method not in LAMBDA_GUESS:
-            table.append((label, run(label, {**pruning, "final_remaining": target})))
+            table.append((label, run(label, {**pruning, "final_remaining": target},
+                                         teacher)))
             continue
         lam = calibrated.get((method, target)) or (
             next_lambda(history[method], target) if history[method]
@@ -146,7 +147,7 @@ def main() -> None:
         tries: list[tuple[float, float]] = []
         for i in range(args.tries if teacher is None else 1):
             row = run(f"{label}-try{i + 1}",
-                      {**pruning, "final_lambda": round(lam, 3)})
+                      {**pruning, "final_lambda": round(lam, 3)}, teacher)
             tries.append((row["lambda"], row["remaining"]))
             if teacher is None:
                 history[method].append(tries[-1])
