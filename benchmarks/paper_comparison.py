@@ -12,13 +12,12 @@ Soft movement and L0 are controlled by lambda, not by a target. Their lambda is 
 here, in the open: a first guess, then up to ``--tries`` (4) runs in all that move lambda along
 the log-log curve of (lambda, remaining reached) until a run lands within 25% of the target.
 The second target's first guess comes from the first target's tries. Every try is kept in
-the results; the table's entry is the try closest to the target. The distilled runs reuse the calibrated lambda (one run each) and report what
-they reach.
+the results; the table's entry is the try closest to the target. The distilled runs reuse the
+calibrated lambda (one run each) and report what they reach.
 
 Each finished run is appended to ``benchmarks/results/paper_comparison.<variant>.jsonl``
 (tracked); a rerun skips the runs already there, so an interrupted table resumes where it
-stopped, in a later session too. The Markdown table is
-printed at the end.
+stopped, in a later session too. The Markdown table is printed at the end.
 """
 
 from __future__ import annotations
