@@ -106,8 +106,8 @@ def _narrow(sample: Tensor, q: float, lo: float, hi: float, dtype: torch.dtype
     top, bottom = int(math.floor(j - margin)), int(math.ceil(j + margin))
     ranks = [m - 1 - r for r in (top, bottom) if 0 <= r < m]  # ascending positions
     if ranks:
-        if np is not None and sample.dtype in (torch.float32, torch.float64):
-            a = sample.numpy()
+        a = _np_view(sample)  # None off the CPU: numpy cannot read device memory
+        if a is not None:
             picked = np.partition(a, ranks)[ranks]  # linear time, unlike a sort
             values = {r: float(v) for r, v in zip(ranks, picked)}
         else:
