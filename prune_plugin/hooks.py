@@ -256,11 +256,11 @@ class Attachment:
 
     def _update_topv_sharded(self, remaining: float, groups: list[list[PrunedLayer]]) -> None:
         index = {id(layer): i for i, layer in enumerate(self.layers)}
+        totals = [sum(layer.numel for layer in group) for group in groups]  # over all ranks
         thresholds = topv_thresholds(
             [self.sharding.local_importance(layer) for layer in self.layers],
             [[index[id(layer)] for layer in group] for group in groups],
-            [topv_count(remaining, sum(layer.numel for layer in group)) for group in groups],
-            self.sharding.all_reduce)
+            [topv_count(remaining, n) for n in totals], self.sharding.all_reduce, totals=totals)
         for layer, threshold in zip(self.layers, thresholds):
             layer.set_threshold(threshold)
 

@@ -331,14 +331,15 @@ def key_to_float(key: int, dtype: torch.dtype) -> float:
 
 
 def topv_thresholds(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
-                    ks: Sequence[int], all_reduce: Callable[[Tensor], None] | None = None
-                    ) -> list[TopVThreshold]:
+                    ks: Sequence[int], all_reduce: Callable[[Tensor], None] | None = None,
+                    totals: Sequence[int] | None = None) -> list[TopVThreshold]:
     """Exact Top-v thresholds when each part may be one rank's shard of a tensor.
 
     ``parts[i]`` is this rank's (flat) share of tensor ``i``; ``groups`` lists which tensors are
     ranked together (one per layer: local Top-v; all of them: global) and ``ks[g]`` how many of
     group ``g``'s scores, over all ranks, to keep. ``all_reduce`` sums a tensor in place across
-    ranks (None: one process holds everything). Returns one threshold per tensor: keep
+    ranks (None: one process holds everything); ``totals[g]``, group ``g``'s size over all
+    ranks, saves one all-reduce when the caller knows it. Returns one threshold per tensor: keep
     ``S > value`` plus the first ``ties_kept`` scores equal to ``value`` (flat order within the
     tensor; tensors of a group tie-broken in group order), which is bitwise what
     :func:`topv_masks` keeps on the gathered tensors. Every rank gets the same answer.
@@ -351,9 +352,10 @@ def topv_thresholds(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
     bits = _KEY_DTYPES[dtype][1] if parts else 32
     n_groups = len(groups)
     # Every rank must make the same collective calls: all groups advance together.
-    sizes = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
-    reduce(sizes)
-    totals = [int(sum(int(sizes[i]) for i in g)) for g in groups]
+    if totals is None:
+        sizes = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
+        reduce(sizes)
+        totals = [int(sum(int(sizes[i]) for i in g)) for g in groups]
     ks = [min(max(0, int(k)), n) for k, n in zip(ks, totals)]
     above, survivors = _bracket_prefilter(parts, groups, ks, totals, reduce)
     candidates = [float_keys(p) for p in survivors]
@@ -419,18 +421,13 @@ def _bracket_prefilter(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
     dtype = parts[0].dtype if parts else torch.float32
     bounds = torch.zeros(len(groups), 3, dtype=torch.float64)
     for g, members in enumerate(groups):
-        q = 1.0 - ks[g] / totals[g] if totals[g] else 0.0  # ascending quantile of the answer
         pieces = [parts[i].detach().reshape(-1) for i in members]
         n_local = sum(p.numel() for p in pieces)
         if not 0 < ks[g] < totals[g] or n_local == 0:
             continue
         stride = max(1, n_local // SAMPLE_SIZE)
-        sample = torch.cat([p[::stride] for p in pieces]).double().sort().values
-        m = sample.numel()
-        margin = 4.0 * math.sqrt(q * (1.0 - q) / m) + 2.0 / m
-        lo_i, hi_i = math.floor((q - margin) * m), math.ceil((q + margin) * m)
-        lo = sample[lo_i].item() if lo_i >= 0 else -math.inf
-        hi = sample[hi_i].item() if hi_i < m else math.inf
+        sample = torch.cat([p[::stride] for p in pieces])
+        lo, hi = _narrow(sample, ks[g] / totals[g], -math.inf, math.inf, dtype)
         bounds[g] = torch.tensor([lo, hi, 1.0], dtype=torch.float64)
     finite = torch.isfinite(bounds)
     counted = torch.where(finite, bounds, torch.zeros_like(bounds))
@@ -451,8 +448,9 @@ def _bracket_prefilter(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
             lo = _next_down(hi, dtype)
         for i in members:
             p = survivors[i]
-            inside[i] = p[(p > lo) & (p <= hi)]
-            counts[g, 0] += int(torch.count_nonzero(p > hi))
+            above_hi = p > hi
+            inside[i] = p[(p > lo) ^ above_hi]  # lo < S <= hi, as lo < hi
+            counts[g, 0] += int(torch.count_nonzero(above_hi))
             counts[g, 1] += inside[i].numel()
     reduce(counts)
     above = [0] * len(groups)
@@ -466,11 +464,10 @@ def _bracket_prefilter(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
     return above, survivors
 
 
-def mask_from_threshold(importance: Tensor, threshold: TopVThreshold,
-                        out: Tensor | None = None) -> Tensor:
+def mask_from_threshold(importance: Tensor, threshold: TopVThreshold) -> Tensor:
     """The mask of one whole tensor from its :func:`topv_thresholds` entry."""
-    mask = torch.gt(importance, threshold.value, out=out)
+    mask = importance > threshold.value
     if threshold.ties_kept:
-        idx = torch.nonzero(importance.reshape(-1) == threshold.value).reshape(-1)
-        mask.view(-1)[idx[:threshold.ties_kept]] = True
+        idx = _first_equal(importance, threshold.value, threshold.ties_kept)
+        mask.view(-1)[idx.to(mask.device)] = True
     return mask
