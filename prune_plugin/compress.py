@@ -23,7 +23,8 @@ from typing import Any, Literal
 import torch
 
 from prune_plugin.errors import StateError
-from prune_plugin.state import _DTYPES, _FROM_NAME, read_safetensors, write_safetensors
+from prune_plugin.state import (_DTYPES, _FROM_NAME, bytes_tensor, read_safetensors,
+                                 tensor_bytes, write_safetensors)
 
 FORMAT = "prune_plugin.compressed"
 VERSION = 1
@@ -71,15 +72,6 @@ def _codec(name: str):
     return comp.compress, zstandard.ZstdDecompressor().decompress
 
 
-def _bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def _blob(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
-        torch.zeros(0, dtype=torch.uint8)
-
-
 def compress_state_dict(state_dict: dict[str, torch.Tensor], *, quantize: Quantize = "none",
                         codec: str = "zstd") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Encode a plain state dict: (blobs for the safetensors file, manifest)."""
@@ -89,6 +81,7 @@ def compress_state_dict(state_dict: dict[str, torch.Tensor], *, quantize: Quanti
     blobs: dict[str, torch.Tensor] = {}
     params: dict[str, Any] = {}
     for name, t in state_dict.items():
+        mine: dict[str, torch.Tensor] = {}  # this parameter's blobs
         t = t.detach().cpu()
         if t.dtype not in _DTYPES:
             raise TypeError(f"cannot store {name!r} of dtype {t.dtype}")
@@ -99,18 +92,19 @@ def compress_state_dict(state_dict: dict[str, torch.Tensor], *, quantize: Quanti
             values = t[nonzero]
             entry["encoding"] = "bitmask"
             entry["quantize"] = quantize
-            blobs[f"{name}:mask"] = _blob(compress(_bytes(pack_bits(nonzero))))
+            mine[f"{name}:mask"] = bytes_tensor(compress(tensor_bytes(pack_bits(nonzero))))
             if quantize == "int8":
                 rows = nonzero.nonzero()[:, 0]
                 q, scale = quantize_rows(values, rows, t.shape[0])
-                blobs[f"{name}:values"] = _blob(compress(_bytes(q)))
-                blobs[f"{name}:scale"] = _blob(compress(_bytes(scale)))
+                mine[f"{name}:values"] = bytes_tensor(compress(tensor_bytes(q)))
+                mine[f"{name}:scale"] = bytes_tensor(compress(tensor_bytes(scale)))
             else:
-                blobs[f"{name}:values"] = _blob(compress(_bytes(values)))
+                mine[f"{name}:values"] = bytes_tensor(compress(tensor_bytes(values)))
         else:
             entry["encoding"] = "dense"
-            blobs[f"{name}:dense"] = _blob(compress(_bytes(t)))
-        entry["bytes"] = sum(b.numel() for k, b in blobs.items() if k.rsplit(":", 1)[0] == name)
+            mine[f"{name}:dense"] = bytes_tensor(compress(tensor_bytes(t)))
+        blobs.update(mine)
+        entry["bytes"] = sum(b.numel() for b in mine.values())
         params[name] = entry
     return blobs, {"format": FORMAT, "version": VERSION, "codec": codec, "params": params}
 
@@ -136,14 +130,14 @@ def decompress_state_dict(blobs: dict[str, torch.Tensor], manifest: dict[str, An
     _, decompress = _codec(manifest["codec"])
 
     def read(key: str, dtype: torch.dtype) -> torch.Tensor:
-        data = decompress(_bytes(blobs[key]))
-        return _blob(data).view(dtype) if data else torch.zeros(0, dtype=dtype)
+        data = decompress(tensor_bytes(blobs[key]))
+        return bytes_tensor(data).view(dtype) if data else torch.zeros(0, dtype=dtype)
 
     out: dict[str, torch.Tensor] = {}
     for name, entry in manifest["params"].items():
         dtype, shape = _FROM_NAME[entry["dtype"]], entry["shape"]
         if entry["encoding"] == "dense":
-            out[name] = read(f"{name}:dense", dtype).reshape(shape).clone()
+            out[name] = read(f"{name}:dense", dtype).reshape(shape)  # owns fresh memory
             continue
         numel = shape[0] * shape[1]
         mask = unpack_bits(read(f"{name}:mask", torch.uint8), numel).view(shape)

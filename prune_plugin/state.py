@@ -26,6 +26,18 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
 _FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's raw little-endian bytes (row-major)."""
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes() \
+        if t.numel() else b""
+
+
+def bytes_tensor(data: bytes) -> torch.Tensor:
+    """A uint8 tensor over a fresh copy of ``data`` (writable, owns its memory)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+        torch.zeros(0, dtype=torch.uint8)
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` in the safetensors format, atomically."""
@@ -34,8 +46,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
     for name, t in tensors.items():
         if t.dtype not in _DTYPES:
             raise TypeError(f"cannot store {name!r} of dtype {t.dtype} in safetensors")
-        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes() \
-            if t.numel() else b""
+        data = tensor_bytes(t)
         header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
@@ -67,8 +78,8 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         start, end = info["data_offsets"]
         dtype = _FROM_NAME[info["dtype"]]
         if end > start:
-            flat = torch.frombuffer(bytearray(raw[base + start:base + end]), dtype=torch.uint8)
-            tensors[name] = flat.view(dtype).reshape(info["shape"])
+            tensors[name] = bytes_tensor(raw[base + start:base + end]).view(dtype).reshape(
+                info["shape"])
         else:
             tensors[name] = torch.empty(info["shape"], dtype=dtype)
     return tensors, metadata
