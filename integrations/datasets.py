@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from prune_plugin.errors import PruningError
+
 Task = Literal["classification", "regression"]
 
 
-class DataError(ValueError):
+class DataError(PruningError, ValueError):
     """The dataset, its columns or its labels do not fit the job."""
 
 

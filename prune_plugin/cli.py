@@ -146,12 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PruningError, ValueError, ImportError) as err:
+    except PruningError as err:  # the job's errors included
         # One clear line (or block) for the user's mistakes; real bugs keep their traceback.
-        if type(err).__name__ in ("JobError", "DataError") or isinstance(err, PruningError):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
