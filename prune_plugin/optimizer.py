@@ -79,7 +79,7 @@ class PruningOptimizer(torch.optim.Optimizer):
         self.advance_on_step = True
 
         existing = get_attachment(model)
-        if existing is not None and existing.policy == policy and not existing.closed:
+        if existing is not None and existing.policy == policy:  # live: close() detaches it
             self.attachment = existing  # attached beforehand, e.g. by an integration
         else:
             self.attachment = attach(model, policy)
