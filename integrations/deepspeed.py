@@ -81,18 +81,15 @@ def read_policy(config: Mapping[str, Any]) -> PruningPolicy | None:
     """The policy of the config's ``movement_pruning`` entry (None when there is none).
 
     Validated by the same pydantic model as everywhere, so errors name the field, the value
-    and the fix. Whole numbers given for float fields are accepted (DeepSpeed's own parser
-    writes 1.0 as 1)."""
+    and the fix. Whole numbers given for float fields are accepted, as everywhere (DeepSpeed's
+    own parser writes 1.0 as 1)."""
     entry = config.get(CONFIG_KEY)
     if entry is None:
         return None
     if not isinstance(entry, Mapping):
         raise DeepSpeedConfigError(f"DeepSpeed config entry {CONFIG_KEY!r} must be an object of "
                                    f"policy fields, got {type(entry).__name__}.")
-    fields = PruningPolicy.model_fields
-    coerced = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) and k in fields
-               and fields[k].annotation is float else v for k, v in entry.items()}
-    policy = PruningPolicy.from_dict(coerced, source=f"DeepSpeed config entry {CONFIG_KEY!r}")
+    policy = PruningPolicy.from_dict(dict(entry), source=f"DeepSpeed config entry {CONFIG_KEY!r}")
     if policy.mask_update_every != 1:
         raise PolicyError(f"DeepSpeed config entry {CONFIG_KEY!r}: mask_update_every is "
                           f"{policy.mask_update_every}; under DeepSpeed masks are refreshed "
@@ -270,6 +267,16 @@ def attach_partitioned(model: nn.Module, policy: PruningPolicy) -> Attachment:
     return attach(model, policy, score_factory=make_scores, sharding=_zero3_sharding(model))
 
 
+def attach_if_partitioned(model: nn.Module, policy: PruningPolicy) -> bool:
+    """:func:`attach_partitioned` when the model's weights are ZeRO-3 partitioned and nothing
+    is attached yet (the plain ``PruningOptimizer`` attaches otherwise); True if it did."""
+    if get_attachment(model) is not None or \
+            not any(_is_partitioned(p) for p in model.parameters()):
+        return False
+    attach_partitioned(model, policy)
+    return True
+
+
 # -- binding to an engine -----------------------------------------------------------------------
 
 def bind(engine: Any) -> PruningSchedule:
@@ -282,11 +289,7 @@ def bind(engine: Any) -> PruningSchedule:
     bound = getattr(engine, _BOUND_ATTR, None)
     if bound is not None:
         return bound
-    pruner = find_pruning_optimizer(getattr(engine, "optimizer", None))
-    if pruner is None:
-        raise PruningError("this DeepSpeed engine's optimizer is not a PruningOptimizer. Fix: "
-                           "build the engine with prune_plugin.integrations.deepspeed."
-                           "initialize, or pass optimizer=PruningOptimizer(...) to it.")
+    pruner = _pruner_of(engine)
     scheduler = engine.lr_scheduler
     if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
         inner = getattr(scheduler, "scheduler", None)  # accelerate's wrapper
@@ -342,11 +345,11 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     cfg["zero_allow_untested_optimizer"] = True
     client = _client_optimizer(model, optimizer, cfg)
     attached_here = get_attachment(model) is None
-    if attached_here and any(_is_partitioned(p) for p in model.parameters()):
-        if _zero_stage(cfg) != 3:
-            raise DeepSpeedConfigError("the model was built under deepspeed.zero.Init but the "
-                                       "config's ZeRO stage is not 3. Fix: use stage 3.")
-        attach_partitioned(model, policy)
+    if attached_here and _zero_stage(cfg) != 3 and \
+            any(_is_partitioned(p) for p in model.parameters()):
+        raise DeepSpeedConfigError("the model was built under deepspeed.zero.Init but the "
+                                   "config's ZeRO stage is not 3. Fix: use stage 3.")
+    attach_if_partitioned(model, policy)
     try:
         pruner = PruningOptimizer(client, policy, model=model)
         engine, opt, loader, _ = deepspeed.initialize(model=model, optimizer=pruner, config=cfg,
@@ -398,9 +401,18 @@ def finalized_state_dict(engine: Any) -> dict[str, Tensor]:
     return out
 
 
-def _attachment_of(engine: Any) -> Attachment:
+def _pruner_of(engine: Any) -> PruningOptimizer:
     pruner = find_pruning_optimizer(getattr(engine, "optimizer", None))
-    if pruner is None or pruner.attachment.closed:
-        raise PruningError("this engine has no pruning attached. Fix: build it with "
+    if pruner is None:
+        raise PruningError("this DeepSpeed engine's optimizer is not a PruningOptimizer. Fix: "
+                           "build the engine with prune_plugin.integrations.deepspeed."
+                           "initialize, or pass optimizer=PruningOptimizer(...) to it.")
+    return pruner
+
+
+def _attachment_of(engine: Any) -> Attachment:
+    attachment = _pruner_of(engine).attachment
+    if attachment.closed:
+        raise PruningError("this engine's pruning was detached. Fix: build it with "
                            "prune_plugin.integrations.deepspeed.initialize.")
-    return pruner.attachment
+    return attachment

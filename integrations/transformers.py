@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from prune_plugin.hooks import get_attachment
 from prune_plugin.optimizer import PruningOptimizer, as_policy, find_pruning_optimizer
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.report import sparsity_report
@@ -120,14 +119,13 @@ class PruningTrainer(Trainer):
         self.teacher = teacher
         self.distill_alpha = distill_alpha
         self.distill_temperature = distill_temperature
-        callbacks = list(kwargs.pop("callbacks", None) or [])
-        if self.pruning_policy is not None and \
-                not any(isinstance(c, PruningCallback) for c in callbacks):
-            callbacks.append(PruningCallback())
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+        super().__init__(*args, **kwargs)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
-        self._check_deepspeed()
+        self._check_deepspeed()  # may take the policy from the DeepSpeed config
+        if self.pruning_policy is not None and \
+                not any(isinstance(c, PruningCallback) for c in self.callback_handler.callbacks):
+            self.add_callback(PruningCallback())
 
     def _check_deepspeed(self) -> None:
         """Under DeepSpeed: take the policy from the config's entry if none was given, and
@@ -147,8 +145,6 @@ class PruningTrainer(Trainer):
                                        f"{CONFIG_KEY!r} entry. Fix: give the policy once.")
         if self.pruning_policy is None:
             return
-        if not any(isinstance(c, PruningCallback) for c in self.callback_handler.callbacks):
-            self.add_callback(PruningCallback())
         refuse_blocks(config, ("optimizer", "scheduler"), "the Trainer's AdamW and schedule "
                       "(TrainingArguments) are used and pruned.")
 
@@ -167,11 +163,10 @@ class PruningTrainer(Trainer):
         if find_pruning_optimizer(self.optimizer) is None:
             target = self.model if model is None else model
             inner = super().create_optimizer(model)
-            if any(hasattr(p, "ds_id") for p in target.parameters()) \
-                    and get_attachment(target) is None:
+            if self.is_deepspeed_enabled:
                 # from_pretrained under ZeRO-3's zero.Init: the weights are already sharded
-                from prune_plugin.integrations.deepspeed import attach_partitioned
-                attach_partitioned(target, self.pruning_policy)
+                from prune_plugin.integrations.deepspeed import attach_if_partitioned
+                attach_if_partitioned(target, self.pruning_policy)
             self.optimizer = PruningOptimizer(inner, self.pruning_policy, model=target)
         return self.optimizer
 
