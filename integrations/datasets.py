@@ -29,20 +29,24 @@ class TaskData:
     label_names: list[str] | None
 
 
-def _looks_like_path(path: str) -> bool:
-    return path.startswith((".", "/", "~")) or Path(path).exists()
+def local_folder(name: str) -> Path | None:
+    """The folder ``name`` means, or None for a Hub id ("name" or "org/name")."""
+    folder = Path(name).expanduser()
+    if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return folder
+    return None
 
 
 def load_raw(path: str, name: str | None, splits: list[str]) -> dict[str, Any]:
     """``datasets.load_dataset(path, name)`` restricted to ``splits``, with clear errors."""
     import datasets
 
-    if _looks_like_path(path) and not Path(path).expanduser().exists():
+    folder = local_folder(path)
+    if folder is not None and not folder.exists():
         raise DataError(f"dataset folder {path!r} does not exist. Fix: pass --dataset with the "
                         "folder holding the parquet files in the Hub layout, or a Hub id.")
     try:
-        raw = datasets.load_dataset(str(Path(path).expanduser()) if _looks_like_path(path)
-                                    else path, name)
+        raw = datasets.load_dataset(str(folder) if folder is not None else path, name)
     except ValueError as err:  # unknown config name, among others
         raise DataError(f"cannot load dataset {path!r} config {name!r}: {err}") from None
     missing = [s for s in splits if s not in raw]

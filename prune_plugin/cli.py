@@ -64,13 +64,16 @@ def _report(args: argparse.Namespace) -> int:
     metrics = out / "metrics.json"
     if metrics.is_file():
         print("\nmetrics:", json.dumps(json.loads(metrics.read_text())["eval"]))
-    try:
-        from prune_plugin.integrations.job import plot_sparsity
+    plot = out / "sparsity.png"
+    if not plot.is_file():  # the job writes it; drawn here only for runs that lack it
+        try:
+            from prune_plugin.integrations.job import plot_sparsity
 
-        plot_sparsity(data, out / "sparsity.png", out.name)
-        print(f"plot: {out / 'sparsity.png'}")
-    except ImportError:  # pragma: no cover - matplotlib missing
-        print("(install matplotlib for the per-layer plot)")
+            plot_sparsity(data, plot, out.name)
+        except ImportError:  # pragma: no cover - matplotlib missing
+            print("(install matplotlib for the per-layer plot)")
+            return 0
+    print(f"plot: {plot}")
     return 0
 
 
