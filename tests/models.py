@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 
-def tiny_bert(num_labels: int = 2, seed: int = 0) -> nn.Module:
+def tiny_bert(num_labels: int = 2, seed: int = 0, vocab_size: int = 100) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+    config = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64,
                         max_position_embeddings=64, num_labels=num_labels)
     return BertForSequenceClassification(config)
@@ -49,18 +49,14 @@ def tiny_hf_folder(path, num_labels: int = 2, seed: int = 0, vocab_extra: int = 
     """A tiny BERT classifier + WordPiece tokenizer saved like a Hub model (offline)."""
     from pathlib import Path
 
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    from transformers import BertTokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS,
              *[f"extra{i}" for i in range(vocab_extra)]]
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, num_labels=num_labels)
-    BertForSequenceClassification(config).save_pretrained(path)
+    tiny_bert(num_labels, seed, vocab_size=len(vocab)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -149,12 +149,17 @@ def _env() -> dict:
     return env
 
 
-def launch(tmp_path: Path, name: str, *args: str, nproc: int = 2) -> dict:
-    out = tmp_path / f"{name}.pt"
+def run_ranks(worker: Path, out: Path, *args: str, nproc: int = 2) -> None:
+    """Run ``worker`` on ``nproc`` local ranks (torchrun), failing with its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(WORKER), "--out", str(out), *args]
+           f"--master_port={_free_port()}", str(worker), "--out", str(out), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def launch(tmp_path: Path, name: str, *args: str, nproc: int = 2) -> dict:
+    out = tmp_path / f"{name}.pt"
+    run_ranks(WORKER, out, *args, nproc=nproc)
     return torch.load(out)
 
 
@@ -243,11 +248,7 @@ def test_trainer_with_deepspeed_zero3_prunes_and_exports(tmp_path: Path) -> None
     from prune_plugin import sparsity_report
 
     out = tmp_path / "hf"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={_free_port()}", str(WORKER.with_name("hf_ds_worker.py")),
-           "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run_ranks(WORKER.with_name("hf_ds_worker.py"), out)
     result = json.loads((out / "result.json").read_text())
     assert result["zero_init"] and result["global_step"] == 8
     assert result["remaining"][-1] == pytest.approx(0.3, abs=2e-3)

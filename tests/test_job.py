@@ -62,12 +62,17 @@ def test_job_writes_a_plain_model_that_reproduces_the_metrics(assets, tmp_path):
 def test_dense_job_and_distillation_job(assets, tmp_path):
     dense = job_dict(assets, tmp_path / "dense")
     dense["pruning"] = None
-    run_job(load_job(data=dense), progress=False)
-    distil = job_dict(assets, tmp_path / "distil", method="soft_movement", final_lambda=10.0)
-    del distil["pruning"]["final_remaining"]
-    distil["teacher"] = {"model": str(tmp_path / "dense" / "model"), "alpha": 0.5}
+    dense_metrics = run_job(load_job(data=dense), progress=False)
+    assert dense_metrics["method"] == "dense" and dense_metrics["remaining"] == 1.0
+    alone = job_dict(assets, tmp_path / "alone", method="soft_movement", final_lambda=10.0)
+    del alone["pruning"]["final_remaining"]
+    distil = {**alone, "output_dir": str(tmp_path / "distil"),
+              "teacher": {"model": str(tmp_path / "dense" / "model"), "alpha": 0.5}}
+    without = run_job(load_job(data=alone), progress=False)
     metrics = run_job(load_job(data=distil), progress=False)
     assert metrics["method"] == "soft_movement" and metrics["teacher"].endswith("model")
+    # the same run (seed, data, steps) trains on another loss once the teacher is used
+    assert metrics["train_loss"] != pytest.approx(without["train_loss"], rel=1e-3)
 
 
 def test_output_folder_with_a_run_is_not_overwritten(assets, tmp_path, capsys):

@@ -4,6 +4,9 @@ libraries, and the command line runs as a module."""
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_core_import_does_not_load_integrations_or_hf_libraries():
@@ -23,4 +26,5 @@ def test_python_dash_m_prints_the_policy_schema():
 def test_integrations_are_installed_as_a_subpackage():
     import prune_plugin.integrations.transformers as hf
 
-    assert hf.__name__ == "prune_plugin.integrations.transformers"
+    # the top-level integrations/ folder is what the package exposes as prune_plugin.integrations
+    assert Path(hf.__file__).resolve() == REPO / "integrations" / "transformers.py"
