@@ -1,19 +1,29 @@
 """Task data for fine-pruning: load with ``datasets``, check columns and labels, tokenise.
 
-Works the same with a Hub id (``nyu-mll/glue``) or a local folder in the Hub's layout
-(``../shared/data/glue``). Every mistake (missing folder, unknown column, labels that do not
-fit the task) is one line that says what and how to fix it.
+Works the same with a Hub id (``nyu-mll/glue``), a local folder in the Hub's layout
+(``../shared/data/glue``), SQuAD's own JSON files (``../shared/data/squad``: a folder or
+one file; ``train-*.json`` is the train split, ``dev-*.json`` the validation split), or one
+JSON lines, CSV or parquet file (its split is ``train``). A split
+may be sliced as in ``datasets``: ``validation[:8000]``, ``train[:10%]``. Every mistake
+(missing folder, unknown column, labels that do not fit the task) is one line that says what
+and how to fix it.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from prune_plugin.errors import PruningError
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "question_answering"]
+#: The ``datasets`` builder that reads a single data file, by suffix.
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+#: A split name with an optional slice: "train", "validation[:8000]", "train[10%:]".
+SPLIT_SPEC = re.compile(r"^([\w.-]+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
 class DataError(PruningError, ValueError):
@@ -22,11 +32,22 @@ class DataError(PruningError, ValueError):
 
 @dataclass
 class TaskData:
-    train: Any  # datasets.Dataset, tokenised
+    train: Any  # datasets.Dataset, tokenised (question answering: one row per window)
     eval: Any
     task: Task
     num_labels: int
     label_names: list[str] | None
+    train_examples: int
+    eval_examples: int
+    reference: Any = None  # question_answering.Reference, to score answers
+
+    def compute_metrics(self, predictions: Any, label_ids: Any) -> dict[str, float]:
+        """The task's metrics from the Trainer's predictions on ``eval``."""
+        if self.reference is not None:
+            return self.reference.score(predictions[0], predictions[1])
+        from prune_plugin.integrations.transformers import classification_metrics
+
+        return classification_metrics(predictions, label_ids, self.task)
 
 
 def local_folder(name: str) -> Path | None:
@@ -38,22 +59,97 @@ def local_folder(name: str) -> Path | None:
 
 
 def load_raw(path: str, name: str | None, splits: list[str]) -> dict[str, Any]:
-    """``datasets.load_dataset(path, name)`` restricted to ``splits``, with clear errors."""
+    """``datasets.load_dataset(path, name)`` restricted to ``splits`` (which may be sliced:
+    ``validation[:50%]``), with clear errors."""
     import datasets
 
     folder = local_folder(path)
     if folder is not None and not folder.exists():
         raise DataError(f"dataset folder {path!r} does not exist. Fix: pass --dataset with the "
-                        "folder holding the parquet files in the Hub layout, or a Hub id.")
-    try:
-        raw = datasets.load_dataset(str(folder) if folder is not None else path, name)
-    except ValueError as err:  # unknown config name, among others
-        raise DataError(f"cannot load dataset {path!r} config {name!r}: {err}") from None
-    missing = [s for s in splits if s not in raw]
-    if missing:
-        raise DataError(f"dataset {path!r} ({name}) has no split {missing[0]!r}; it has "
-                        f"{sorted(raw)}. Fix: set data.train_split / data.eval_split.")
-    return {s: raw[s] for s in splits}
+                        "folder holding the parquet files in the Hub layout, SQuAD JSON "
+                        "files, or a Hub id.")
+    raw = load_squad_json(folder) if folder is not None else None
+    if raw is None:
+        source, kwargs = str(folder) if folder is not None else path, {}
+        if folder is not None and folder.is_file():  # one data file: its split is "train"
+            source = FILE_BUILDERS.get(folder.suffix.lower(), "")
+            if not source:
+                raise DataError(f"cannot read {path!r}: a data file must be one of "
+                                f"{sorted(FILE_BUILDERS)}. Fix: convert it, or pass a folder.")
+            kwargs = {"data_files": str(folder)}
+        try:
+            raw = datasets.load_dataset(source, name, **kwargs)
+        except ValueError as err:  # unknown config name, among others
+            raise DataError(f"cannot load dataset {path!r} config {name!r}: {err}") from None
+    out = {}
+    for spec in splits:
+        match = SPLIT_SPEC.match(spec.replace(" ", ""))
+        if match is None:
+            raise DataError(f"split {spec!r} is not a split name with an optional slice. Fix: "
+                            "write e.g. 'train', 'validation[:8000]' or 'train[:10%]'.")
+        split, lo, hi = match.groups()
+        if split not in raw:
+            raise DataError(f"dataset {path!r} ({name}) has no split {split!r}; it has "
+                            f"{sorted(raw)}. Fix: set data.train_split / data.eval_split.")
+        dataset = raw[split]
+        if lo is not None or hi is not None:
+            n = len(dataset)
+            rows = range(n)[slice(_bound(lo, n), _bound(hi, n))]
+            if not rows:
+                raise DataError(f"split {spec!r} is empty ({split!r} has {n} rows).")
+            dataset = dataset.select(rows)
+        out[spec] = dataset
+    return out
+
+
+def _bound(text: str | None, n: int) -> int | None:
+    if text is None:
+        return None
+    return round(float(text[:-1]) * n / 100) if text.endswith("%") else int(text)
+
+
+def load_squad_json(path: Path) -> dict[str, Any] | None:
+    """SQuAD's own JSON files (a folder of them, or one) as splits with the Hub's columns
+    (id, title, context, question, answers{text, answer_start}); None if ``path`` holds
+    none, so that ``datasets`` loads it instead."""
+    import datasets
+
+    files = [path] if path.is_file() and path.suffix == ".json" else \
+        sorted(path.glob("*.json")) if path.is_dir() else []
+    splits = {}
+    for file in files:
+        try:
+            articles = json.loads(file.read_text()).get("data")
+            articles[0]["paragraphs"][0]["qas"]  # noqa: B018 - the SQuAD layout, or not
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+            continue  # not a SQuAD file
+        rows: dict[str, list] = {k: [] for k in ("id", "title", "context", "question",
+                                                 "answers")}
+        for article in articles:
+            for paragraph in article["paragraphs"]:
+                for qa in paragraph["qas"]:
+                    rows["id"].append(qa["id"])
+                    rows["title"].append(article.get("title", ""))
+                    rows["context"].append(paragraph["context"])
+                    rows["question"].append(qa["question"])
+                    rows["answers"].append({"text": [a["text"] for a in qa["answers"]],
+                                            "answer_start": [a["answer_start"]
+                                                             for a in qa["answers"]]})
+        stem = file.stem.lower()
+        split = "train" if stem.startswith("train") else \
+            "validation" if stem.startswith("dev") else file.stem
+        splits[split] = datasets.Dataset.from_dict(rows, features=_squad_features())
+    return splits or None
+
+
+def _squad_features() -> Any:
+    import datasets
+
+    return datasets.Features({
+        "id": datasets.Value("string"), "title": datasets.Value("string"),
+        "context": datasets.Value("string"), "question": datasets.Value("string"),
+        "answers": {"text": datasets.List(datasets.Value("string")),
+                    "answer_start": datasets.List(datasets.Value("int32"))}})
 
 
 def infer_task(dataset: Any, label_column: str, task: Task | None) -> tuple[Task, int,
@@ -86,28 +182,43 @@ def infer_task(dataset: Any, label_column: str, task: Task | None) -> tuple[Task
     return task, int(values[-1]) + 1 if values else 0, None
 
 
-def prepare(tokenizer: Any, *, path: str, name: str | None, text_columns: list[str],
-            label_column: str, train_split: str, eval_split: str, max_length: int,
+def prepare(tokenizer: Any, *, path: str, name: str | None, text_columns: list[str] | None,
+            label_column: str | None, train_split: str, eval_split: str, max_length: int,
             task: Task | None = None, max_train_samples: int | None = None,
-            max_eval_samples: int | None = None, seed: int = 0) -> TaskData:
-    """Load, check and tokenise a sentence or sentence-pair task. Padding is left to the
-    collator (dynamic padding), so batches are only as long as their longest example."""
+            max_eval_samples: int | None = None, seed: int = 0, doc_stride: int = 128
+            ) -> TaskData:
+    """Load, check and tokenise a sentence, sentence-pair or question-answering task.
+    Padding is left to the collator (dynamic padding), so batches are only as long as their
+    longest example."""
     raw = load_raw(path, name, [train_split, eval_split])
     train, evaluation = raw[train_split], raw[eval_split]
+    qa = task == "question_answering"
+    text_columns = text_columns or (["question", "context"] if qa else None)
+    label_column = label_column or ("answers" if qa else "label")
     columns = set(train.column_names)
+    if not text_columns:
+        hint = " (this looks like question answering: set data.task: question_answering)" \
+            if {"question", "context", "answers"} <= columns else ""
+        raise DataError(f"data.text_columns is not set; {path!r} has columns "
+                        f"{sorted(columns)}{hint}. Fix: name one text column, or two for "
+                        "sentence pairs.")
     for col in [*text_columns, label_column]:
         if col not in columns:
             raise DataError(f"column {col!r} is not in {path!r} ({name}); its columns are "
                             f"{sorted(columns)}. Fix: set data.text_columns / "
                             "data.label_column.")
-    if not 1 <= len(text_columns) <= 2:
-        raise DataError(f"data.text_columns has {len(text_columns)} columns; give one "
-                        "(single sentence) or two (sentence pair).")
-    task, num_labels, label_names = infer_task(train, label_column, task)
+    if not 1 + qa <= len(text_columns) <= 2:
+        raise DataError(f"data.text_columns has {len(text_columns)} columns; give "
+                        + ("two: the question and the context." if qa else
+                           "one (single sentence) or two (sentence pair)."))
     if max_train_samples is not None and max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(max_train_samples))
     if max_eval_samples is not None and max_eval_samples < len(evaluation):
         evaluation = evaluation.select(range(max_eval_samples))
+    if qa:
+        return _prepare_qa(tokenizer, train, evaluation, text_columns, label_column,
+                           max_length, doc_stride)
+    task, num_labels, label_names = infer_task(train, label_column, task)
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         texts = [batch[c] for c in text_columns]
@@ -116,8 +227,37 @@ def prepare(tokenizer: Any, *, path: str, name: str | None, text_columns: list[s
         enc["labels"] = [float(x) for x in labels] if task == "regression" else labels
         return enc
 
-    train = train.map(encode, batched=True, remove_columns=train.column_names,
-                      desc="tokenising train")
-    evaluation = evaluation.map(encode, batched=True, remove_columns=evaluation.column_names,
-                                desc="tokenising eval")
-    return TaskData(train, evaluation, task, num_labels, label_names)
+    tokenised = [d.map(encode, batched=True, remove_columns=d.column_names,
+                       desc=f"tokenising {part}")
+                 for d, part in ((train, "train"), (evaluation, "eval"))]
+    return TaskData(*tokenised, task, num_labels, label_names, len(train), len(evaluation))
+
+
+def _prepare_qa(tokenizer: Any, train: Any, evaluation: Any, text_columns: list[str],
+                answers: str, max_length: int, doc_stride: int) -> TaskData:
+    from prune_plugin.integrations import question_answering as qa
+
+    feature = train.features[answers]
+    if not (isinstance(feature, dict) and {"text", "answer_start"} <= set(feature)):
+        raise DataError(f"column {answers!r} holds {feature}, not SQuAD answers "
+                        "{text: [...], answer_start: [...]}. Fix: set data.label_column to "
+                        "the answers column.")
+    unanswered = sum(not a["text"] for a in train[answers])
+    if unanswered:
+        raise DataError(f"{unanswered} training questions have no answer (SQuAD 2.0 style); "
+                        "this task is extractive question answering with an answer in every "
+                        "context (SQuAD 1.1). Fix: filter those questions out.")
+    if doc_stride >= max_length // 2:
+        raise DataError(f"data.doc_stride ({doc_stride}) must be well below "
+                        f"training.max_length ({max_length}), e.g. max_length // 3.")
+    question, context = text_columns
+    kwargs = dict(tokenizer=tokenizer, question_column=question, context_column=context,
+                  answers_column=answers, max_length=max_length, doc_stride=doc_stride)
+    try:
+        train_features = qa.tokenize(train, keep_offsets=False, **kwargs)
+        eval_features = qa.tokenize(evaluation, keep_offsets=True, **kwargs)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    reference = qa.Reference.build(eval_features, evaluation, context, answers)
+    return TaskData(train_features, eval_features, "question_answering", 2, None,
+                    len(train), len(evaluation), reference)

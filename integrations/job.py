@@ -43,16 +43,28 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    path: str = Field(description="Hub id or local folder in the Hub layout")
+    path: str = Field(description="Hub id, local folder in the Hub layout, or SQuAD JSON")
     name: str | None = Field(None, description="dataset config, e.g. sst2")
-    text_columns: list[str] = Field(description="one column, or two for sentence pairs")
-    label_column: str = "label"
-    train_split: str = "train"
+    text_columns: list[str] | None = Field(
+        None, description="one column, or two for sentence pairs; question answering: the "
+                          "question and context columns (default: question, context)")
+    label_column: str | None = Field(
+        None, description="default: label; question answering: answers")
+    train_split: str = Field("train", description="a split, optionally sliced: train[:90%]")
     eval_split: str = "validation"
-    task: Literal["classification", "regression"] | None = Field(
+    task: Literal["classification", "regression", "question_answering"] | None = Field(
         None, description="default: regression for float labels, else classification")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    doc_stride: int = Field(128, ge=1, description="question answering: overlap, in tokens, "
+                                                   "of the windows a long context is cut into")
+
+    @model_validator(mode="after")
+    def _columns(self) -> DataConfig:
+        if self.text_columns is None and self.task != "question_answering":
+            raise ValueError("data.text_columns is required: one text column, or two for "
+                             "sentence pairs (question answering: set data.task)")
+        return self
 
 
 class TrainingConfig(_Strict):
@@ -229,13 +241,14 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
             progress: bool = True) -> dict[str, Any]:
     """Run a fine-pruning job to completion; returns the metrics written to metrics.json."""
     import torch
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer,
+    from transformers import (AutoModelForQuestionAnswering,
+                              AutoModelForSequenceClassification, AutoTokenizer,
                               DataCollatorWithPadding, Trainer, TrainingArguments)
     from transformers.utils import logging as hf_logging
 
     from prune_plugin import finalize, get_attachment, sparsity_report
     from prune_plugin.integrations.datasets import DataError, prepare
-    from prune_plugin.integrations.transformers import PruningTrainer, classification_metrics
+    from prune_plugin.integrations.transformers import PruningTrainer
 
     out = Path(job.output_dir)
     if not resume:
@@ -253,7 +266,8 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
                        label_column=d.label_column, train_split=d.train_split,
                        eval_split=d.eval_split, max_length=tr.max_length, task=d.task,
                        max_train_samples=d.max_train_samples,
-                       max_eval_samples=d.max_eval_samples, seed=tr.seed)
+                       max_eval_samples=d.max_eval_samples, seed=tr.seed,
+                       doc_stride=d.doc_stride)
     except DataError as err:
         raise JobError(str(err)) from None
     steps_per_epoch = math.ceil(len(data.train) / (tr.batch_size * tr.gradient_accumulation_steps))
@@ -263,21 +277,29 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
-    has_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
-    if has_head and config.num_labels != data.num_labels:
+    qa = data.task == "question_answering"
+    head = "ForQuestionAnswering" if qa else "ForSequenceClassification"
+    has_head = any(a.endswith(head) for a in config.architectures or [])
+    if has_head and not qa and config.num_labels != data.num_labels:
         raise JobError(f"model {job.model!r} has a {config.num_labels}-label classification head "
                        f"but the {data.task} task has {data.num_labels}. Fix: start from the base "
                        "model, or set data.task / the dataset to match the head.")
     torch.manual_seed(tr.seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the head is new by design; say so once, below
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=data.num_labels,
-        problem_type="regression" if data.task == "regression" else None)
+    auto_class = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
+    head_args = {} if qa else {"num_labels": data.num_labels, "problem_type":
+                               "regression" if data.task == "regression" else None}
+    model = auto_class.from_pretrained(model_path, **head_args)
     teacher = None
     if teacher_path is not None:
-        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_path)
-        if teacher.config.num_labels != data.num_labels:
+        teacher_config = AutoConfig.from_pretrained(teacher_path)
+        if not any(a.endswith(head) for a in teacher_config.architectures or []):
+            raise JobError(f"teacher {teacher_path!r} is a {teacher_config.architectures} "
+                           f"model, not a {head[3:]} one. Fix: use a teacher fine-tuned on "
+                           "this task.")
+        teacher = auto_class.from_pretrained(teacher_path)
+        if not qa and teacher.config.num_labels != data.num_labels:
             raise JobError(f"teacher {teacher_path!r} predicts {teacher.config.num_labels} "
                            f"labels, the task has {data.num_labels}. Fix: use a teacher "
                            "fine-tuned on this task.")
@@ -304,8 +326,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
         dataloader_num_workers=0)
     common = dict(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                   data_collator=DataCollatorWithPadding(tokenizer),
-                  compute_metrics=lambda p: classification_metrics(p.predictions, p.label_ids,
-                                                                   data.task))
+                  compute_metrics=lambda p: data.compute_metrics(p.predictions, p.label_ids))
     if policy is None and teacher is None:
         trainer = Trainer(**common)
     else:
@@ -313,10 +334,11 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
                                  distill_alpha=job.teacher.alpha if job.teacher else 0.0,
                                  distill_temperature=job.teacher.temperature if job.teacher
                                  else 1.0)
-    print(f"fine-pruning {job.model} on {d.path} ({d.name}): {len(data.train)} training "
-          f"examples, {total_steps} steps, method "
-          f"{policy.method if policy else 'none (dense)'}; new classification head initialised.",
-          flush=True)
+    windows = f" ({len(data.train)} windows)" if qa else ""
+    print(f"fine-pruning {job.model} on {d.path} ({d.name or data.task}): "
+          f"{data.train_examples} training examples{windows}, {total_steps} steps, method "
+          f"{policy.method if policy else 'none (dense)'}"
+          + ("" if has_head else f"; new {head[3:]} head initialised."), flush=True)
     t0 = time.time()
     train_out = trainer.train(resume_from_checkpoint=resume or None)
     wall = time.time() - t0
@@ -332,7 +354,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
         "method": policy.method if policy else "dense",
         "remaining": report.remaining, "encoder_remaining": report.scope_remaining,
         "teacher": teacher_path, "seed": tr.seed,
-        "train_examples": len(data.train), "eval_examples": len(data.eval)}
+        "train_examples": data.train_examples, "eval_examples": data.eval_examples}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     layers = report.as_dict()
     (out / "sparsity.json").write_text(json.dumps(layers, indent=2))

@@ -181,14 +181,25 @@ class PruningTrainer(Trainer):
                                         num_items_in_batch=num_items_in_batch)
         outputs = model(**inputs)
         task_loss = outputs.loss
-        if self.teacher.device != outputs.logits.device:
-            self.teacher.to(outputs.logits.device)
+        student = _task_logits(outputs)
+        if self.teacher.device != student[0].device:
+            self.teacher.to(student[0].device)
         with torch.no_grad():
-            teacher_logits = self.teacher(**{k: v for k, v in inputs.items()
-                                             if k != "labels"}).logits
-        kd = distillation_loss(outputs.logits, teacher_logits, self.distill_temperature)
+            teacher = _task_logits(self.teacher(**{k: v for k, v in inputs.items()
+                                                   if k not in self.label_names}))
+        # question answering: the mean over the start and end distributions, as in the
+        # paper's code
+        kd = sum(distillation_loss(s, t, self.distill_temperature)
+                 for s, t in zip(student, teacher)) / len(student)
         loss = self.distill_alpha * kd + (1.0 - self.distill_alpha) * task_loss
         return (loss, outputs) if return_outputs else loss
+
+
+def _task_logits(outputs: Any) -> list[torch.Tensor]:
+    """The logits to distil: ``logits``, or question answering's start and end logits."""
+    if getattr(outputs, "start_logits", None) is not None:
+        return [outputs.start_logits, outputs.end_logits]
+    return [outputs.logits]
 
 
 def classification_metrics(logits: Any, labels: Any, task: str) -> dict[str, float]:

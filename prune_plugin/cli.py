@@ -42,7 +42,7 @@ def _fine_prune(args: argparse.Namespace) -> int:
                       progress=not args.no_progress)
     out = Path(job.output_dir)
     shown = {k: round(v, 4) for k, v in metrics["eval"].items()
-             if k in ("accuracy", "f1", "pearson", "spearman", "loss")}
+             if k in ("accuracy", "exact_match", "f1", "pearson", "spearman", "loss")}
     print(f"\ndone: {metrics['method']}, {metrics['steps']} steps in "
           f"{metrics['train_wall_s']:.0f} s; eval {shown}; "
           f"{100 * metrics['remaining']:.2f}% of pruned weights remain")

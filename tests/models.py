@@ -94,3 +94,44 @@ def tiny_glue_folder(path, n_train: int = 96, n_eval: int = 32, regression: bool
         datasets.Dataset.from_dict(rows(n), features=features).to_parquet(
             str(path / "toy" / f"{split}-00000-of-00001.parquet"))
     return path
+
+
+def tiny_squad_file(path, n_articles: int = 4, questions: int = 12, seed: int = 0):
+    """A SQuAD v1.1-format JSON file of word salad: each answer is a run of words of its
+    context, some contexts longer than a short window."""
+    import json
+    import random
+    from pathlib import Path
+
+    rng = random.Random(seed)
+    data = []
+    for a in range(n_articles):
+        paragraphs = []
+        for p in range(2):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(6, 40))]
+            context = " ".join(words)
+            qas = []
+            for q in range(questions // 2):
+                first = rng.randrange(len(words))
+                answer = words[first:first + rng.randint(1, 3)]
+                start = len(" ".join(words[:first])) + (1 if first else 0)
+                gold = [{"text": " ".join(answer), "answer_start": start}]
+                qas.append({"id": f"{a}-{p}-{q}", "question": f" what {answer[0]} ?",
+                            "answers": gold * rng.randint(1, 3)})
+            paragraphs.append({"context": context, "qas": qas})
+        data.append({"title": f"article {a}", "paragraphs": paragraphs})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
+    return path
+
+
+def tiny_qa_folder(path, seed: int = 0):
+    """A tiny BERT for extractive question answering, saved like a Hub model (offline)."""
+    from transformers import BertForQuestionAnswering
+
+    path = tiny_hf_folder(path, seed=seed)
+    config = BertForQuestionAnswering.config_class.from_pretrained(path)
+    torch.manual_seed(seed)
+    BertForQuestionAnswering(config).save_pretrained(path)
+    return path

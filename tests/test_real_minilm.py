@@ -9,10 +9,13 @@ import torch
 
 from prune_plugin.cli import main
 
-GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (GLUE / "sst2").is_dir(), reason=f"no GLUE data at {GLUE}")]
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+GLUE, SQUAD = SHARED / "glue", SHARED / "squad"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+pytestmark = pytest.mark.slow
 
+
+@pytest.mark.skipif(not (GLUE / "sst2").is_dir(), reason=f"no GLUE data at {GLUE}")
 
 def test_fine_prune_minilm_on_sst2_then_compress_and_reload(tmp_path):
     import datasets
@@ -21,7 +24,7 @@ def test_fine_prune_minilm_on_sst2_then_compress_and_reload(tmp_path):
     from prune_plugin.compress import decompress_folder
 
     out = tmp_path / "run"
-    code = main(["fine-prune", str(Path(__file__).resolve().parents[1] / "examples" / "sst2-quick.yaml"),
+    code = main(["fine-prune", str(EXAMPLES / "sst2-quick.yaml"),
                  "--dataset", str(GLUE), "--output-dir", str(out), "--max-steps", "6",
                  "--max-train-samples", "96", "--set", "data.max_eval_samples=64",
                  "--set", "pruning.method=movement", "--set", "pruning.warmup_steps=1",
@@ -45,3 +48,40 @@ def test_fine_prune_minilm_on_sst2_then_compress_and_reload(tmp_path):
         with torch.no_grad():
             pred = model(**enc).logits.argmax(-1)
         assert float((pred == labels).double().mean()) == pytest.approx(metrics["eval"]["accuracy"])
+
+
+@pytest.mark.skipif(not (SQUAD / "dev-v1.1.json").is_file(), reason=f"no SQuAD data at {SQUAD}")
+def test_fine_prune_minilm_on_squad_and_reload(tmp_path):
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    from prune_plugin.integrations import question_answering as qa
+    from prune_plugin.integrations.datasets import load_raw
+
+    out = tmp_path / "run"
+    code = main(["fine-prune", str(EXAMPLES / "squad-dev.yaml"), "--dataset", str(SQUAD),
+                 "--output-dir", str(out), "--max-steps", "3", "--max-train-samples", "48",
+                 "--set", "data.max_eval_samples=24", "--set", "training.max_length=192",
+                 "--set", "data.doc_stride=48", "--set", "pruning.warmup_steps=1",
+                 "--set", "pruning.cooldown_steps=1", "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["remaining"] == pytest.approx(0.10, abs=1e-4)
+    assert metrics["train_examples"] == 48 and metrics["eval_examples"] == 24
+    assert 0 <= metrics["eval"]["exact_match"] <= metrics["eval"]["f1"] <= 100
+
+    # the exported model, loaded with the stock class, gives the job's scores
+    examples = load_raw(str(SQUAD), None, ["validation[8981:]"])["validation[8981:]"]
+    examples = examples.select(range(24))
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    feats = qa.tokenize(examples, tok, question_column="question", context_column="context",
+                        answers_column="answers", max_length=192, doc_stride=48,
+                        keep_offsets=True)
+    assert len(feats) > len(examples)  # some contexts span several windows
+    batch = tok.pad({k: feats[k] for k in ("input_ids", "token_type_ids", "attention_mask")},
+                    return_tensors="pt")
+    model = AutoModelForQuestionAnswering.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        logits = model(**batch)
+    scores = qa.Reference.build(feats, examples, "context", "answers").score(
+        logits.start_logits, logits.end_logits)
+    assert scores == pytest.approx({k: metrics["eval"][k] for k in ("exact_match", "f1")})
