@@ -40,6 +40,13 @@ def tokenize(examples: Any, tokenizer: Any, *, question_column: str, context_col
     def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         # Some SQuAD questions start with whitespace, which would only waste the window.
         questions = [q.lstrip() for q in batch[question_column]]
+        longest = max(map(len, tokenizer(questions, add_special_tokens=False)["input_ids"]))
+        room = max_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
+        if room <= doc_stride:  # the tokenizer would fail (or panic) on it
+            raise ValueError(f"a {longest}-token question leaves {max(room, 0)} of max_length "
+                             f"({max_length} tokens) for context windows overlapping by "
+                             f"doc_stride ({doc_stride}). Fix: raise training.max_length or "
+                             "lower data.doc_stride.")
         enc = tokenizer(questions, batch[context_column], truncation="only_second",
                         max_length=max_length, stride=doc_stride,
                         return_overflowing_tokens=True, return_offsets_mapping=True)

@@ -185,7 +185,9 @@ def test_qa_distillation_and_errors(assets, tmp_path):
            ({"data__task": "classification", "data__text_columns": ["question"]},
             "column 'label' is not in"),
            ({"data__doc_stride": 12}, r"doc_stride \(12\) must be well below"),
-           ({"data__label_column": "title"}, "not SQuAD answers")]
+           ({"data__label_column": "title"}, "not SQuAD answers"),
+           ({"training__max_length": 8, "data__doc_stride": 3},
+            r"3-token question leaves 2 of max_length \(8 tokens\).*Fix: raise")]
     for change, message in bad:
         with pytest.raises(JobError, match=message):
             run_job(load_job(data=qa_job(assets, tmp_path / "bad", **change)), progress=False)
