@@ -3,7 +3,8 @@
 Works the same with a Hub id (``nyu-mll/glue``), a local folder in the Hub's layout
 (``../shared/data/glue``), SQuAD's own JSON files (``../shared/data/squad``: a folder or
 one file; ``train-*.json`` is the train split, ``dev-*.json`` the validation split), or one
-JSON lines, CSV or parquet file (its split is ``train``). A split
+JSON lines, CSV or parquet file (its split is ``train``; a single SQuAD file's split follows
+the same naming as in a folder). A split
 may be sliced as in ``datasets``: ``validation[:8000]``, ``train[:10%]``. Every mistake
 (missing folder, unknown column, labels that do not fit the task) is one line that says what
 and how to fix it.
@@ -116,18 +117,28 @@ def load_squad_json(path: Path) -> dict[str, Any] | None:
 
     files = [path] if path.is_file() and path.suffix == ".json" else \
         sorted(path.glob("*.json")) if path.is_dir() else []
-    splits = {}
+    splits: dict[str, tuple[Path, Any]] = {}
     for file in files:
         try:
-            articles = json.loads(file.read_text()).get("data")
+            articles = json.loads(file.read_text(encoding="utf-8")).get("data")
             articles[0]["paragraphs"][0]["qas"]  # noqa: B018 - the SQuAD layout, or not
         except (AttributeError, KeyError, IndexError, TypeError, ValueError):
             continue  # not a SQuAD file
+        stem = file.stem.lower()
+        split = "train" if stem.startswith("train") else \
+            "validation" if stem.startswith("dev") else file.stem
+        if split in splits:
+            raise DataError(f"{path} holds two SQuAD files for the split {split!r} "
+                            f"({file.name} and {splits[split][0].name}). Fix: pass the one "
+                            "file you mean as data.path.")
         rows: dict[str, list] = {k: [] for k in ("id", "title", "context", "question",
                                                  "answers")}
         for article in articles:
             for paragraph in article["paragraphs"]:
                 for qa in paragraph["qas"]:
+                    if "answers" not in qa:
+                        raise DataError(f"{file}: question {qa.get('id')!r} has no answers "
+                                        "(a test file?). Fix: use a file with answers.")
                     rows["id"].append(qa["id"])
                     rows["title"].append(article.get("title", ""))
                     rows["context"].append(paragraph["context"])
@@ -135,11 +146,8 @@ def load_squad_json(path: Path) -> dict[str, Any] | None:
                     rows["answers"].append({"text": [a["text"] for a in qa["answers"]],
                                             "answer_start": [a["answer_start"]
                                                              for a in qa["answers"]]})
-        stem = file.stem.lower()
-        split = "train" if stem.startswith("train") else \
-            "validation" if stem.startswith("dev") else file.stem
-        splits[split] = datasets.Dataset.from_dict(rows, features=_squad_features())
-    return splits or None
+        splits[split] = (file, datasets.Dataset.from_dict(rows, features=_squad_features()))
+    return {split: dataset for split, (_, dataset) in splits.items()} or None
 
 
 def _squad_features() -> Any:
@@ -211,6 +219,8 @@ def prepare(tokenizer: Any, *, path: str, name: str | None, text_columns: list[s
         raise DataError(f"data.text_columns has {len(text_columns)} columns; give "
                         + ("two: the question and the context." if qa else
                            "one (single sentence) or two (sentence pair)."))
+    if not qa:  # from the whole split: a subsample may miss the highest class
+        task, num_labels, label_names = infer_task(train, label_column, task)
     if max_train_samples is not None and max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(max_train_samples))
     if max_eval_samples is not None and max_eval_samples < len(evaluation):
@@ -218,7 +228,6 @@ def prepare(tokenizer: Any, *, path: str, name: str | None, text_columns: list[s
     if qa:
         return _prepare_qa(tokenizer, train, evaluation, text_columns, label_column,
                            max_length, doc_stride)
-    task, num_labels, label_names = infer_task(train, label_column, task)
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         texts = [batch[c] for c in text_columns]
@@ -242,14 +251,20 @@ def _prepare_qa(tokenizer: Any, train: Any, evaluation: Any, text_columns: list[
         raise DataError(f"column {answers!r} holds {feature}, not SQuAD answers "
                         "{text: [...], answer_start: [...]}. Fix: set data.label_column to "
                         "the answers column.")
-    unanswered = sum(not a["text"] for a in train[answers])
-    if unanswered:
-        raise DataError(f"{unanswered} training questions have no answer (SQuAD 2.0 style); "
-                        "this task is extractive question answering with an answer in every "
-                        "context (SQuAD 1.1). Fix: filter those questions out.")
+    for split, part in (("training", train), ("evaluation", evaluation)):
+        unanswered = sum(not a["text"] for a in part[answers])
+        if unanswered:  # they would train towards [CLS], or score 0 whatever is predicted
+            raise DataError(f"{unanswered} {split} questions have no answer (SQuAD 2.0 "
+                            "style); this task is extractive question answering with an "
+                            "answer in every context (SQuAD 1.1). Fix: filter them out.")
     if doc_stride >= max_length // 2:
         raise DataError(f"data.doc_stride ({doc_stride}) must be well below "
-                        f"training.max_length ({max_length}), e.g. max_length // 3.")
+                        f"training.max_length ({max_length}). Fix: e.g. max_length 384 "
+                        "with doc_stride 128, SQuAD's usual setting.")
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        raise DataError("question answering needs a tokenizer that pads on the right (the "
+                        "answer positions count from the left). Fix: set padding_side "
+                        "'right' in the model's tokenizer_config.json.")
     question, context = text_columns
     kwargs = dict(tokenizer=tokenizer, question_column=question, context_column=context,
                   answers_column=answers, max_length=max_length, doc_stride=doc_stride)

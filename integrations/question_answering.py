@@ -20,6 +20,7 @@ import torch
 
 #: Longest answer considered when decoding, in tokens (as in BERT's and the paper's code).
 MAX_ANSWER_TOKENS = 30
+PUNCTUATION = frozenset(string.punctuation)
 #: Marks a token outside the context (question, special or padding) in the offsets column.
 OUTSIDE = [-1, -1]
 
@@ -168,7 +169,7 @@ class Reference:
 
 def normalize_answer(text: str) -> str:
     """Lower case, no punctuation, no articles, single spaces (the official SQuAD script)."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 

@@ -75,6 +75,24 @@ def test_dense_job_and_distillation_job(assets, tmp_path):
     assert metrics["train_loss"] != pytest.approx(without["train_loss"], rel=1e-3)
 
 
+def test_one_csv_file_with_sliced_splits_and_labels_counted_over_the_whole_split(assets,
+                                                                                    tmp_path):
+    from transformers import AutoTokenizer
+
+    from prune_plugin.integrations.datasets import prepare
+
+    rows = ["sentence,label"] + [f"good movie {i},{int(i % 2)}" for i in range(29)]
+    (tmp_path / "reviews.csv").write_text("\n".join(rows + ["the plot was awful,2"]))
+    data = prepare(AutoTokenizer.from_pretrained(assets["model"]),
+                   path=str(tmp_path / "reviews.csv"), name=None, text_columns=["sentence"],
+                   label_column=None, train_split="train", eval_split="train[24:]",
+                   max_length=16, max_train_samples=3, seed=0)
+    assert (data.train_examples, data.eval_examples) == (3, 6)
+    assert 2 not in data.train["labels"]  # the subsample misses class 2...
+    assert data.num_labels == 3  # ...which the head must still predict (it is in eval)
+    assert data.eval["labels"][-1] == 2
+
+
 def test_output_folder_with_a_run_is_not_overwritten(assets, tmp_path, capsys):
     out = tmp_path / "run"
     (out / "model").mkdir(parents=True)

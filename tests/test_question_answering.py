@@ -3,6 +3,7 @@ the official metrics, and the fine-pruning job on a tiny model."""
 
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,6 +55,18 @@ def test_squad_json_folder_gives_hub_columns_and_sliced_splits(assets, tmp_path)
                           ("test", r"no split 'test'.*\['train', 'validation'\]")):
         with pytest.raises(DataError, match=message):
             load_raw(assets["squad"], None, [spec])
+    # two files for one split, a file without answers: refused, naming the file
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    for name in ("dev-v1.1.json", "dev-v2.0.json"):
+        (twice / name).write_text((assets["root"] / "squad" / "dev-v1.1.json").read_text())
+    with pytest.raises(DataError, match="two SQuAD files for the split 'validation'"):
+        load_raw(str(twice), None, ["validation"])
+    test_file = json.loads((twice / "dev-v1.1.json").read_text())
+    del test_file["data"][1]["paragraphs"][0]["qas"][2]["answers"]
+    (tmp_path / "test-v1.1.json").write_text(json.dumps(test_file))
+    with pytest.raises(DataError, match="test-v1.1.json: question '1-0-2' has no answers"):
+        load_raw(str(tmp_path / "test-v1.1.json"), None, ["test-v1.1"])
     # a JSON file that is not SQuAD's is left to `datasets` (here: one row per object)
     (tmp_path / "rows.json").write_text('{"text": "a", "label": 1}\n{"text": "b", "label": 0}')
     assert load_raw(str(tmp_path / "rows.json"), None, ["train"])["train"]["label"] == [1, 0]
@@ -80,6 +93,19 @@ def test_every_window_points_at_its_answer_or_at_cls(assets):
             assert example["context"][spans[s][0]:spans[e][1]] == answer
             holding.add(f["example_index"])
     assert holding == set(range(len(examples)))  # every answer fits in some window
+
+
+def test_answer_tokens_on_subwords_and_window_edges():
+    # [CLS] question [SEP] "abc|defg| hijk|!" [SEP]: context tokens 3-6, sub-words included
+    span = [None, None, None, (0, 3), (3, 7), (8, 12), (12, 13), None]
+    assert qa._answer_tokens(span, 3, 12) == (4, 5)    # word pieces inside the answer
+    assert qa._answer_tokens(span, 1, 5) == (3, 4)     # starts and ends mid-token
+    assert qa._answer_tokens(span, 7, 13) == (5, 6)    # starts on the space before a word
+    assert qa._answer_tokens(span, 12, 13) == (6, 6)   # one token
+    window = [None, (3, 7), (8, 12), None]             # the context's first token is cut
+    assert qa._answer_tokens(window, 0, 5) == (0, 0)   # begins before the window
+    assert qa._answer_tokens(window, 8, 20) == (0, 0)  # ends after it
+    assert qa._answer_tokens(window, -1, -1) == (0, 0)  # no answer
 
 
 def test_best_spans_matches_brute_force():
@@ -133,8 +159,9 @@ def qa_job(assets, out, **changes):
     job = {"model": assets["model"],
            "data": {"path": assets["squad"], "task": "question_answering",
                     "doc_stride": STRIDE},
+           # small eval batches: the Trainer pads their logits to one width with -100
            "training": {"max_steps": 6, "batch_size": 16, "learning_rate": 1e-3,
-                        "logging_steps": 2, "max_length": MAX_LENGTH},
+                        "logging_steps": 2, "max_length": MAX_LENGTH, "eval_batch_size": 4},
            "pruning": {"method": "movement", "final_remaining": 0.3, "warmup_steps": 1,
                        "cooldown_steps": 2},
            "output_dir": str(out)}
@@ -188,6 +215,18 @@ def test_qa_distillation_and_errors(assets, tmp_path):
            ({"data__label_column": "title"}, "not SQuAD answers"),
            ({"training__max_length": 8, "data__doc_stride": 3},
             r"3-token question leaves 2 of max_length \(8 tokens\).*Fix: raise")]
+    unanswered = json.loads((assets["root"] / "squad" / "dev-v1.1.json").read_text())
+    unanswered["data"][0]["paragraphs"][1]["qas"][0]["answers"] = []
+    (tmp_path / "v2").mkdir()
+    (tmp_path / "v2" / "dev-v2.0.json").write_text(json.dumps(unanswered))
+    (tmp_path / "v2" / "train-v2.0.json").write_text(
+        (assets["root"] / "squad" / "train-v1.1.json").read_text())
+    bad.append(({"data__path": str(tmp_path / "v2")}, "1 evaluation questions have no answer"))
+    left = tmp_path / "left-padding"
+    shutil.copytree(assets["model"], left)
+    config = json.loads((left / "tokenizer_config.json").read_text())
+    (left / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    bad.append(({"model": str(left)}, "pads on the right"))
     for change, message in bad:
         with pytest.raises(JobError, match=message):
             run_job(load_job(data=qa_job(assets, tmp_path / "bad", **change)), progress=False)

@@ -16,7 +16,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.skipif(not (GLUE / "sst2").is_dir(), reason=f"no GLUE data at {GLUE}")
-
 def test_fine_prune_minilm_on_sst2_then_compress_and_reload(tmp_path):
     import datasets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -61,7 +60,8 @@ def test_fine_prune_minilm_on_squad_and_reload(tmp_path):
     code = main(["fine-prune", str(EXAMPLES / "squad-dev.yaml"), "--dataset", str(SQUAD),
                  "--output-dir", str(out), "--max-steps", "3", "--max-train-samples", "48",
                  "--set", "data.max_eval_samples=24", "--set", "training.max_length=192",
-                 "--set", "data.doc_stride=48", "--set", "pruning.warmup_steps=1",
+                 "--set", "data.doc_stride=48", "--set", "training.eval_batch_size=8",
+                 "--set", "pruning.warmup_steps=1",
                  "--set", "pruning.cooldown_steps=1", "--no-progress"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
