@@ -95,6 +95,10 @@ def main() -> None:
         torch.save({"losses": losses, "kept": {x.name: x.kept for x in report.layers},
                     "total": report.total, "remaining": report.remaining, "state": state,
                     "step": pruner.step_count, "gathered_mismatch": mismatch, "global_steps": engine.global_steps}, args.out)
+    # Leave together: a rank exiting with gloo's threads still live aborts ("terminate called
+    # without an active exception"), which failed a CI run once.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 class TinyClassifier(torch.nn.Module):
