@@ -173,8 +173,8 @@ def normalize_answer(text: str) -> str:
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 
-def _f1(prediction: str, truth: str) -> float:
-    pred, gold = normalize_answer(prediction).split(), normalize_answer(truth).split()
+def _f1(pred: list[str], gold: list[str]) -> float:
+    """Token F1 of two normalised answers."""
     same = sum((Counter(pred) & Counter(gold)).values())
     if same == 0:
         return 0.0
@@ -188,8 +188,9 @@ def squad_scores(predictions: list[str], truths: list[list[str]]) -> dict[str, f
         raise ValueError(f"{len(predictions)} predictions for {len(truths)} questions")
     em = f1 = 0.0
     for prediction, golds in zip(predictions, truths):
-        golds = golds or [""]
-        em += max(float(normalize_answer(prediction) == normalize_answer(g)) for g in golds)
-        f1 += max(_f1(prediction, g) for g in golds)
+        pred = normalize_answer(prediction)
+        normalised = [normalize_answer(g) for g in golds or [""]]
+        em += max(float(pred == g) for g in normalised)
+        f1 += max(_f1(pred.split(), g.split()) for g in normalised)
     n = max(1, len(predictions))
     return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}

@@ -185,12 +185,12 @@ class PruningTrainer(Trainer):
         if self.teacher.device != student[0].device:
             self.teacher.to(student[0].device)
         with torch.no_grad():
-            teacher = _task_logits(self.teacher(**{k: v for k, v in inputs.items()
-                                                   if k not in self.label_names}))
+            features = {k: v for k, v in inputs.items() if k not in self.label_names}
+            teacher_logits = _task_logits(self.teacher(**features))
         # question answering: the mean over the start and end distributions, as in the
         # paper's code
         kd = sum(distillation_loss(s, t, self.distill_temperature)
-                 for s, t in zip(student, teacher)) / len(student)
+                 for s, t in zip(student, teacher_logits)) / len(student)
         loss = self.distill_alpha * kd + (1.0 - self.distill_alpha) * task_loss
         return (loss, outputs) if return_outputs else loss
 
