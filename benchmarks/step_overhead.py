@@ -113,16 +113,16 @@ def selection_times(repeats: int) -> dict:
         opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), policy, model=model)
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for s in opt.attachment.scores:
+            for s in opt.pruner.scores:
                 s.copy_(torch.randn(s.shape, generator=g))
-        n = sum(s.numel() for s in opt.attachment.scores)
-        update = opt.attachment.update_masks
-        t_normal = median_time(lambda u=update: u(1), repeats)
+        n = sum(s.numel() for s in opt.pruner.scores)
+        update = opt.pruner.refresh
+        t_normal = median_time(update, repeats)
         with torch.no_grad():  # after the first Adam steps, scores sit at +-lr and tie
-            for s in opt.attachment.scores:
+            for s in opt.pruner.scores:
                 s.copy_(torch.randint(-1, 2, s.shape, generator=g).float() * 1e-2)
-        t_tied = median_time(lambda u=update: u(1), repeats)
-        flat = torch.cat([s.detach().reshape(-1) for s in opt.attachment.scores])
+        t_tied = median_time(update, repeats)
+        flat = torch.cat([s.detach().reshape(-1) for s in opt.pruner.scores])
         rank = n - round(KEEP * n) + 1
         t_kth = median_time(lambda f=flat, r=rank: torch.kthvalue(f, r), 3)
         result[scope] = {"scores": n, "topv_s": t_normal, "topv_tied_s": t_tied}

@@ -16,15 +16,16 @@ How pruning fits into the engine:
 - **The optimizer** is wrapped in :class:`PruningOptimizer`; ZeRO steps it once per param
   group with flat fp32 shards swapped in, so the penalty gradient is added to whatever shard
   the score group holds, and the wrapper's ``step()`` does not count steps.
-- **The schedule** advances from the engine's ``lr_scheduler`` slot (:class:`PruningSchedule`):
-  DeepSpeed calls it once per applied optimizer step, not on accumulation micro-steps nor on
-  fp16 overflow, and saves and restores it with every checkpoint.
+- **The steps** are reported to the pruner from the engine's ``lr_scheduler`` slot
+  (:class:`PruningSchedule`): DeepSpeed calls it once per applied optimizer step, not on
+  accumulation micro-steps nor on fp16 overflow, and saves and restores it with every
+  checkpoint.
 - **Masks under ZeRO-3** are never held whole between forwards: after each step an exact
   sharded Top-v (:func:`prune_plugin.selection.topv_thresholds`, a radix select with one
-  small all-reduce per digit) gives each layer a threshold, and each forward rebuilds the mask
-  from the gathered scores. Our forward pre-hooks are re-registered after DeepSpeed's gather
-  hooks, so they see full tensors. Under ZeRO 0-2 the parameters are whole on every rank and
-  each rank computes the same masks locally.
+  small all-reduce per digit, its decisions kept on the device) gives each layer a threshold,
+  and each forward rebuilds the mask from the gathered scores (the gate is decided inside the
+  layer's forward, after DeepSpeed's gather hooks). Under ZeRO 0-2 the parameters are whole
+  on every rank and each rank computes the same masks locally.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ import torch
 from torch import Tensor, nn
 
 from prune_plugin.errors import PolicyError, PruningError
-from prune_plugin.hooks import SCORES_NAME, Attachment, PrunedLayer, Sharding, get_attachment
-from prune_plugin.optimizer import (PruningOptimizer, check_saved_policy,
-                                    find_pruning_optimizer)
+from prune_plugin.masks import effective_weight
+from prune_plugin.hooks import SCORES_NAME, PrunedLayer
+from prune_plugin.optimizer import PruningOptimizer, find_pruning_optimizer
 from prune_plugin.policy import PruningPolicy
+from prune_plugin.pruner import Pruner, Sharding, attach, check_saved_policy, get_pruner
 from prune_plugin.report import SparsityReport
 from prune_plugin.report import sparsity_report as core_sparsity_report
 
@@ -155,21 +157,22 @@ def _client_optimizer(model: nn.Module, optimizer: Any, config: dict[str, Any]
 
 class PruningSchedule:
     """Occupies the engine's ``lr_scheduler`` slot: steps the user's scheduler (if any), then
-    advances the pruning schedule and refreshes the masks.
+    tells the pruner that a real optimizer step happened.
 
     DeepSpeed calls ``step()`` once per applied optimizer step and saves ``state_dict()`` in
-    every checkpoint, which makes it the one place that counts real steps. Anything else is
+    every checkpoint, which makes it the one place that sees real steps. Anything else is
     delegated to the wrapped scheduler.
     """
 
-    def __init__(self, scheduler: Any, pruner: PruningOptimizer) -> None:
+    def __init__(self, scheduler: Any, pruner: Pruner, optimizer: PruningOptimizer) -> None:
         self.scheduler = scheduler
         self.pruner = pruner
+        self.optimizer = optimizer
 
     def step(self, *args: Any, **kwargs: Any) -> None:
         if self.scheduler is not None:
             self.scheduler.step(*args, **kwargs)
-        self.pruner.advance()
+        self.pruner.step()
 
     def state_dict(self) -> dict[str, Any]:
         return {"scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
@@ -190,7 +193,7 @@ class PruningSchedule:
     def get_last_lr(self) -> list[float]:
         if self.scheduler is not None:
             return self.scheduler.get_last_lr()
-        return [g["lr"] for g in self.pruner.param_groups]
+        return [g["lr"] for g in self.optimizer.param_groups]
 
     def __getattr__(self, name: str) -> Any:
         scheduler = self.__dict__.get("scheduler")
@@ -252,15 +255,15 @@ def _gathered_params(params: list[Tensor]):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def attach_partitioned(model: nn.Module, policy: PruningPolicy) -> Attachment:
+def attach_partitioned(model: nn.Module, policy: PruningPolicy) -> Pruner:
     """Attach to a model whose weights ZeRO-3 already partitioned (built under ``zero.Init``,
     e.g. ``from_pretrained`` with a ZeRO-3 config): each layer is gathered alone to build its
     scores, which are partitioned at once, like the weight."""
-    from prune_plugin.hooks import _init_scores, attach
 
     def make_scores(layer: PrunedLayer) -> Tensor:
         with _gathered(layer):
-            scores = nn.Parameter(_init_scores(policy, layer.weight), requires_grad=True)
+            scores = nn.Parameter(layer.pruner.method.initial_scores(layer.weight),
+                                  requires_grad=True)
         layer.weight.convert_to_zero_parameters([scores])
         return scores
 
@@ -270,7 +273,7 @@ def attach_partitioned(model: nn.Module, policy: PruningPolicy) -> Attachment:
 def attach_if_partitioned(model: nn.Module, policy: PruningPolicy) -> bool:
     """:func:`attach_partitioned` when the model's weights are ZeRO-3 partitioned and nothing
     is attached yet (the plain ``PruningOptimizer`` attaches otherwise); True if it did."""
-    if get_attachment(model) is not None or \
+    if get_pruner(model) is not None or \
             not any(_is_partitioned(p) for p in model.parameters()):
         return False
     attach_partitioned(model, policy)
@@ -283,13 +286,13 @@ def bind(engine: Any) -> PruningSchedule:
     """Fit a built engine for pruning (idempotent); ``initialize`` calls it.
 
     Integrations that build the engine themselves (the transformers Trainer) call this after
-    ``deepspeed.initialize``: it takes over the ``lr_scheduler`` slot, re-registers the hooks
-    after ZeRO-3's gather hooks, switches ZeRO-3 to sharded Top-v, and makes
-    ``load_checkpoint`` refresh the masks from the loaded scores."""
+    ``deepspeed.initialize``: it takes over the ``lr_scheduler`` slot, switches ZeRO-3 to
+    sharded Top-v, and makes ``load_checkpoint`` refresh the masks from the loaded scores."""
     bound = getattr(engine, _BOUND_ATTR, None)
     if bound is not None:
         return bound
-    pruner = _pruner_of(engine)
+    optimizer = _optimizer_of(engine)
+    pruner = optimizer.pruner
     scheduler = engine.lr_scheduler
     if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
         inner = getattr(scheduler, "scheduler", None)  # accelerate's wrapper
@@ -298,13 +301,10 @@ def bind(engine: Any) -> PruningSchedule:
                 f"the engine's lr scheduler is {type(scheduler).__name__}, which gives every "
                 "param group one learning rate, the pruning scores' included. Fix: remove the "
                 "DeepSpeed config's 'scheduler' block and use a torch scheduler.")
-    pruner.advance_on_step = False
-    attachment = pruner.attachment
+    optimizer.counts_steps = False  # ZeRO steps it once per param group
     if engine.zero_optimization_stage() == 3:
-        attachment.sharding = _zero3_sharding(engine.module)
-        for layer in attachment.layers:
-            layer.reinstall_hook()  # after DeepSpeed's gather hooks
-    schedule = PruningSchedule(scheduler, pruner)
+        pruner.sharding = _zero3_sharding(engine.module)
+    schedule = PruningSchedule(scheduler, pruner, optimizer)
     engine.lr_scheduler = schedule
     load_checkpoint = engine.load_checkpoint
 
@@ -312,10 +312,10 @@ def bind(engine: Any) -> PruningSchedule:
         result = load_checkpoint(*args, **kwargs)
         if kwargs.get("load_lr_scheduler_states", True) is False:
             pruner.step_count = engine.global_steps - engine.skipped_steps
-        attachment.update_masks(pruner.step_count)
+        pruner.refresh()
         return result
     engine.load_checkpoint = load_and_refresh
-    attachment.update_masks(pruner.step_count)
+    pruner.refresh()
     setattr(engine, _BOUND_ATTR, schedule)
     return schedule
 
@@ -344,7 +344,7 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     cfg.pop(CONFIG_KEY)
     cfg["zero_allow_untested_optimizer"] = True
     client = _client_optimizer(model, optimizer, cfg)
-    attached_here = get_attachment(model) is None
+    attached_here = get_pruner(model) is None
     if attached_here and _zero_stage(cfg) != 3 and \
             any(_is_partitioned(p) for p in model.parameters()):
         raise DeepSpeedConfigError("the model was built under deepspeed.zero.Init but the "
@@ -356,9 +356,9 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                                                       lr_scheduler=lr_scheduler, **kwargs)
         schedule = bind(engine)
     except BaseException:
-        attachment = get_attachment(model)
-        if attached_here and attachment is not None:
-            attachment.close()
+        pruner = get_pruner(model)
+        if attached_here and pruner is not None:
+            pruner.detach()
         raise
     return engine, opt, loader, schedule
 
@@ -367,7 +367,7 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
 
 def sparsity_report(engine: Any) -> SparsityReport:
     """Remaining weights of the engine's model; a collective under ZeRO-3 (every rank)."""
-    return core_sparsity_report(_attachment_of(engine).model)
+    return core_sparsity_report(_pruner_of(engine).model)
 
 
 def finalized_state_dict(engine: Any) -> dict[str, Tensor]:
@@ -376,9 +376,9 @@ def finalized_state_dict(engine: Any) -> dict[str, Tensor]:
     of the finalized model writes. A collective: call it on every rank."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    attachment = _attachment_of(engine)
+    pruner = _pruner_of(engine)
     module = engine.module
-    by_weight = {id(layer.weight): layer for layer in attachment.layers}
+    by_weight = {id(layer.weight): layer for layer in pruner.layers}
     stage = engine.zero_optimization_stage()
     out: dict[str, Tensor] = {}
     for name, param in module.named_parameters():
@@ -392,27 +392,27 @@ def finalized_state_dict(engine: Any) -> dict[str, Tensor]:
         layer = by_weight.get(id(param))
         if layer is not None:
             with _gathered(layer), torch.no_grad():
-                gate = layer.gate(training=False)
+                gate = layer.gate()
             if gate is not None:
-                full.mul_(gate.to(torch.float32).cpu())
+                full = effective_weight(full, gate.cpu())
         out[name] = full
     for name, buf in module.named_buffers():
         out[name] = buf.detach().cpu().clone()
     return out
 
 
-def _pruner_of(engine: Any) -> PruningOptimizer:
-    pruner = find_pruning_optimizer(getattr(engine, "optimizer", None))
-    if pruner is None:
+def _optimizer_of(engine: Any) -> PruningOptimizer:
+    optimizer = find_pruning_optimizer(getattr(engine, "optimizer", None))
+    if optimizer is None:
         raise PruningError("this DeepSpeed engine's optimizer is not a PruningOptimizer. Fix: "
                            "build the engine with prune_plugin.integrations.deepspeed."
                            "initialize, or pass optimizer=PruningOptimizer(...) to it.")
-    return pruner
+    return optimizer
 
 
-def _attachment_of(engine: Any) -> Attachment:
-    attachment = _pruner_of(engine).attachment
-    if attachment.closed:
+def _pruner_of(engine: Any) -> Pruner:
+    pruner = _optimizer_of(engine).pruner
+    if pruner.closed:
         raise PruningError("this engine's pruning was detached. Fix: build it with "
                            "prune_plugin.integrations.deepspeed.initialize.")
-    return attachment
+    return pruner

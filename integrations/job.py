@@ -246,7 +246,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
                               DataCollatorWithPadding, Trainer, TrainingArguments)
     from transformers.utils import logging as hf_logging
 
-    from prune_plugin import finalize, get_attachment, sparsity_report
+    from prune_plugin import finalize, get_pruner, sparsity_report
     from prune_plugin.integrations.datasets import DataError, prepare
     from prune_plugin.integrations.transformers import PruningTrainer
 
@@ -344,7 +344,7 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
     wall = time.time() - t0
     eval_metrics = trainer.evaluate()
     report = sparsity_report(model)
-    if get_attachment(model) is not None:
+    if get_pruner(model) is not None:
         finalize(model)
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

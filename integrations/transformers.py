@@ -79,14 +79,15 @@ class PruningCallback(TrainerCallback):
 
 
 def pruning_logs(optimizer: PruningOptimizer | None) -> dict[str, float]:
-    """Remaining weights (and the schedule's target, or lambda) for the training logs."""
-    if optimizer is None or optimizer.attachment.closed:
+    """Remaining weights (and the schedule's target, and lambda) for the training logs."""
+    if optimizer is None or optimizer.pruner.closed:
         return {}
-    logs = {"remaining": round(sparsity_report(optimizer.attachment.model).remaining, 5)}
-    if optimizer.policy.uses_topv:
-        logs["remaining_target"] = round(optimizer.attachment.current_target or 1.0, 5)
-    if optimizer.policy.is_regularized:
-        logs["lambda"] = optimizer.current_lambda
+    pruner = optimizer.pruner
+    logs = {"remaining": round(sparsity_report(pruner.model).remaining, 5)}
+    if pruner.method.schedule_name is not None:
+        logs[pruner.method.schedule_name] = round(pruner.target, 5)
+    if pruner.penalty_lambda:
+        logs["lambda"] = pruner.penalty_lambda
     return logs
 
 

@@ -5,17 +5,18 @@
 
 from prune_plugin.errors import (AttachError, PolicyError, PruningError, StateError,
                                  TargetingError)
-from prune_plugin.hooks import attach, detach, finalize, get_attachment
 from prune_plugin.optimizer import PruningOptimizer
 from prune_plugin.policy import PruningPolicy
+from prune_plugin.pruner import Pruner, attach, detach, finalize, get_pruner
 from prune_plugin.report import SparsityReport, sparsity_report
 from prune_plugin.state import load_pruning_state, save_pruning_state
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AttachError",
     "PolicyError",
+    "Pruner",
     "PruningError",
     "PruningOptimizer",
     "PruningPolicy",
@@ -25,7 +26,7 @@ __all__ = [
     "attach",
     "detach",
     "finalize",
-    "get_attachment",
+    "get_pruner",
     "load_pruning_state",
     "save_pruning_state",
     "sparsity_report",

@@ -23,8 +23,7 @@ from typing import Any, Literal
 import torch
 
 from prune_plugin.errors import StateError
-from prune_plugin.state import (_DTYPES, _FROM_NAME, bytes_tensor, read_safetensors,
-                                 tensor_bytes, write_safetensors)
+from prune_plugin.storage import bytes_tensor, read_safetensors, tensor_bytes, write_safetensors
 
 FORMAT = "prune_plugin.compressed"
 VERSION = 1
@@ -34,6 +33,11 @@ Quantize = Literal["none", "int8"]
 #: others, pruned or not (embeddings, heads), are stored exactly as they are.
 MAX_DENSITY = 0.5
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
+#: dtype names in the manifest (those of the safetensors format).
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.float64: "F64", torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
+           torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
+_FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 
 # -- pure encodings --------------------------------------------------------------------------------
@@ -162,9 +166,15 @@ def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     if not all(f.is_file() for f in files):
         raise StateError(f"{folder} holds no model.safetensors. Fix: point at a folder written "
                          "by save_pretrained (a finished fine-prune run's 'model' folder).")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(read_safetensors(f)[0])
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as err:
+            raise StateError(f"{f} is not a readable safetensors file ({err}).") from None
     return state, files + ([index] if index.is_file() else [])
 
 
@@ -191,7 +201,7 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
         path = path / WEIGHTS_NAME
     if not path.is_file():
         raise StateError(f"no compressed checkpoint at {str(path)!r}.")
-    blobs, meta = read_safetensors(path)
+    blobs, meta = read_safetensors(path, what="compressed checkpoint")
     if "manifest" not in meta:
         raise StateError(f"{path} is a safetensors file but not a compressed checkpoint.")
     return decompress_state_dict(blobs, json.loads(meta["manifest"]))

@@ -1,65 +1,67 @@
-"""Attach, detach and finalize: the one place that changes a model.
+"""The one place that installs things on a model's Linear layers, and removes them again.
 
-How a Linear computes ``x (W * M)^T + b`` without replacing its class:
+How a Linear computes ``x (W * M)^T + b`` without replacing its class: an **instance-level**
+``forward`` (``module.forward``, as accelerate's hooks do) computes with the layer's current
+mask through one fused autograd function (:mod:`prune_plugin.masks`). ``type(module) is
+nn.Linear`` still holds and ``weight`` stays the same Parameter under the same key (no
+``weight_orig``, no ``parametrizations.*``), so optimizers, Hugging Face loaders and state
+dicts keep working. The gate is decided inside that forward, after every forward pre-hook has
+run, so an engine's own pre-hooks (DeepSpeed ZeRO-3 gathering the weight) come first whatever
+the order they were registered in.
 
-- a **forward pre-hook** decides the gate of the coming forward: the cached 1-byte Top-v or
-  threshold mask, or (L0, training) a fresh hard-concrete sample;
-- an **instance-level** ``forward`` (``module.forward``, as accelerate's hooks do) computes with
-  it through one fused autograd function (:func:`prune_plugin.masks.masked_linear`).
+Installed per layer, each kept as a handle and removed exactly by :meth:`PrunedLayer.uninstall`:
 
-Why this shape: ``type(module) is nn.Linear`` still holds, ``weight`` stays the same Parameter
-under the same key (no ``weight_orig``, no ``parametrizations.*``), so optimizers, Hugging
-Face loaders and state dicts keep working. Scores are real Parameters registered on the
-Linear itself (``<module>.pruning_scores``), so DeepSpeed ZeRO-3, which gathers a module's own
-parameters around its forward and backward, shards and gathers them with the weight; the
-hooks read nothing but the module's own tensors. Hooks registered after an engine's own
-gather hooks run after them and see full tensors.
-
-``detach`` is the exact inverse of ``attach``; ``finalize`` bakes ``W * M`` into ``weight``
-and then detaches: a plain model with no hooks, no extra attributes, no extra keys.
+- the score Parameter ``<module>.pruning_scores`` (not for magnitude pruning): registered on
+  the Linear itself, so ZeRO-3, which gathers a module's own parameters around its forward,
+  shards and gathers it with the weight;
+- the forward;
+- state-dict hooks that add the layer's mask as ``<module>.pruning_mask`` to
+  ``model.state_dict()`` and take it back in ``load_state_dict``, so a model-only checkpoint
+  carries its masks.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from prune_plugin.errors import AttachError
-from prune_plugin.masks import (hard_concrete_gate, l0_eval_gate, logit, masked_linear,
-                                threshold_mask)
-from prune_plugin.policy import PruningPolicy
-from prune_plugin.schedule import cubic_schedule
-from prune_plugin.selection import (SelectionHint, TopVThreshold, mask_from_threshold,
-                                    topv_count, topv_masks, topv_thresholds)
-from prune_plugin.targeting import find_targets
+from prune_plugin.masks import (effective_weight, hard_concrete_gate, l0_linear, l0_noise,
+                                masked_linear)
+from prune_plugin.selection import TopVThreshold
+
+if TYPE_CHECKING:
+    from prune_plugin.pruner import Pruner
 
 #: Name of the score Parameter registered on each pruned Linear.
 SCORES_NAME = "pruning_scores"
-_ATTACHMENT_ATTR = "_prune_plugin_attachment"
-_UNSET = object()
+#: State-dict key (after the module's prefix) of a pruned Linear's mask.
+MASK_KEY = "pruning_mask"
+#: Attribute of a pruned Linear that points to its PrunedLayer.
+LAYER_ATTR = "_prune_plugin_layer"
 
 
 class PrunedLayer:
     """The pruning state of one Linear: its current mask and how it computes with it."""
 
-    def __init__(self, name: str, module: nn.Linear, policy: PruningPolicy) -> None:
+    def __init__(self, name: str, module: nn.Linear, pruner: Pruner) -> None:
         self.name = name
         self.module = module
-        self.policy = policy
+        self.pruner = pruner
         self.mask: Tensor | None = None  # bool, same shape as the weight; None: all kept
         # Sharded scores (ZeRO-3): no full mask is kept between forwards; each forward rebuilds
         # it from the gathered scores and this threshold.
         self.threshold: TopVThreshold | None = None
         self._mask_buffer: Tensor | None = None
-        self._gate: Any = _UNSET  # prepared by the pre-hook for the next forward
-        self._handle: RemovableHandle | None = None
+        self._inference: tuple[tuple, Tensor] | None = None  # (key, W * gate) for no-grad passes
+        self._handles: list[RemovableHandle] = []
+
+    def __repr__(self) -> str:
+        return f"PrunedLayer({self.name!r}, {tuple(self.weight.shape)})"
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -74,12 +76,7 @@ class PrunedLayer:
     @property
     def numel(self) -> int:
         w = self.module.weight
-        return getattr(w, "ds_numel", w.numel())
-
-    def importance(self) -> Tensor:
-        """What Top-v ranks: the learned scores, or |W| for magnitude pruning."""
-        scores = self.scores
-        return scores.detach() if scores is not None else self.weight.detach().abs()
+        return getattr(w, "ds_numel", w.numel())  # ZeRO-3 holds a shard: count the whole
 
     def mask_buffer(self) -> Tensor:
         """A reused bool buffer of the weight's shape (no per-step allocation)."""
@@ -102,47 +99,61 @@ class PrunedLayer:
         self.mask = self._mask_buffer = None
         self.threshold = threshold
 
-    def gate(self, training: bool) -> Tensor | None:
-        """The multiplier of W for a forward: bool mask, continuous L0 gate, or None (all)."""
-        p = self.policy
-        if p.method == "l0":
-            scores = self.scores
-            if training:
-                return hard_concrete_gate(scores, beta=p.l0_beta, left=p.l0_left,
-                                          right=p.l0_right)
-            return l0_eval_gate(scores, left=p.l0_left, right=p.l0_right)
-        if self.threshold is not None:
-            return mask_from_threshold(self.importance(), self.threshold)
+    def gate(self) -> Tensor | None:
+        """The deterministic multiplier of W (the mask, or L0's evaluation gate); None: all
+        weights kept."""
         if self.mask is not None and self.mask.device != self.weight.device:
             self.set_mask(self.mask.to(self.weight.device))  # the model was moved
-        return self.mask
+        return self.pruner.method.gate(self)
 
     def kept(self) -> int:
-        """Number of weights the forward keeps (L0: gates above 0 at evaluation)."""
+        """Number of weights the forward keeps (L0: gates above 0 at evaluation). Reads the
+        count back from the device."""
         with torch.no_grad():
-            gate = self.gate(training=False)
+            gate = self.gate()
         return self.numel if gate is None else int(torch.count_nonzero(gate))
 
-    # -- the module's computation -----------------------------------------------------------------
-
-    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        self._gate = self.gate(module.training)
+    # -- the module's computation ---------------------------------------------------------------
 
     def forward(self, input: Tensor) -> Tensor:
-        gate, self._gate = self._gate, _UNSET
-        if gate is _UNSET:  # forward called directly, bypassing the hooks
-            gate = self.gate(self.module.training)
-        m = self.module
-        if self.policy.method == "l0":
-            return F.linear(input, m.weight * gate, m.bias)
-        scores = self.scores
+        m, method = self.module, self.pruner.method
+        if method.samples_gates and m.training:  # L0: a fresh hard-concrete gate per forward
+            p = self.pruner.policy
+            noise = l0_noise(m.weight.shape, m.weight.device)
+            if torch.is_grad_enabled():
+                return l0_linear(input, m.weight, m.bias, self.scores, noise, beta=p.l0_beta,
+                                 left=p.l0_left, right=p.l0_right)
+            gate = hard_concrete_gate(self.scores.detach(), beta=p.l0_beta, left=p.l0_left,
+                                      right=p.l0_right, noise=noise)
+            return F.linear(input, effective_weight(m.weight, gate), m.bias)
+        if not torch.is_grad_enabled():
+            return F.linear(input, self.inference_weight(), m.bias)
+        self._inference = None  # training: free the cached product
+        gate = self.gate()
+        scores = self.scores if method.straight_through else None
         if gate is None and scores is None:
             return F.linear(input, m.weight, m.bias)
-        if not torch.is_grad_enabled():
-            return F.linear(input, m.weight if gate is None else m.weight * gate, m.bias)
         return masked_linear(input, m.weight, m.bias, gate, scores)
 
-    # -- install / uninstall -----------------------------------------------------------------------
+    def inference_weight(self) -> Tensor:
+        """W * gate for passes without autograd, cached while the weight, the scores and the
+        masks are unchanged (evaluation then costs what the finalized model costs)."""
+        w, scores = self.weight, self.scores
+        if self.threshold is not None or torch.compiler.is_compiling():
+            return effective_weight(w, self.gate())  # sharded, or traced: nothing to keep
+        # a new storage (the model moved, .data reassigned) or any in-place write changes it
+        key = (self.pruner.generation, w.untyped_storage()._cdata, w._version, w.dtype,
+               None if scores is None else (scores.untyped_storage()._cdata, scores._version))
+        if self._inference is not None and self._inference[0] == key:
+            return self._inference[1]
+        gate = self.gate()
+        if gate is None:
+            self._inference = None
+            return w
+        self._inference = (key, effective_weight(w.detach(), gate))
+        return self._inference[1]
+
+    # -- install / uninstall --------------------------------------------------------------------
 
     def install(self, scores: Tensor | None) -> None:
         m = self.module
@@ -150,241 +161,46 @@ class PrunedLayer:
             if not isinstance(scores, nn.Parameter):
                 scores = nn.Parameter(scores, requires_grad=True)
             m.register_parameter(SCORES_NAME, scores)
-        self._handle = m.register_forward_pre_hook(self._pre_hook)
         m.forward = self.forward  # instance attribute; the class is untouched
-
-    def reinstall_hook(self) -> None:
-        """Register the pre-hook again, after the hooks added since (an engine's gather hooks,
-        which must run first so that the gate sees full tensors)."""
-        if self._handle is not None:
-            self._handle.remove()
-        self._handle = self.module.register_forward_pre_hook(self._pre_hook)
+        m.__dict__[LAYER_ATTR] = self
+        # partial(): torch marks hooks it is given with an attribute, which methods refuse
+        self._handles = [m.register_state_dict_post_hook(partial(self._save_mask)),
+                         m.register_load_state_dict_pre_hook(partial(self._load_mask))]
 
     def uninstall(self) -> None:
         m = self.module
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         if m.__dict__.get("forward") == self.forward:
             del m.forward
+        m.__dict__.pop(LAYER_ATTR, None)
         if SCORES_NAME in m._parameters:
             del m._parameters[SCORES_NAME]
-        self.mask = self._mask_buffer = None
+        self.mask = self._mask_buffer = self._inference = None
         self.threshold = None
-        self._gate = _UNSET
 
+    # -- the mask in the model's state dict -------------------------------------------------------
 
-@dataclass(frozen=True)
-class Sharding:
-    """How to reach this rank's share of sharded scores (set by a ZeRO-3 integration).
+    def _save_mask(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                   local_metadata: Any) -> None:
+        if self.mask is not None:
+            state_dict[prefix + MASK_KEY] = self.mask.detach()
 
-    ``local_importance(layer)`` returns this rank's flat shard of the layer's importance (its
-    real elements only); ``all_reduce`` sums a small tensor in place across ranks.
-    """
-
-    local_importance: Callable[[PrunedLayer], Tensor]
-    all_reduce: Callable[[Tensor], None]
-
-
-class Attachment:
-    """Everything attached to one model: its pruned layers and their masks."""
-
-    def __init__(self, model: nn.Module, policy: PruningPolicy, layers: list[PrunedLayer]) -> None:
-        self.model = model
-        self.policy = policy
-        self.layers = layers
-        self.closed = False
-        self.current_target: float | None = None  # remaining fraction (Top-v) or tau (soft)
-        self._hints: dict[str, SelectionHint | None] = {}  # warm starts for Top-v, per selection
-        self._on_close: list[Callable[[], None]] = []
-        self.sharding: Sharding | None = None
-
-    def __repr__(self) -> str:
-        return f"Attachment(method={self.policy.method!r}, layers={len(self.layers)})"
-
-    @property
-    def scores(self) -> list[nn.Parameter]:
-        return [layer.scores for layer in self.layers if layer.scores is not None]
-
-    def named_layers(self) -> dict[str, PrunedLayer]:
-        return {layer.name: layer for layer in self.layers}
-
-    def on_close(self, callback: Callable[[], None]) -> None:
-        self._on_close.append(callback)
-
-    def update_masks(self, step: int) -> None:
-        """Recompute every mask for the forwards after ``step`` optimizer steps."""
-        p = self.policy
-        sched = dict(warmup_steps=p.warmup_steps, cooldown_steps=p.cooldown_steps,
-                     total_steps=p.total_steps)
-        with torch.no_grad():
-            if p.method == "soft_movement":
-                tau = cubic_schedule(step, initial=p.initial_threshold,
-                                     final=p.final_threshold, **sched)
-                for layer in self.layers:
-                    if self.sharding is not None:  # S > logit(tau): a threshold with no ties
-                        layer.set_threshold(None if tau <= 0.0 else TopVThreshold(
-                            logit(tau), 0, 0))
-                    else:
-                        layer.set_mask(threshold_mask(layer.scores, tau,
-                                                      out=layer.mask_buffer()))
-                self.current_target = tau
-            elif p.uses_topv:
-                v = cubic_schedule(step, initial=p.initial_remaining, final=p.final_remaining,
-                                   **sched)
-                self.current_target = v
-                self._update_topv(v)
-
-    def _update_topv(self, remaining: float) -> None:
-        if remaining >= 1.0:
-            for layer in self.layers:
-                layer.set_mask(None)
+    def _load_mask(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                   local_metadata: Any, strict: bool, missing_keys: list[str],
+                   unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        mask = state_dict.pop(prefix + MASK_KEY, None)  # never an unexpected key
+        if mask is None:
             return
-        groups = [[layer] for layer in self.layers] if self.policy.scope == "local" \
-            else [self.layers]
-        if self.sharding is not None:
-            self._update_topv_sharded(remaining, groups)
+        if tuple(mask.shape) != tuple(self.weight.shape):
+            error_msgs.append(f"size mismatch for {prefix + MASK_KEY}: the checkpoint's mask "
+                              f"has shape {tuple(mask.shape)}, the weight "
+                              f"{tuple(self.weight.shape)}.")
             return
-        for group in groups:
-            key = group[0].name if len(group) == 1 else "*"
-            k = topv_count(remaining, sum(layer.numel for layer in group))
-            masks, _, self._hints[key] = topv_masks(
-                [layer.importance() for layer in group], k,
-                out=[layer.mask_buffer() for layer in group], hint=self._hints.get(key))
-            for layer, mask in zip(group, masks):
-                layer.set_mask(mask)
-
-    def _update_topv_sharded(self, remaining: float, groups: list[list[PrunedLayer]]) -> None:
-        index = {id(layer): i for i, layer in enumerate(self.layers)}
-        totals = [sum(layer.numel for layer in group) for group in groups]  # over all ranks
-        thresholds = topv_thresholds(
-            [self.sharding.local_importance(layer) for layer in self.layers],
-            [[index[id(layer)] for layer in group] for group in groups],
-            [topv_count(remaining, n) for n in totals], self.sharding.all_reduce, totals=totals)
-        for layer, threshold in zip(self.layers, thresholds):
-            layer.set_threshold(threshold)
-
-    def kept_counts(self) -> list[int]:
-        """Weights each layer's forward keeps. With sharded scores each rank counts its shard
-        and one all-reduce adds them up (a collective: call it on every rank)."""
-        if self.sharding is None:
-            return [layer.kept() for layer in self.layers]
-        local = []
-        with torch.no_grad():
-            for layer in self.layers:
-                imp = self.sharding.local_importance(layer)
-                if self.policy.method == "l0":
-                    gate = l0_eval_gate(imp, left=self.policy.l0_left, right=self.policy.l0_right)
-                    local.append(int(torch.count_nonzero(gate)))
-                elif layer.threshold is None:
-                    local.append(imp.numel())
-                else:
-                    local.append(int(torch.count_nonzero(imp > layer.threshold.value)))
-        counts = torch.tensor(local, dtype=torch.int64)
-        self.sharding.all_reduce(counts)
-        return [int(c) + (layer.threshold.ties_kept if layer.threshold is not None else 0)
-                for c, layer in zip(counts.tolist(), self.layers)]
-
-    def close(self) -> None:
-        for layer in self.layers:
-            layer.uninstall()
-        if self.model.__dict__.get(_ATTACHMENT_ATTR) is self:
-            del self.model.__dict__[_ATTACHMENT_ATTR]
-        self.closed = True
-        for callback in self._on_close:
-            callback()
+        self.pruner.loading_masks[self.name] = mask
 
 
-def get_attachment(model: nn.Module) -> Attachment | None:
-    """The live attachment of ``model`` (the object passed to ``attach``), or None."""
-    return model.__dict__.get(_ATTACHMENT_ATTR)
-
-
-def _init_scores(policy: PruningPolicy, weight: Tensor) -> Tensor:
-    w = weight.detach()
-    kind, value = policy.score_init, policy.score_init_value
-    if kind == "constant":
-        return torch.full_like(w, value)
-    if kind == "uniform":
-        return torch.empty_like(w).uniform_(-value, value)
-    if kind == "kaiming":
-        s = torch.empty_like(w)
-        nn.init.kaiming_uniform_(s, a=math.sqrt(5))
-        return s
-    return w.abs().clone()  # magnitude
-
-
-def _check_attachable(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> None:
-    if get_attachment(model) is not None:
-        raise AttachError("this model is already attached to a pruning policy. Fix: call "
-                          "prune_plugin.detach(model) first, or reuse the existing optimizer.")
-    for name, m in targets:
-        if SCORES_NAME in m._parameters or "forward" in m.__dict__:
-            raise AttachError(f"module {name!r} already has pruning scores or a replaced "
-                              "forward (attached through another root module?). Fix: detach "
-                              "it first.")
-        w = m.weight
-        if not isinstance(w, nn.Parameter) or not w.dtype.is_floating_point:
-            raise AttachError(f"module {name!r} has a {w.dtype} weight; pruning needs floating "
-                              "point weights (quantized or integer weights cannot carry "
-                              "scores). Fix: exclude it, or attach before quantizing.")
-
-
-def attach(model: nn.Module, policy: PruningPolicy, *,
-           score_factory: Callable[[PrunedLayer], Tensor] | None = None,
-           sharding: Sharding | None = None) -> Attachment:
-    """Attach ``policy`` to ``model``: scores, hooks and masks on every targeted Linear.
-
-    All or nothing: on any error the model is left exactly as it was. Most users never call
-    this directly: ``PruningOptimizer(optimizer, policy, model=model)`` does. Integrations
-    whose weights are already sharded pass ``score_factory`` (builds one layer's scores) and
-    ``sharding``.
-    """
-    if not isinstance(policy, PruningPolicy):
-        raise TypeError(f"policy must be a PruningPolicy, got {type(policy).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    targets = find_targets(model, policy.targets, policy.exclude)
-    _check_attachable(model, targets)
-    layers = [PrunedLayer(name, m, policy) for name, m in targets]
-    attachment = Attachment(model, policy, layers)
-    attachment.sharding = sharding
-    make = score_factory or (lambda layer: _init_scores(policy, layer.weight))
-    try:
-        for layer in layers:
-            layer.install(make(layer) if policy.has_scores else None)
-        model.__dict__[_ATTACHMENT_ATTR] = attachment
-        attachment.update_masks(0)
-    except BaseException:
-        attachment.close()
-        raise
-    return attachment
-
-
-def _require_attachment(model: nn.Module, action: str) -> Attachment:
-    attachment = get_attachment(model)
-    if attachment is None:
-        raise AttachError(f"cannot {action}: this model has no pruning attached (pass the same "
-                          "root module that was given to PruningOptimizer).")
-    return attachment
-
-
-def detach(model: nn.Module) -> nn.Module:
-    """Remove scores, masks and hooks; the model is bit-exactly what it was before attaching."""
-    _require_attachment(model, "detach").close()
-    return model
-
-
-def finalize(model: nn.Module) -> nn.Module:
-    """Bake ``W * M`` into each pruned ``weight`` (in place) and detach: a plain model.
-
-    L0 uses its deterministic evaluation gate. Returns the model for chaining.
-    """
-    attachment = _require_attachment(model, "finalize")
-    with torch.no_grad():
-        for layer in attachment.layers:
-            gate = layer.gate(training=False)
-            if gate is not None:
-                layer.weight.mul_(gate.to(layer.weight.dtype))
-    attachment.close()
-    return model
+def layer_of(module: nn.Module) -> PrunedLayer | None:
+    """The PrunedLayer installed on ``module``, or None."""
+    return module.__dict__.get(LAYER_ATTR)

@@ -1,13 +1,21 @@
-"""Pure mask functions and the masked linear product, with their gradients.
+"""Pure mask functions and the masked linear products, with their gradients.
 
+- ``effective_weight``: W * gate, the one place that multiplies a weight by its mask or gate.
 - ``masked_linear``: y = x (W * M)^T + b as one autograd function. With scores it is the
   straight-through estimator of hard and soft movement pruning (Eq. 2): dL/dS = dL/dW' * W,
   dL/dW = dL/dW' * M. The mask is 1 byte per weight and W * M is rebuilt in backward instead of
   being saved, so masking adds no weight-sized tensor to what autograd keeps.
+- ``l0_linear``: the same for L0 regularization, with the hard-concrete gate sampled from
+  16-bit noise that is the only thing saved (2 bytes per weight); the gate and W * gate are
+  rebuilt in backward.
 - ``threshold_mask``: soft movement, M = sigmoid(S) > tau (the original code's
   ``sigmoied_threshold``), computed as S > logit(tau) to save a pass.
 - ``hard_concrete_gate`` / ``l0_eval_gate``: L0 regularization (Louizos et al.; Eq. 3).
-- ``regularizer_grad``: the gradient of the sigmoid (soft movement) or expected-L0 penalty.
+- ``sigmoid_penalty`` / ``expected_l0`` and their gradients: the regularizers of soft
+  movement and L0.
+
+Nothing here reads a tensor back to the host, so every function runs on an accelerator
+without synchronising with it.
 """
 
 from __future__ import annotations
@@ -19,12 +27,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def effective_weight(weight: Tensor, gate: Tensor | None) -> Tensor:
+    """W' = W * gate (a bool mask or a continuous L0 gate); W itself when ``gate`` is None."""
+    if gate is None:
+        return weight
+    return weight * gate.to(weight.dtype)
+
+
 class _MaskedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor | None,
                 mask: Tensor | None) -> Tensor:
-        masked = weight if mask is None else weight * mask
-        out = F.linear(x, masked, bias)
+        out = F.linear(x, effective_weight(weight, mask), bias)
         ctx.save_for_backward(x, weight, mask)
         ctx.has_bias = bias is not None
         return out
@@ -35,12 +49,9 @@ class _MaskedLinear(torch.autograd.Function):
         need_x, need_w, need_b, need_s, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_s = None
         if need_x:
-            masked = weight if mask is None else weight * mask
-            grad_x = (grad_out @ masked.to(grad_out.dtype)).to(x.dtype)
+            grad_x = (grad_out @ effective_weight(weight, mask).to(grad_out.dtype)).to(x.dtype)
         if need_w or need_s:
-            g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            x2 = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
-            grad_masked = (g2.t() @ x2).to(weight.dtype)  # dL/dW' with W' = W * M
+            grad_masked = _weight_grad(grad_out, x).to(weight.dtype)  # dL/dW' with W' = W * M
             if need_s:
                 grad_s = grad_masked * weight if need_w else grad_masked.mul_(weight)
             if need_w:
@@ -48,6 +59,12 @@ class _MaskedLinear(torch.autograd.Function):
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_w, grad_b, grad_s, None
+
+
+def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
+    """dL/dW' of y = x W'^T: the sum over tokens of grad_out^T x."""
+    g2 = grad_out.reshape(-1, grad_out.shape[-1])
+    return g2.t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
 
 
 def masked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
@@ -72,19 +89,46 @@ def threshold_mask(scores: Tensor, tau: float, out: Tensor | None = None) -> Ten
     return torch.gt(scores, logit(tau), out=out)
 
 
+# -- L0 regularization (hard-concrete gates) ---------------------------------------------------
+
+#: u in [U_EPS, 1 - U_EPS], as in the original code's clamp of its uniform noise.
+U_EPS = 1e-4
+
+
+def l0_noise(shape: torch.Size, device: torch.device,
+             generator: torch.Generator | None = None) -> Tensor:
+    """16-bit uniform noise for one sampled L0 gate (2 bytes per weight, saved for backward)."""
+    return torch.randint(-32768, 32768, shape, dtype=torch.int16, device=device,
+                         generator=generator)
+
+
+def noise_to_uniform(noise: Tensor, dtype: torch.dtype) -> Tensor:
+    """u ~ U(0, 1) from :func:`l0_noise`: 65,536 levels, clamped to [U_EPS, 1 - U_EPS]."""
+    u = (noise.to(dtype) + 32768.5) / 65536.0
+    return u.clamp_(U_EPS, 1.0 - U_EPS)
+
+
 def _l0_stretch(s: Tensor, left: float, right: float) -> Tensor:
     return (s * (right - left) + left).clamp_(0.0, 1.0)
 
 
 def hard_concrete_gate(scores: Tensor, *, beta: float, left: float, right: float,
+                       noise: Tensor | None = None,
                        generator: torch.Generator | None = None) -> Tensor:
     """Training-time L0 gate, sampled per forward:
     u ~ U(0, 1); s = sigmoid((log u - log(1 - u) + S) / b); M = min(1, relu((r - l) s + l)).
-    Differentiable in ``scores`` (gives Eq. 3's gradient through autograd)."""
-    u = torch.rand(scores.shape, generator=generator, device=scores.device,
-                   dtype=scores.dtype).clamp_(1e-4, 1.0 - 1e-4)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + scores) / beta)
+    Differentiable in ``scores`` (gives Eq. 3's gradient through autograd). ``noise`` (from
+    :func:`l0_noise`) fixes u; by default it is drawn here."""
+    if noise is None:
+        noise = l0_noise(scores.shape, scores.device, generator)
+    s = _concrete(scores, noise, beta)
     return (s * (right - left) + left).clamp(0.0, 1.0)
+
+
+def _concrete(scores: Tensor, noise: Tensor, beta: float) -> Tensor:
+    """sigmoid((log u - log(1 - u) + S) / b), in float32 at least (bf16 cannot hold u)."""
+    u = noise_to_uniform(noise, torch.promote_types(scores.dtype, torch.float32))
+    return torch.sigmoid((torch.log(u) - torch.log1p(-u) + scores) / beta)
 
 
 def l0_eval_gate(scores: Tensor, *, left: float, right: float) -> Tensor:
@@ -92,20 +136,76 @@ def l0_eval_gate(scores: Tensor, *, left: float, right: float) -> Tensor:
     return _l0_stretch(torch.sigmoid(scores), left, right)
 
 
-def regularizer_grad(scores: Tensor, *, method: str, beta: float = 2.0 / 3.0,
-                     left: float = -0.1, right: float = 1.1) -> Tensor:
-    """d/dS of the per-element penalty, to be scaled by lambda / N (N: all targeted scores).
+class _L0Linear(torch.autograd.Function):
+    """y = x (W * gate(S, u))^T + b with the hard-concrete gate; saves only the 16-bit noise."""
 
-    soft_movement: R = sigmoid(S) (the paper's R(S) = lambda * sum sigmoid(S)).
-    l0: the expected L0 norm, sigmoid(S - b log(-l / r)).
-    """
-    z = scores if method == "soft_movement" else scores - beta * math.log(-left / right)
-    s = torch.sigmoid(z)
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor,
+                noise: Tensor, beta: float, left: float, right: float) -> Tensor:
+        with torch.no_grad():
+            gate = hard_concrete_gate(scores.detach(), beta=beta, left=left, right=right,
+                                      noise=noise)
+            out = F.linear(x, effective_weight(weight, gate), bias)
+        ctx.save_for_backward(x, weight, scores, noise)
+        ctx.has_bias = bias is not None
+        ctx.params = (beta, left, right)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, weight, scores, noise = ctx.saved_tensors
+        beta, left, right = ctx.params
+        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        grad_x = grad_w = grad_b = grad_s = None
+        s = _concrete(scores.detach(), noise, beta)
+        stretched = s * (right - left) + left
+        gate = stretched.clamp(0.0, 1.0)
+        if need_x:
+            grad_x = (grad_out @ effective_weight(weight, gate).to(grad_out.dtype)).to(x.dtype)
+        if need_w or need_s:
+            grad_gated = _weight_grad(grad_out, x).to(weight.dtype)  # dL/d(W * gate)
+            if need_s:  # d gate / dS = (r - l) s (1 - s) / b inside the clamp, 0 outside
+                inside = (stretched > 0.0) & (stretched < 1.0)
+                dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(inside)
+                grad_s = (grad_gated * weight).mul_(dgate).to(scores.dtype)
+            if need_w:
+                grad_w = grad_gated.mul_(gate.to(grad_gated.dtype))
+        if need_b and ctx.has_bias:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b, grad_s, None, None, None, None
+
+
+def l0_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor, noise: Tensor,
+              *, beta: float, left: float, right: float) -> Tensor:
+    """``F.linear(x, weight * hard_concrete_gate(scores, noise), bias)``, differentiable in
+    x, weight, bias and scores (Eq. 3), keeping only ``noise`` for backward."""
+    return _L0Linear.apply(x, weight, bias, scores, noise, beta, left, right)
+
+
+# -- regularizers ------------------------------------------------------------------------------
+# The per-score penalties R(S), summed over scores; the optimizer adds lambda / N * dR/dS.
+
+def sigmoid_penalty(scores: Tensor) -> Tensor:
+    """Soft movement's R(S) = sum sigmoid(S) (the paper's Sec. 4, lambda * sum sigmoid(S))."""
+    return torch.sigmoid(scores).sum()
+
+
+def sigmoid_penalty_grad(scores: Tensor) -> Tensor:
+    """d/dS of :func:`sigmoid_penalty`, per score."""
+    s = torch.sigmoid(scores)
     return s.mul_(1.0 - s)
 
 
-def regularizer_value(scores: Tensor, *, method: str, beta: float = 2.0 / 3.0,
-                      left: float = -0.1, right: float = 1.1) -> Tensor:
-    """sum over elements of the per-element penalty (for logging)."""
-    z = scores if method == "soft_movement" else scores - beta * math.log(-left / right)
-    return torch.sigmoid(z).sum()
+def _l0_logits(scores: Tensor, beta: float, left: float, right: float) -> Tensor:
+    return scores - beta * math.log(-left / right)
+
+
+def expected_l0(scores: Tensor, *, beta: float, left: float, right: float) -> Tensor:
+    """L0's R(S): the expected number of open gates, sum sigmoid(S - b log(-l / r))."""
+    return torch.sigmoid(_l0_logits(scores, beta, left, right)).sum()
+
+
+def expected_l0_grad(scores: Tensor, *, beta: float, left: float, right: float) -> Tensor:
+    """d/dS of :func:`expected_l0`, per score."""
+    s = torch.sigmoid(_l0_logits(scores, beta, left, right))
+    return s.mul_(1.0 - s)

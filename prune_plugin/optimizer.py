@@ -1,19 +1,23 @@
-"""`PruningOptimizer`: wraps any torch optimizer; each ``step()`` also advances the schedule.
+"""`PruningOptimizer`: wraps any torch optimizer; each real step also advances the pruning run.
 
 It *is* a ``torch.optim.Optimizer`` (DeepSpeed and transformers check with ``isinstance``) but
 delegates everything to the wrapped one: ``param_groups``, ``state`` and ``defaults`` are the
 wrapped optimizer's own objects (with setters, since ZeRO swaps ``param_groups``), so LR
-schedulers, ``GradScaler``, gradient clipping and accumulation work unchanged.
+schedulers built on it, ``GradScaler``, gradient clipping and accumulation work unchanged.
 
 The scores live in one extra param group of the wrapped optimizer, tagged
 ``{"prune_plugin": "scores"}`` (found by tag, never by index), with the score learning rate
 and no weight decay.
 
-The soft-movement and L0 penalties, lambda * mean(R(S)), are added to the score gradients
-here, right before the wrapped step, instead of to the user's loss: the loss stays the
-user's, the penalty counts once per real optimizer step whatever the gradient accumulation,
-and it sees gradients already unscaled by ``GradScaler``. The penalty is a sum of per-score
-terms, so its gradient is elementwise and works on any shard of the scores.
+What it adds, through a pre- and a post-step hook on the innermost torch optimizer (the one
+that really updates the parameters, under any wrappers such as accelerate's):
+
+- **the penalty** of soft movement and L0, lambda * mean(R(S)), added to the score gradients
+  right before the real update: the loss stays the user's, it counts once per real step
+  whatever the accumulation, and it sees gradients already unscaled by ``GradScaler``;
+- **the step count**: the pruner advances only when the inner update really ran, not on an
+  accumulation micro-step that accelerate skips, nor on a ``GradScaler`` step skipped for
+  infs.
 """
 
 from __future__ import annotations
@@ -26,14 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prune_plugin.errors import StateError
-from prune_plugin.hooks import Attachment, attach, get_attachment
-from prune_plugin.masks import regularizer_grad
+from prune_plugin.errors import AttachError, StateError
 from prune_plugin.policy import PruningPolicy
-from prune_plugin.schedule import lambda_at
+from prune_plugin.pruner import Pruner, attach, get_pruner
 
 SCORE_GROUP_TAG = "prune_plugin"
-STATE_FORMAT_VERSION = 1
 
 
 def as_policy(policy: PruningPolicy | Mapping[str, Any] | str | Path) -> PruningPolicy:
@@ -48,10 +49,41 @@ def as_policy(policy: PruningPolicy | Mapping[str, Any] | str | Path) -> Pruning
                     f"{type(policy).__name__}")
 
 
+def _innermost(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that really updates the parameters, under wrappers (accelerate's
+    AcceleratedOptimizer and the like keep it as ``.optimizer``)."""
+    for _ in range(8):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+def _refuse_schedulers(optimizer: torch.optim.Optimizer) -> None:
+    """An LR scheduler built before wrapping knows one learning rate per existing group: the
+    scores' group would make torch raise at its next step (or stay unscheduled)."""
+    o: Any = optimizer
+    for _ in range(8):
+        if getattr(getattr(o, "step", None), "_wrapped_by_lr_sched", False):
+            raise AttachError(
+                "an LR scheduler was already built on this optimizer. PruningOptimizer adds a "
+                "param group for the pruning scores, which that scheduler does not know: torch "
+                "raises at its next step (strict zip), or leaves the scores' learning rate "
+                "unscheduled. Fix: wrap first, then build the scheduler on the wrapper, e.g. "
+                "`optimizer = PruningOptimizer(base, policy, model=model)` and "
+                "`get_linear_schedule_with_warmup(optimizer, ...)`; it then schedules the "
+                "scores' learning rate too, as the paper's code does.")
+        o = getattr(o, "optimizer", None)
+        if o is None:
+            return
+
+
 class PruningOptimizer(torch.optim.Optimizer):
     """``PruningOptimizer(torch.optim.AdamW(model.parameters()), policy, model=model)``.
 
-    Attaches ``policy`` to ``model`` (scores, hooks, masks) and prunes as training steps.
+    Attaches ``policy`` to ``model`` (scores, forwards, masks), or takes the pruner already
+    attached with that policy, and tells it about every real optimizer step.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer,
@@ -63,6 +95,7 @@ class PruningOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
                             f"{type(optimizer).__name__}")
         policy = as_policy(policy)
+        _refuse_schedulers(optimizer)
         # What torch.optim.Optimizer.__init__ sets, minus the param groups (delegated).
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -72,24 +105,37 @@ class PruningOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
         self.optimizer = optimizer
-        self.policy = policy
-        self.step_count = 0
-        #: False when an integration advances the schedule itself (DeepSpeed steps this
-        #: optimizer once per param group; the engine's real steps drive the schedule).
-        self.advance_on_step = True
+        #: False when an integration reports the steps itself (DeepSpeed steps this optimizer
+        #: once per param group; the engine's schedule slot tells the pruner).
+        self.counts_steps = True
+        self._inner_hooks: list[Any] = []
+        self._inner_stepped = False
+        self._penalty_in_closure = False
 
-        existing = get_attachment(model)
-        if existing is not None and existing.policy == policy:  # live: close() detaches it
-            self.attachment = existing  # attached beforehand, e.g. by an integration
-        else:
-            self.attachment = attach(model, policy)
+        pruner = get_pruner(model)
+        attached_here = pruner is None
+        if pruner is not None and pruner.policy != policy:
+            raise AttachError("this model is already attached with another policy. Fix: "
+                              "prune_plugin.detach(model) first, or wrap with the same policy.")
+        if pruner is None:
+            pruner = attach(model, policy)
+        self.pruner: Pruner = pruner
         try:
             self._add_score_group()
         except BaseException:
-            if existing is None:
-                self.attachment.close()
+            if attached_here:
+                pruner.detach()
             raise
-        self.attachment.on_close(self._drop_score_group)
+        self._hook_inner()
+        pruner.on_detach(self._drop_score_group)
+
+    @property
+    def policy(self) -> PruningPolicy:
+        return self.pruner.policy
+
+    @property
+    def step_count(self) -> int:
+        return self.pruner.step_count
 
     # -- delegation ------------------------------------------------------------------------------
 
@@ -125,7 +171,19 @@ class PruningOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (f"PruningOptimizer(method={self.policy.method!r}, step={self.step_count}, "
-                f"layers={len(self.attachment.layers)}, optimizer={self.optimizer!r})")
+                f"layers={len(self.pruner.layers)}, optimizer={self.optimizer!r})")
+
+    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+        # torch.optim.Optimizer pickles only defaults/state/param_groups, which are delegated.
+        state = dict(self.__dict__)
+        state["_inner_hooks"] = []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+        self.__dict__.update(state)  # a copy: its inner optimizer has lost our hooks
+        self._patch_step_function()
+        self._hook_inner()
+        self.pruner.on_detach(self._drop_score_group)
 
     # -- score group -----------------------------------------------------------------------------
 
@@ -136,18 +194,22 @@ class PruningOptimizer(torch.optim.Optimizer):
         return None
 
     def _add_score_group(self) -> None:
-        scores = self.attachment.scores
+        scores = self.pruner.scores
         if not scores:
             return  # magnitude pruning learns no scores
-        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
-        if any(id(s) in held for s in scores):
-            raise ValueError("the wrapped optimizer already holds the pruning scores (it was "
-                             "built from model.parameters() after attaching). Fix: build the "
-                             "optimizer before attaching; PruningOptimizer adds the scores.")
-        group: dict[str, Any] = {"params": scores, "lr": self.policy.score_lr,
-                                 SCORE_GROUP_TAG: "scores"}
-        if "weight_decay" in self.optimizer.defaults:
+        ids = {id(s) for s in scores}
+        holding = [g for g in self.optimizer.param_groups if any(id(p) in ids for p in g["params"])]
+        if len(holding) == 1 and {id(p) for p in holding[0]["params"]} == ids:
+            holding[0][SCORE_GROUP_TAG] = "scores"  # the user gave the scores a group of their own
+            return
+        for group in holding:  # built from model.parameters() after attaching: move them out
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        group = {"params": scores, "lr": self.policy.score_lr, SCORE_GROUP_TAG: "scores"}
+        defaults = self.optimizer.defaults
+        if "weight_decay" in defaults:
             group["weight_decay"] = 0.0
+        if defaults.get("relative_step"):  # Adafactor would ignore lr: give it score_lr
+            group.update(relative_step=False, scale_parameter=False, warmup_init=False)
         self.optimizer.add_param_group(group)
 
     def _drop_score_group(self) -> None:
@@ -156,80 +218,65 @@ class PruningOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 self.optimizer.state.pop(p, None)
             self.optimizer.param_groups.remove(group)
+        for handle in self._inner_hooks:
+            handle.remove()
+        self._inner_hooks = []
 
     # -- stepping --------------------------------------------------------------------------------
 
-    @property
-    def current_lambda(self) -> float:
-        p = self.policy
-        if not p.is_regularized:
-            return 0.0
-        return lambda_at(self.step_count, final_lambda=p.final_lambda, schedule=p.lambda_schedule,
-                         warmup_steps=p.warmup_steps, cooldown_steps=p.cooldown_steps,
-                         total_steps=p.total_steps)
+    def _hook_inner(self) -> None:
+        inner = _innermost(self.optimizer)
+        if hasattr(inner, "register_step_pre_hook") and \
+                hasattr(inner, "_optimizer_step_pre_hooks"):
+            self._inner_hooks = [inner.register_step_pre_hook(self._before_update),
+                                 inner.register_step_post_hook(self._after_update)]
 
-    def add_regularizer_grads(self) -> None:
-        """Add d(lambda * mean R(S))/dS to the score gradients (soft movement and L0).
+    def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._penalty_in_closure:
+            self.add_penalty_grads()
 
-        It works on whatever the score group holds at this moment: the scores themselves, or
-        the flat fp32 shards that ZeRO swaps in for the one group it is stepping (and nothing
-        while it steps another group), so the penalty counts once per element per step."""
-        lam = self.current_lambda
+    def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._inner_stepped = True
+
+    def add_penalty_grads(self) -> None:
+        """Add d(lambda * mean R(S))/dS to whatever the score group holds at this moment: the
+        scores themselves, or the flat fp32 shards that ZeRO swaps in for the one group it is
+        stepping (and nothing while it steps another group), so the penalty counts once per
+        element per step."""
         group = self.score_group()
-        if lam == 0.0 or group is None:
-            return
-        p = self.policy
-        scale = lam / sum(layer.numel for layer in self.attachment.layers)
-        with torch.no_grad():
-            for s in group["params"]:
-                g = regularizer_grad(s.detach(), method=p.method, beta=p.l0_beta, left=p.l0_left,
-                                     right=p.l0_right).mul_(scale)
-                if s.grad is None:
-                    s.grad = g
-                else:
-                    s.grad.add_(g)
+        if group is not None:
+            self.pruner.add_penalty_grads(group["params"])
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
-        if self.attachment.closed:
+        if self.pruner.closed:
             raise RuntimeError("the model was detached or finalized; this PruningOptimizer has "
                                "nothing left to prune. Fix: keep training with the wrapped "
                                "optimizer (`.optimizer`).")
+        hooked = bool(self._inner_hooks)
+        self._inner_stepped = False
         if closure is None:
-            self.add_regularizer_grads()
+            if not hooked:
+                self.add_penalty_grads()
             loss = self.optimizer.step()
         else:
-            def with_penalty() -> Any:
+            def with_penalty() -> Any:  # each evaluation's gradients get the penalty
                 with torch.enable_grad():
                     value = closure()
-                self.add_regularizer_grads()
+                self.add_penalty_grads()
                 return value
-            loss = self.optimizer.step(with_penalty)
-        if self.advance_on_step:
-            self.advance()
+            self._penalty_in_closure = True
+            try:
+                loss = self.optimizer.step(with_penalty)
+            finally:
+                self._penalty_in_closure = False
+        if self.counts_steps and (self._inner_stepped or not hooked):
+            self.pruner.step()
         return loss
-
-    def advance(self, steps: int = 1) -> None:
-        """Count ``steps`` optimizer steps and refresh the masks when due."""
-        self.step_count += steps
-        if self.step_count % self.policy.mask_update_every == 0:
-            self.attachment.update_masks(self.step_count)
 
     # -- state -----------------------------------------------------------------------------------
 
-    def pruning_state_dict(self) -> dict[str, Any]:
-        """Step, policy, scores and masks, keyed by module name."""
-        layers = self.attachment.layers
-        return {
-            "format_version": STATE_FORMAT_VERSION,
-            "step": self.step_count,
-            "policy": self.policy.to_json(),
-            "scores": {lay.name: lay.scores.detach() for lay in layers if lay.scores is not None},
-            "masks": {lay.name: lay.mask for lay in layers if lay.mask is not None},
-            "layers": [lay.name for lay in layers],
-        }
-
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"optimizer": self.optimizer.state_dict(), "pruning": self.pruning_state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "pruning": self.pruner.state_dict()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         if not isinstance(state_dict, Mapping) or "pruning" not in state_dict \
@@ -237,11 +284,9 @@ class PruningOptimizer(torch.optim.Optimizer):
             raise StateError("not a PruningOptimizer state dict (it lacks 'optimizer' and "
                              "'pruning'). Fix: pass what PruningOptimizer.state_dict() "
                              "returned; a plain optimizer's state goes to `.optimizer`.")
-        pruning = state_dict["pruning"]
-        check_pruning_state(self.attachment, pruning)
+        self.pruner.check_state(state_dict["pruning"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        apply_pruning_state(self.attachment, pruning)
-        self.step_count = int(pruning["step"])
+        self.pruner.load_state_dict(state_dict["pruning"])
 
 
 def find_pruning_optimizer(optimizer: Any) -> PruningOptimizer | None:
@@ -251,46 +296,3 @@ def find_pruning_optimizer(optimizer: Any) -> PruningOptimizer | None:
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
     return None
-
-
-def check_saved_policy(saved_json: str, policy: PruningPolicy) -> None:
-    """Refuse pruning state saved with another policy, naming the fields that differ."""
-    saved = PruningPolicy.model_validate_json(saved_json)
-    if saved != policy:
-        diff = [f"{k}: saved {getattr(saved, k)!r} vs current {getattr(policy, k)!r}"
-                for k in PruningPolicy.model_fields if getattr(saved, k) != getattr(policy, k)]
-        raise StateError("pruning state was saved with another policy (" + "; ".join(diff)
-                         + "). Fix: attach with the saved policy to resume.")
-
-
-def check_pruning_state(attachment: Attachment, pruning: Mapping[str, Any]) -> None:
-    """Refuse saved pruning state that does not fit; changes nothing."""
-    version = pruning.get("format_version")
-    if version != STATE_FORMAT_VERSION:
-        raise StateError(f"pruning state has format_version {version!r}; this prune_plugin "
-                         f"reads {STATE_FORMAT_VERSION}. Fix: save it again with this version.")
-    check_saved_policy(pruning["policy"], attachment.policy)
-    layers = attachment.named_layers()
-    if list(pruning["layers"]) != list(layers):
-        missing = sorted(set(pruning["layers"]) - set(layers))
-        extra = sorted(set(layers) - set(pruning["layers"]))
-        raise StateError(f"pruning state covers other modules (saved only: {missing[:5]}, model "
-                         f"only: {extra[:5]}). Fix: load it into the model it was saved from.")
-    for kind in ("scores", "masks"):
-        for name, tensor in pruning[kind].items():
-            shape = tuple(layers[name].weight.shape)
-            if tuple(tensor.shape) != shape:
-                raise StateError(f"saved {kind} of {name!r} have shape {tuple(tensor.shape)}, "
-                                 f"the model's weight {shape}. Fix: load into the same model.")
-    if attachment.policy.has_scores and set(pruning["scores"]) != set(layers):
-        raise StateError("pruning state lacks scores for some layers. Fix: save it again.")
-
-
-def apply_pruning_state(attachment: Attachment, pruning: Mapping[str, Any]) -> None:
-    layers = attachment.named_layers()
-    with torch.no_grad():
-        for name, layer in layers.items():
-            if name in pruning["scores"]:
-                layer.scores.copy_(pruning["scores"][name])
-            mask = pruning["masks"].get(name)
-            layer.set_mask(None if mask is None else mask.to(layer.weight.device, torch.bool))

@@ -77,7 +77,11 @@ class PruningPolicy(BaseModel):
                     "pruned when one matches (use ^...$ to anchor).")
     exclude: list[str] = Field(
         default_factory=lambda: list(DEFAULT_EXCLUDE),
-        description="Regexes of module names never pruned; default: the output heads.")
+        description="Regexes of module names never pruned; default: the usual output heads.")
+    exclude_heads: bool = Field(
+        True, description="Leave output heads dense, found by structure: Linears outside a "
+                          "Hugging Face model's base model (classifier, pre_classifier, "
+                          "qa_outputs, lm_head), or a plain model's output Linears.")
     scope: Scope = Field("local", description="Top-v per layer (local) or across all targeted "
                          "layers (global). Top-v methods only.")
     initial_remaining: float = Field(1.0, gt=0.0, le=1.0,
@@ -235,20 +239,7 @@ class PruningPolicy(BaseModel):
         return {k: v for k, v in data.items()
                 if k not in _FIELD_METHODS or self.method in _FIELD_METHODS[k]}
 
-    # -- derived ------------------------------------------------------------------------------
-
-    @property
-    def has_scores(self) -> bool:
-        """Whether the method learns score parameters (all but magnitude)."""
-        return self.method != "magnitude"
-
-    @property
-    def uses_topv(self) -> bool:
-        return self.method in ("magnitude", "movement")
-
-    @property
-    def is_regularized(self) -> bool:
-        return self.method in ("soft_movement", "l0")
+    # -- serialisation ------------------------------------------------------------------------
 
     def to_json(self) -> str:
         """The full policy as JSON; ``PruningPolicy.model_validate_json`` reads it back."""

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prune_plugin.hooks import SCORES_NAME, get_attachment
+from prune_plugin.hooks import SCORES_NAME
 from prune_plugin.policy import PruningPolicy
+from prune_plugin.pruner import get_pruner
 from prune_plugin.targeting import find_targets
 
 
@@ -89,20 +90,21 @@ def sparsity_report(model: nn.Module, *, scope: str | None = None,
                     policy: PruningPolicy | None = None) -> SparsityReport:
     """Remaining weights of ``model``.
 
-    Attached models report their masks (L0: evaluation gates above 0); with ZeRO-3-sharded
-    scores this is a collective, to call on every rank. Plain (finalized)
-    models report the non-zero weights of the Linears ``policy`` targets (default: every
-    Linear but the output heads).
+    Attached models (also through wrappers such as ``torch.compile``) report their masks (L0:
+    evaluation gates above 0); with ZeRO-3-sharded scores this is a collective, to call on
+    every rank. Plain (finalized) models report the non-zero weights of the Linears ``policy``
+    targets (default: every Linear but the output heads).
     """
-    attachment = get_attachment(model)
+    pruner = get_pruner(model)
     modules: dict[str, nn.Linear]
-    if attachment is not None:
+    if pruner is not None:
         layers = [LayerSparsity(lay.name, kept, lay.numel)
-                  for lay, kept in zip(attachment.layers, attachment.kept_counts())]
-        modules = {lay.name: lay.module for lay in attachment.layers}
+                  for lay, kept in zip(pruner.layers, pruner.kept_counts())]
+        modules = {lay.name: lay.module for lay in pruner.layers}
+        model = pruner.model  # names are relative to the attached model
     else:
         policy = policy or PruningPolicy(method="magnitude", total_steps=1)
-        targets = find_targets(model, policy.targets, policy.exclude)
+        targets = find_targets(model, policy)
         with torch.no_grad():
             layers = [LayerSparsity(n, int(torch.count_nonzero(m.weight)), m.weight.numel())
                       for n, m in targets]

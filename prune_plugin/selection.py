@@ -1,15 +1,23 @@
-"""Exact Top-v selection (Eq. 1) over one tensor (local) or many (global), without sorting.
+"""Exact Top-v selection (Eq. 1) over one tensor (local) or many (global).
 
 Keeping exactly ``k`` of ``n`` scores needs the k-th largest value ``t``; the mask is then
 ``S > t`` plus the ties ``S == t`` needed to reach ``k``, taken lowest flat index first (layers
 in attach order for global), so the choice is deterministic. Scores tie massively after the
 first Adam steps (they sit at +-lr), so ties are part of the contract, not an edge case.
 
-Finding ``t``: a strided sample of the scores brackets ``t`` in ``(lo, hi]``; one counting pass
-checks the bracket and extracts the few scores inside it; ``kthvalue`` on those gives ``t``
-exactly. A full sort or ``kthvalue`` of 85M scores takes ~2.4 s on 2 cores; this takes a few
-passes. On CPU, numpy's vectorised comparisons run ~2.5x faster than torch's bool-producing
-ones, so CPU float tensors go through numpy views (zero-copy); everything else uses torch.
+Three implementations, one contract (each is tested against ``topv_mask_reference``):
+
+- **CPU** (:func:`topv_masks`): a strided sample brackets ``t`` in ``(lo, hi]``; one counting
+  pass checks the bracket and extracts the few scores inside it; ``kthvalue`` on those gives
+  ``t`` exactly. A full sort of 85M scores takes ~2.4 s on 2 cores; this takes a few passes.
+  Its decisions read values back (free on a CPU), and numpy's comparisons run ~2.5x faster
+  than torch's there, so CPU float tensors go through numpy views (zero-copy).
+- **Accelerators** (:func:`topv_rows`): device operations only, never a read back to the
+  host, so the step never stalls the device's queue: ``torch.topk`` gives the k-th value of
+  each row, one compare pass the mask, a cumulative count the ties. Layers of one shape are
+  stacked as rows and selected together.
+- **Sharded scores** (:func:`topv_thresholds`, ZeRO-3): a radix select over order-preserving
+  integer keys whose digit decisions are all-reduced histograms, kept on the device.
 """
 
 from __future__ import annotations
@@ -38,18 +46,15 @@ SAMPLE_SIZE = 1 << 16
 _MAX_ROUNDS = 12
 
 
-@dataclass(frozen=True)
-class TopVThreshold:
-    """The k-th largest score and how many of the scores equal to it are kept."""
-
-    value: float
-    ties_kept: int
-    k: int
-
-
 def topv_count(remaining: float, n: int) -> int:
     """Number of weights kept out of ``n`` at remaining fraction ``remaining``: round(v * n)."""
     return min(n, max(0, round(remaining * n)))
+
+
+def use_device_path(t: Tensor) -> bool:
+    """Whether selections on ``t`` take the sync-free device path (every device but the CPU,
+    where reading values back costs nothing and the sampled bracket is faster)."""
+    return t.device.type != "cpu"
 
 
 # --- backends: numpy views for CPU float32/64, torch otherwise --------------------------------
@@ -210,7 +215,7 @@ def topv_masks(parts: Sequence[Tensor], k: int, out: Sequence[Tensor] | None = N
     if k == 0:
         for m in masks:
             m.fill_(False)
-        return masks, TopVThreshold(math.inf, 0, 0), hint
+        return masks, _threshold(math.inf, 0, 0, parts[0]), hint
     dtype = parts[0].dtype
     lo, hi = -math.inf, math.inf  # invariant: above(hi) < k <= above(lo): answer in (lo, hi]
     c_lo, c_hi = n, 0
@@ -278,8 +283,42 @@ def _finish(parts: Sequence[Tensor], masks: Sequence[Tensor], k: int, lo: float,
     delta = 0.5 * width * min(4.0, max(0.25, target / inside))
     reliable = hint is None or not math.isfinite(hint.value) \
         or abs(value - hint.value) <= hint.delta
-    return (list(masks), TopVThreshold(value, ties, k),
+    return (list(masks), _threshold(value, ties, k, parts[0]),
             SelectionHint(value, max(delta, 1e-12), reliable))
+
+
+def _threshold(value: float, ties: int, k: int, like: Tensor) -> TopVThreshold:
+    return TopVThreshold(torch.tensor(value, dtype=like.dtype), torch.tensor(ties), k)
+
+
+# --- accelerators: exact Top-v with device operations only -----------------------------------
+
+def topv_rows(rows: Tensor, k: int, out: Tensor | None = None) -> Tensor:
+    """Masks keeping exactly the ``k`` largest scores of each row of ``rows`` (2-D), ties kept
+    lowest index first: what :func:`topv_masks` keeps for each row alone.
+
+    No value is read back to the host: ``torch.topk`` gives each row's k-th largest value ``t``,
+    and the mask is ``S > t`` plus the first ``k - #(S > t)`` scores equal to ``t``, found by a
+    cumulative count. A few passes over the scores, all queued on their device.
+    """
+    n = rows.shape[-1]
+    if out is None:
+        out = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
+    if k <= 0 or k >= n:
+        return out.fill_(k > 0)
+    x = rows.detach()
+    kth = torch.topk(x, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    torch.gt(x, kth, out=out)
+    need = k - out.sum(dim=-1, keepdim=True)
+    return out.logical_or_(_first_ties(x, kth, need))
+
+
+def _first_ties(x: Tensor, value: Tensor, count: Tensor) -> Tensor:
+    """The first ``count`` elements of each row of ``x`` that equal ``value`` (both broadcast
+    over the last dimension), as a mask; device operations only."""
+    equal = x == value
+    index_dtype = torch.int32 if x.shape[-1] < 2**31 else torch.int64
+    return equal.logical_and_(equal.cumsum(dim=-1, dtype=index_dtype) <= count)
 
 
 def topv_mask_reference(parts: Sequence[Tensor], k: int) -> list[Tensor]:
@@ -303,11 +342,26 @@ def topv_mask_reference(parts: Sequence[Tensor], k: int) -> list[Tensor]:
 # largest score is then found digit by digit, most significant first: each rank histograms the
 # next 8 bits of its candidate keys, one all-reduce of the small histograms tells every rank
 # which bin holds the answer, and the candidates shrink to that bin. 32-bit scores take 4
-# rounds, 16-bit ones 2; each moves 256 counts per selection group, never the scores.
+# rounds, 16-bit ones 2; each moves 257 counts per selection group, never the scores. Every
+# decision is a tensor on the scores' device, so nothing waits on the host; on the CPU the
+# candidates are also compacted after each digit (and first bracketed by a sample), which is
+# faster there.
 
 _RADIX_BITS = 8
+_BINS = 1 << _RADIX_BITS
 _KEY_DTYPES = {torch.float32: (torch.int32, 32), torch.bfloat16: (torch.int16, 16),
                torch.float16: (torch.int16, 16)}
+
+
+@dataclass(frozen=True)
+class TopVThreshold:
+    """One tensor's share of a Top-v: keep ``S > value`` plus the first ``ties_kept`` scores
+    equal to ``value`` (flat order). ``value`` and ``ties_kept`` are 0-dim tensors on the
+    scores' device (+inf and 0 when nothing is kept); ``k`` is the group's count."""
+
+    value: Tensor
+    ties_kept: Tensor
+    k: int
 
 
 def float_keys(x: Tensor) -> Tensor:
@@ -323,93 +377,114 @@ def float_keys(x: Tensor) -> Tensor:
     return torch.where(i < 0, i ^ ((1 << (bits - 1)) - 1), i)
 
 
+def keys_to_float(keys: Tensor, dtype: torch.dtype) -> Tensor:
+    """The inverse of :func:`float_keys`, elementwise, for int64 ``keys`` of ``dtype``."""
+    int_dtype, bits = _KEY_DTYPES[dtype]
+    i = torch.where(keys < 0, keys ^ ((1 << (bits - 1)) - 1), keys)
+    return i.to(int_dtype).view(dtype)
+
+
 def key_to_float(key: int, dtype: torch.dtype) -> float:
     """The float value of ``dtype`` whose key (:func:`float_keys`) is ``key``."""
-    int_dtype, bits = _KEY_DTYPES[dtype]
-    i = key ^ ((1 << (bits - 1)) - 1) if key < 0 else key
-    return float(torch.tensor([i], dtype=int_dtype).view(dtype)[0])
+    return float(keys_to_float(torch.tensor([key]), dtype)[0])
 
 
 def topv_thresholds(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
                     ks: Sequence[int], all_reduce: Callable[[Tensor], None] | None = None,
-                    totals: Sequence[int] | None = None) -> list[TopVThreshold]:
+                    totals: Sequence[int] | None = None, sync_free: bool | None = None
+                    ) -> list[TopVThreshold]:
     """Exact Top-v thresholds when each part may be one rank's shard of a tensor.
 
     ``parts[i]`` is this rank's (flat) share of tensor ``i``; ``groups`` lists which tensors are
     ranked together (one per layer: local Top-v; all of them: global) and ``ks[g]`` how many of
     group ``g``'s scores, over all ranks, to keep. ``all_reduce`` sums a tensor in place across
     ranks (None: one process holds everything); ``totals[g]``, group ``g``'s size over all
-    ranks, saves one all-reduce when the caller knows it. Returns one threshold per tensor: keep
-    ``S > value`` plus the first ``ties_kept`` scores equal to ``value`` (flat order within the
-    tensor; tensors of a group tie-broken in group order), which is bitwise what
-    :func:`topv_masks` keeps on the gathered tensors. Every rank gets the same answer.
+    ranks, saves one all-reduce when the caller knows it. Returns one threshold per tensor
+    (:func:`mask_from_threshold` turns it into that tensor's mask; tensors of a group are
+    tie-broken in group order), which is bitwise what :func:`topv_masks` keeps on the gathered
+    tensors. Every rank gets the same answer. ``sync_free`` (default: off the CPU) keeps every
+    decision on the device, so no value is read back and only the all-reduces communicate.
     """
     reduce = all_reduce or (lambda t: None)
     dtypes = {p.dtype for p in parts}
     if len(dtypes) > 1:
         raise TypeError(f"all score tensors must share one dtype, got {sorted(map(str, dtypes))}")
-    dtype = parts[0].dtype if parts else torch.float32
-    bits = _KEY_DTYPES[dtype][1] if parts else 32
+    if not parts:
+        return []
+    dtype, device = parts[0].dtype, parts[0].device
+    bits = _KEY_DTYPES[dtype][1] if dtype in _KEY_DTYPES else 32
+    compact = not (use_device_path(parts[0]) if sync_free is None else sync_free)
     n_groups = len(groups)
     # Every rank must make the same collective calls: all groups advance together.
-    if totals is None:
-        sizes = torch.tensor([p.numel() for p in parts], dtype=torch.int64)
+    if totals is None:  # read back: pass totals where that matters
+        sizes = torch.tensor([p.numel() for p in parts], dtype=torch.int64, device=device)
         reduce(sizes)
         totals = [int(sum(int(sizes[i]) for i in g)) for g in groups]
     ks = [min(max(0, int(k)), n) for k, n in zip(ks, totals)]
-    above, survivors = _bracket_prefilter(parts, groups, ks, totals, reduce)
-    candidates = [float_keys(p) for p in survivors]
-    prefix = [0] * n_groups
-    remaining = [k - a for k, a in zip(ks, above)]  # rank of the answer among the candidates
+    k_t = torch.tensor(ks, dtype=torch.int64, device=device)
+    if compact:
+        above_list, candidates = _bracket_prefilter(parts, groups, ks, totals, reduce)
+        above = torch.tensor(above_list, dtype=torch.int64, device=device)
+        candidates = [float_keys(c) for c in candidates]
+        alive: list[Tensor | None] = [None] * len(parts)
+    else:
+        above = torch.zeros(n_groups, dtype=torch.int64, device=device)
+        candidates = [float_keys(p) for p in parts]
+        alive = [torch.ones_like(c, dtype=torch.bool) for c in candidates]
+    remaining = k_t - above  # rank of the answer among the candidates, from the top
+    prefix = torch.zeros(n_groups, dtype=torch.int64, device=device)
+    group_of = [g for g, members in enumerate(groups) for _ in members]
+    order = [i for members in groups for i in members]
     for shift in range(bits - _RADIX_BITS, -1, -_RADIX_BITS):
-        hist = torch.zeros(n_groups, 1 << _RADIX_BITS, dtype=torch.int64)
-        digits: list[Tensor] = []
-        for g, members in enumerate(groups):
-            for i in members:
-                d = (candidates[i] >> shift) & 0xFF
-                if shift == bits - _RADIX_BITS:  # the sign digit: negatives first
-                    d = d ^ 0x80
-                digits.append(d)
-                hist[g] += torch.bincount(d, minlength=1 << _RADIX_BITS)
+        hist = torch.zeros(n_groups, _BINS + 1, dtype=torch.int64, device=device)
+        digits: dict[int, Tensor] = {}
+        for g, i in zip(group_of, order):
+            d = (candidates[i] >> shift) & (_BINS - 1)
+            if shift == bits - _RADIX_BITS:  # the sign digit: negatives first
+                d = d ^ (_BINS >> 1)
+            digits[i] = d = d.long()
+            if compact:
+                hist[g, :_BINS] += torch.bincount(d, minlength=_BINS)
+            else:  # dead candidates count in the spare bin; fixed shapes, no host read
+                d = torch.where(alive[i], d, _BINS)
+                hist[g].scatter_add_(0, d, torch.ones_like(d))
         reduce(hist)
-        it = iter(digits)
-        for g, members in enumerate(groups):
-            if remaining[g] == 0:
-                for i in members:
-                    next(it)
-                continue
-            from_top = hist[g].flip(0).cumsum(0)
-            b_rev = int(torch.searchsorted(from_top, remaining[g]))
-            b = (1 << _RADIX_BITS) - 1 - b_rev
-            skipped = int(from_top[b_rev - 1]) if b_rev > 0 else 0
-            above[g] += skipped
-            remaining[g] -= skipped
-            prefix[g] = (prefix[g] << _RADIX_BITS) | b
-            for i in members:
-                candidates[i] = candidates[i][next(it) == b]
+        from_top = hist[:, :_BINS].flip(1).cumsum(1)  # scores in this bin or above, per group
+        b_rev = torch.searchsorted(from_top, remaining.unsqueeze(1)).clamp_(max=_BINS - 1)
+        skipped = torch.where(b_rev > 0, from_top.gather(1, (b_rev - 1).clamp(min=0)), 0)
+        digit = (_BINS - 1) - b_rev.squeeze(1)
+        above += skipped.squeeze(1)
+        remaining -= skipped.squeeze(1)
+        prefix = (prefix << _RADIX_BITS) | digit
+        for g, i in zip(group_of, order):
+            chosen = digits[i] == digit[g]
+            if compact:
+                candidates[i] = candidates[i][chosen]
+            else:
+                alive[i] = alive[i].logical_and_(chosen)
     # Candidates left are the scores equal to the answer; keep the first ones in group order.
-    tied = torch.tensor([c.numel() for c in candidates], dtype=torch.int64)
+    tied = torch.stack([c.new_tensor(c.numel(), dtype=torch.int64) if compact
+                        else alive[i].sum(dtype=torch.int64)
+                        for i, c in enumerate(candidates)])
     reduce(tied)
+    # the flipped sign digit made the prefix the key offset by 2^(bits-1)
+    values = keys_to_float(prefix - (1 << (bits - 1)), dtype)
+    values = torch.where(k_t > 0, values, torch.tensor(math.inf, dtype=dtype, device=device))
     out: list[TopVThreshold | None] = [None] * len(parts)
     for g, members in enumerate(groups):
-        if ks[g] == 0:
-            for i in members:
-                out[i] = TopVThreshold(math.inf, 0, 0)
-            continue
-        # the flipped sign digit made the prefix the key offset by 2^(bits-1)
-        value = key_to_float(prefix[g] - (1 << (bits - 1)), dtype)
-        need = ks[g] - above[g]
+        need = remaining[g]  # ties to keep in this group, first members first
         for i in members:
-            kept = min(need, int(tied[i]))
-            need -= kept
-            out[i] = TopVThreshold(value, kept, ks[g])
+            kept = torch.minimum(need, tied[i]).clamp_(min=0)
+            need = need - kept
+            out[i] = TopVThreshold(values[g], kept, ks[g])
     return out  # type: ignore[return-value]
 
 
 def _bracket_prefilter(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
                        ks: Sequence[int], totals: Sequence[int],
                        reduce: Callable[[Tensor], None]) -> tuple[list[int], list[Tensor]]:
-    """Shrink the radix select's input to a bracket around each group's answer.
+    """Shrink the radix select's input to a bracket around each group's answer (CPU only: it
+    reads its decisions back, and extracts the in-bracket scores).
 
     Each rank samples its shards and proposes a bracket (lo, hi] around the k-th largest score
     (sample quantile +- 4 binomial standard deviations); the ranks average their proposals
@@ -465,9 +540,9 @@ def _bracket_prefilter(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
 
 
 def mask_from_threshold(importance: Tensor, threshold: TopVThreshold) -> Tensor:
-    """The mask of one whole tensor from its :func:`topv_thresholds` entry."""
-    mask = importance > threshold.value
-    if threshold.ties_kept:
-        idx = _first_equal(importance, threshold.value, threshold.ties_kept)
-        mask.view(-1)[idx.to(mask.device)] = True
-    return mask
+    """The mask of one whole tensor from its :func:`topv_thresholds` entry (device operations
+    only: a ZeRO-3 forward rebuilds it from the gathered scores)."""
+    flat = importance.detach().reshape(1, -1)
+    value = threshold.value.to(flat.dtype)
+    mask = (flat > value).logical_or_(_first_ties(flat, value, threshold.ties_kept))
+    return mask.view(importance.shape)

@@ -71,7 +71,7 @@ def main() -> None:
             m.p = 0.0
     engine, _, _, _ = initialize(model=model, config=config,
                                  optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
-    pruner = find_pruning_optimizer(engine.optimizer)
+    pruner = find_pruning_optimizer(engine.optimizer).pruner
     start = 0
     if args.resume:
         engine.load_checkpoint(args.resume)
@@ -89,7 +89,7 @@ def main() -> None:
         if args.save_at is not None and step + 1 == args.save_at:
             engine.save_checkpoint(args.ckpt)
     report = sparsity_report(engine)
-    mismatch = gathered_topv_mismatch(pruner) if pruner.policy.uses_topv else 0
+    mismatch = gathered_topv_mismatch(pruner) if args.method in ("magnitude", "movement") else 0
     state = finalized_state_dict(engine)
     if rank == 0:
         torch.save({"losses": losses, "kept": {x.name: x.kept for x in report.layers},
@@ -126,17 +126,17 @@ def gathered_topv_mismatch(pruner) -> int:
 
     from prune_plugin.selection import topv_count, topv_mask_reference
 
-    layers = pruner.attachment.layers
+    layers = pruner.layers
     params = [p for layer in layers for p in layer.module.parameters(recurse=False)
               if hasattr(p, "ds_id")]
-    remaining = pruner.attachment.current_target
+    remaining = pruner.target
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
-        gates = [layer.gate(training=False) for layer in layers]
+        gates = [layer.gate() for layer in layers]
         groups = [[i] for i in range(len(layers))] if pruner.policy.scope == "local" \
             else [list(range(len(layers)))]
         mismatch = 0
         for group in groups:
-            parts = [layers[i].importance() for i in group]
+            parts = [pruner.method.importance(layers[i]) for i in group]
             k = topv_count(remaining, sum(p.numel() for p in parts))
             for i, ref in zip(group, topv_mask_reference(parts, k)):
                 gate = gates[i] if gates[i] is not None else torch.ones_like(ref)

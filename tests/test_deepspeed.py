@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prune_plugin import PolicyError, get_attachment
+from prune_plugin import PolicyError, get_pruner
 from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_mask_reference,
                                     topv_thresholds)
 from prune_plugin.integrations import deepspeed as ds
@@ -68,14 +68,14 @@ def test_bad_entry_fails_before_anything_is_attached() -> None:
                           ({**_config(), "optimizer": {"type": "Lamb"}}, ds.DeepSpeedConfigError)]:
         with pytest.raises(error):
             ds.initialize(model=model, config=config)
-        assert get_attachment(model) is None
+        assert get_pruner(model) is None
         assert model.state_dict().keys() == before.keys()
     with pytest.raises(ds.DeepSpeedConfigError, match="both"):
         ds.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()),
                       config={**_config(), "optimizer": {"type": "AdamW"}})
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         ds.initialize(model=model, optimizer=lambda params: None, config=_config())
-    assert get_attachment(model) is None
+    assert get_pruner(model) is None
 
 
 def test_optimizer_block_builds_a_torch_optimizer() -> None:
@@ -107,7 +107,7 @@ def _sharded_rank(rank: int, world: int, port: int, parts: list, groups: list, k
         size = -(-p.numel() // world)
         shards.append(p.reshape(-1)[rank * size:(rank + 1) * size])
     result = topv_thresholds(shards, groups, ks, lambda t: dist.all_reduce(t))
-    queue.put((rank, [(t.value, t.ties_kept, t.k) for t in result]))
+    queue.put((rank, [(float(t.value), int(t.ties_kept), t.k) for t in result]))
     dist.destroy_process_group()
 
 
@@ -131,7 +131,8 @@ def test_sharded_topv_on_two_ranks_matches_a_gathered_topv(dtype: torch.dtype) -
         for p in procs:
             p.join(timeout=60)
         assert answers[0] == answers[1]  # every rank agrees
-        thresholds = [TopVThreshold(*t) for t in answers[0]]
+        thresholds = [TopVThreshold(torch.tensor(v, dtype=dtype), torch.tensor(ties), k)
+                      for v, ties, k in answers[0]]
         for grp, k in zip(groups, ks):
             reference = topv_mask_reference([parts[i] for i in grp], k)
             for i, ref in zip(grp, reference):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from prune_plugin import (AttachError, PruningOptimizer, PruningPolicy, TargetingError, attach,
-                          detach, finalize, get_attachment)
+                          detach, finalize, get_pruner)
 from prune_plugin.hooks import SCORES_NAME
 
 from .models import MLP, bert_batch, mlp_batch, tiny_bert
@@ -29,13 +29,18 @@ def test_attach_keeps_classes_parameter_identity_and_keys(method):
     model = tiny_bert()
     params = {name: p for name, p in model.named_parameters()}
     keys = list(model.state_dict())
-    attachment = attach(model, policy(method))
+    pruner = attach(model, policy(method))
     for name, p in params.items():
         assert dict(model.named_parameters())[name] is p
-    assert all(type(layer.module) is nn.Linear for layer in attachment.layers)
+    assert all(type(layer.module) is nn.Linear for layer in pruner.layers)
     new_keys = [k for k in model.state_dict() if k not in keys]
-    assert all(k.endswith("." + SCORES_NAME) for k in new_keys)
-    assert len(new_keys) == (0 if method == "magnitude" else len(attachment.layers))
+    assert new_keys[-1] == "pruning_step"  # the root's own key comes after its children's
+    scores = [k for k in new_keys if k.endswith("." + SCORES_NAME)]
+    masks = [k for k in new_keys if k.endswith(".pruning_mask")]
+    assert len(scores) == (0 if method == "magnitude" else len(pruner.layers))
+    # Top-v keeps 50% from the start; soft movement's tau starts at 0 (all kept), L0 has none
+    assert len(masks) == (len(pruner.layers) if method in ("magnitude", "movement") else 0)
+    assert len(new_keys) == len(scores) + len(masks) + 1
     assert [k for k in model.state_dict() if k in keys] == keys
 
 
@@ -54,17 +59,20 @@ def test_detach_restores_the_model_bit_exactly(method):
     assert torch.equal(model(**batch).logits, expected)
     for m in model.modules():
         assert "forward" not in m.__dict__ and not m._forward_pre_hooks
-        assert SCORES_NAME not in m._parameters
-    assert get_attachment(model) is None
+        assert not m._state_dict_hooks and not m._load_state_dict_pre_hooks
+        assert not m._load_state_dict_post_hooks and SCORES_NAME not in m._parameters
+        assert not any(k.startswith("_prune_plugin") for k in m.__dict__)
+    assert get_pruner(model) is None
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_finalize_gives_same_outputs_and_a_plain_model(method):
     model = tiny_bert()
     keys = list(model.state_dict())
-    attachment = attach(model, policy(method, **({"score_init": "uniform", "score_init_value": 3.0}
+    pruner = attach(model, policy(method, **({"score_init": "uniform", "score_init_value": 3.0}
                                                  if method != "magnitude" else {})))
-    attachment.update_masks(5)
+    pruner.step_count = 5
+    pruner.refresh()
     model.eval()
     batch = bert_batch()
     expected = model(**batch).logits
@@ -105,7 +113,7 @@ def test_matching_nothing_names_patterns_and_shows_modules():
     before = snapshot(model)
     with pytest.raises(TargetingError, match=r"\['decoder'\].*match none.*'fc1', 'fc2', 'head'"):
         attach(model, policy("movement", targets=["decoder"]))
-    assert get_attachment(model) is None and list(model.state_dict()) == list(before)
+    assert get_pruner(model) is None and list(model.state_dict()) == list(before)
 
 
 def test_attaching_twice_is_refused_and_changes_nothing():
@@ -114,9 +122,8 @@ def test_attaching_twice_is_refused_and_changes_nothing():
     keys = list(model.state_dict())
     with pytest.raises(AttachError, match="already attached"):
         attach(model, policy("magnitude"))
-    with pytest.raises(AttachError, match="already has pruning scores"):
-        wrapper = nn.Sequential(model)
-        attach(wrapper, policy("movement"))
+    with pytest.raises(AttachError, match="already attached"):  # found through the wrapper
+        attach(nn.Sequential(model), policy("movement"))
     assert list(model.state_dict()) == keys
 
 
@@ -147,15 +154,16 @@ def test_failure_midway_rolls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         attach(model, policy("movement"))
     assert SCORES_NAME not in model.fc1._parameters and "forward" not in model.fc1.__dict__
-    assert get_attachment(model) is None
+    assert not model.fc1._state_dict_hooks and not model._load_state_dict_post_hooks
+    assert get_pruner(model) is None
 
 
 def test_multihead_attention_out_proj_is_refused_loudly():
     model = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16)
     with pytest.raises(TargetingError, match="out_proj"):
         attach(model, policy("movement"))
-    attachment = attach(model, policy("movement", exclude=["out_proj"]))
-    assert [layer.name for layer in attachment.layers] == ["linear1", "linear2"]
+    pruner = attach(model, policy("movement", exclude=["out_proj"]))
+    assert [layer.name for layer in pruner.layers] == ["linear1", "linear2"]
 
 
 def test_deepcopy_of_attached_model_is_independent():
@@ -165,10 +173,10 @@ def test_deepcopy_of_attached_model_is_independent():
     x, _ = mlp_batch()
     assert torch.equal(clone(x), model(x))
     detach(clone)
-    assert get_attachment(model) is not None and "forward" in model.fc1.__dict__
+    assert get_pruner(model) is not None and "forward" in model.fc1.__dict__
 
 
-def test_detach_or_finalize_without_attachment_is_refused():
+def test_detach_or_finalize_without_pruner_is_refused():
     with pytest.raises(AttachError, match="no pruning attached"):
         detach(MLP())
     with pytest.raises(AttachError, match="no pruning attached"):

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prune_plugin.masks import (hard_concrete_gate, l0_eval_gate, masked_linear, regularizer_grad,
-                                regularizer_value, threshold_mask)
+from prune_plugin.masks import (expected_l0, expected_l0_grad, hard_concrete_gate, l0_eval_gate,
+                                l0_linear, l0_noise, masked_linear, noise_to_uniform,
+                                sigmoid_penalty, sigmoid_penalty_grad, threshold_mask)
 
 
 def _inputs(seed=0):
@@ -65,8 +66,8 @@ def test_l0_eval_gate_formula_and_sampled_gate_range():
     s = torch.linspace(-6, 6, 50)
     expected = torch.clamp((1.1 + 0.1) * torch.sigmoid(s) - 0.1, 0, 1)
     assert torch.allclose(l0_eval_gate(s, left=-0.1, right=1.1), expected)
-    torch.manual_seed(0)
-    gate = hard_concrete_gate(s.repeat(200, 1), beta=2 / 3, left=-0.1, right=1.1)
+    gate = hard_concrete_gate(s.repeat(200, 1), beta=2 / 3, left=-0.1, right=1.1,
+                              generator=torch.Generator().manual_seed(0))
     assert gate.min() == 0.0 and gate.max() == 1.0  # the stretch gives exact zeros and ones
     # high scores are mostly open, low ones mostly closed
     assert gate[:, -1].mean() > 0.95 and gate[:, 0].mean() < 0.05
@@ -75,22 +76,51 @@ def test_l0_eval_gate_formula_and_sampled_gate_range():
 def test_l0_gate_gradient_is_eq3():
     torch.manual_seed(0)
     s = torch.randn(64, dtype=torch.float64, requires_grad=True)
-    torch.manual_seed(1)
-    gate = hard_concrete_gate(s, beta=2 / 3, left=-0.1, right=1.1)
+    noise = l0_noise(s.shape, s.device, torch.Generator().manual_seed(1))
+    gate = hard_concrete_gate(s, beta=2 / 3, left=-0.1, right=1.1, noise=noise)
     (g,) = torch.autograd.grad(gate.sum(), (s,))
-    torch.manual_seed(1)
-    u = torch.rand(64, dtype=torch.float64).clamp(1e-4, 1 - 1e-4)
+    u = noise_to_uniform(noise, torch.float64)
     sbar = torch.sigmoid((torch.log(u) - torch.log1p(-u) + s.detach()) / (2 / 3))
     z = 1.2 * sbar - 0.1
     f = 1.2 / (2 / 3) * sbar * (1 - sbar) * ((z >= 0) & (z <= 1))
     assert torch.allclose(g, f)
 
 
-@pytest.mark.parametrize("method", ["soft_movement", "l0"])
-def test_regularizer_grad_is_autograd_of_value(method):
-    s = torch.randn(30, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(regularizer_value(s, method=method), (s,))
-    assert torch.allclose(regularizer_grad(s.detach(), method=method), g)
-    if method == "l0":  # E[L0] = sigmoid(S - b log(-l/r))
-        z = s.detach() - 2 / 3 * math.log(0.1 / 1.1)
-        assert torch.allclose(regularizer_value(s, method=method), torch.sigmoid(z).sum())
+def test_l0_noise_is_uniform_on_a_fine_grid():
+    noise = l0_noise(torch.Size([200_000]), torch.device("cpu"), torch.Generator().manual_seed(0))
+    u = noise_to_uniform(noise, torch.float64)
+    assert noise.dtype == torch.int16 and u.min() >= 1e-4 and u.max() <= 1 - 1e-4
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    assert len(torch.unique(u)) > 60_000  # 65,536 levels, not a coarse one
+
+
+def test_l0_linear_matches_autograd_through_the_sampled_gate():
+    x, w, b, s, _ = _inputs(3)
+    noise = l0_noise(s.shape, s.device, torch.Generator().manual_seed(5))
+    out = l0_linear(x, w, b, s, noise, beta=2 / 3, left=-0.1, right=1.1)
+    gate = hard_concrete_gate(s, beta=2 / 3, left=-0.1, right=1.1, noise=noise)
+    ref = F.linear(x, w * gate, b)
+    assert torch.allclose(out, ref)
+    g_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b, s), g_out)
+    want = torch.autograd.grad(ref, (x, w, b, s), g_out)
+    assert any(float(g.abs().sum()) > 0 for g in got)
+    for a, r in zip(got, want):
+        assert torch.allclose(a, r)
+
+
+@pytest.mark.parametrize("penalty,grad", [
+    (sigmoid_penalty, sigmoid_penalty_grad),
+    (lambda s: expected_l0(s, beta=2 / 3, left=-0.1, right=1.1),
+     lambda s: expected_l0_grad(s, beta=2 / 3, left=-0.1, right=1.1))])
+def test_penalty_grad_is_autograd_of_value(penalty, grad):
+    s = torch.randn(30, dtype=torch.float64, requires_grad=True,
+                    generator=torch.Generator().manual_seed(0))
+    (g,) = torch.autograd.grad(penalty(s), (s,))
+    assert torch.allclose(grad(s.detach()), g)
+
+
+def test_expected_l0_formula():
+    s = torch.randn(30, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z = s - 2 / 3 * math.log(0.1 / 1.1)  # E[L0] = sigmoid(S - b log(-l/r))
+    assert torch.allclose(expected_l0(s, beta=2 / 3, left=-0.1, right=1.1), torch.sigmoid(z).sum())

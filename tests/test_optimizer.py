@@ -117,7 +117,7 @@ def test_regularizer_reaches_score_gradients_without_changing_the_loss(method):
     model = MLP()
     policy = PruningPolicy(method=method, total_steps=4, final_lambda=50.0)
     opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), policy, model=model)
-    opt.step_count = 4  # lambda at its final value
+    opt.pruner.step_count = 4  # lambda at its final value
     x, y = mlp_batch()
     nn.functional.cross_entropy(model(x), y).backward()
     task_grad = model.fc1.pruning_scores.grad.clone()
@@ -127,7 +127,7 @@ def test_regularizer_reaches_score_gradients_without_changing_the_loss(method):
         s = model.fc1.pruning_scores.detach().clone().requires_grad_(True)
         z = s if method == "soft_movement" else s - 2 / 3 * torch.log(torch.tensor(0.1 / 1.1))
         (penalty_grad,) = torch.autograd.grad(50.0 * torch.sigmoid(z).sum() / n, (s,))
-    opt.add_regularizer_grads()
+    opt.add_penalty_grads()
     assert torch.allclose(model.fc1.pruning_scores.grad, task_grad + penalty_grad)
 
 
@@ -150,14 +150,14 @@ def test_wrapping_twice_or_non_optimizers_is_refused():
 
 
 def test_optimizer_holding_scores_already_is_refused_and_rolled_back():
-    from prune_plugin import attach, get_attachment
+    from prune_plugin import AttachError, attach, get_pruner
 
     model = MLP()
-    attach(model, movement(final_remaining=0.5, total_steps=20))
+    pruner = attach(model, movement(final_remaining=0.5, total_steps=20))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)  # includes the scores
-    with pytest.raises(ValueError, match="already holds the pruning scores"):
-        PruningOptimizer(opt, movement(final_remaining=0.5, total_steps=20), model=model)
-    assert get_attachment(model) is not None  # the earlier attachment is not touched
+    with pytest.raises(AttachError, match="already attached with another policy"):
+        PruningOptimizer(opt, movement(final_remaining=0.3, total_steps=20), model=model)
+    assert get_pruner(model) is pruner and len(opt.param_groups) == 1  # nothing touched
 
 
 def test_step_after_detach_is_refused_and_scores_leave_the_optimizer():
@@ -206,7 +206,7 @@ def test_resume_mid_run_is_bit_identical(method, kw):
             opt.load_state_dict(saved[1])
             sched.load_state_dict(saved[2])
         steps(steps_before_save, 10)
-        masks = [layer.gate(False) for layer in opt.attachment.layers]
+        masks = [layer.gate() for layer in opt.pruner.layers]
         return model.state_dict(), masks
 
     full_state, full_masks = run(10, resume=False)

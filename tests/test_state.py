@@ -29,7 +29,7 @@ def test_round_trip_restores_step_scores_and_masks(tmp_path):
     fresh, fresh_opt = trained(POLICY, steps=0, seed=1)
     load_pruning_state(fresh_opt, path)
     assert fresh_opt.step_count == 4
-    for a, b in zip(opt.attachment.layers, fresh_opt.attachment.layers):
+    for a, b in zip(opt.pruner.layers, fresh_opt.pruner.layers):
         assert torch.equal(a.scores, b.scores) and torch.equal(a.mask, b.mask)
 
 
@@ -84,12 +84,12 @@ def test_refuses_files_that_are_not_pruning_state(tmp_path):
     _, opt = trained(POLICY)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(StateError, match="not a safetensors file"):
+    with pytest.raises(StateError, match="not a readable safetensors file"):
         load_pruning_state(opt, junk)
     write_safetensors(tmp_path / "plain.safetensors", {"x": torch.zeros(2)})
     with pytest.raises(StateError, match="not a prune_plugin state file"):
         read_pruning_state(tmp_path / "plain.safetensors")
-    with pytest.raises(StateError, match="no pruning state"):
+    with pytest.raises(StateError, match="no prune_plugin state file at"):
         load_pruning_state(opt, tmp_path / "missing.safetensors")
 
 

@@ -1,0 +1,264 @@
+"""One strategy object per pruning method of the paper: what it learns, how it masks.
+
+Every per-method decision lives here, so the rest of the plugin asks a method object instead
+of comparing method names:
+
+| method | scores | mask of a forward | chosen by | penalty |
+|---|---|---|---|---|
+| magnitude | none | Top-v of \\|W\\| | the cubic schedule (Eq. 5) | - |
+| movement | S, straight-through (Eq. 2) | Top-v of S | the cubic schedule | - |
+| soft_movement | S, straight-through | sigmoid(S) > tau | tau on the cubic schedule | lambda * mean sigmoid(S) |
+| l0 | log-alpha S, through the gate | hard-concrete gate, sampled per forward | - | lambda * mean E[L0] |
+
+A method is stateless: the masks it computes are written to the layers
+(:class:`~prune_plugin.hooks.PrunedLayer`), the step count is the pruner's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from prune_plugin.masks import (expected_l0_grad, l0_eval_gate, logit, sigmoid_penalty_grad,
+                                threshold_mask)
+from prune_plugin.policy import PruningPolicy
+from prune_plugin.schedule import cubic_schedule, lambda_at
+from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_count, topv_masks,
+                                    topv_rows, topv_thresholds, use_device_path)
+
+if TYPE_CHECKING:
+    from prune_plugin.hooks import PrunedLayer
+    from prune_plugin.pruner import Pruner
+
+
+class PruningMethod:
+    """The behaviour shared by every method; subclasses override what differs."""
+
+    name: ClassVar[str]
+    #: Whether the method learns a score Parameter per weight.
+    has_scores: ClassVar[bool] = True
+    #: Whether the scores get the straight-through gradient dL/dW' * W (Eq. 2) from the forward.
+    straight_through: ClassVar[bool] = False
+    #: Whether training forwards sample a fresh gate instead of using the layer's mask.
+    samples_gates: ClassVar[bool] = False
+    #: What ``schedule_value`` is, as a name for logs (None: no schedule).
+    schedule_name: ClassVar[str | None] = None
+
+    def __init__(self, policy: PruningPolicy) -> None:
+        self.policy = policy
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    # -- scores -------------------------------------------------------------------------------
+
+    def initial_scores(self, weight: Tensor) -> Tensor | None:
+        """The scores of a layer at attach time (``score_init``), or None for no scores."""
+        if not self.has_scores:
+            return None
+        w = weight.detach()
+        kind, value = self.policy.score_init, self.policy.score_init_value
+        if kind == "constant":
+            return torch.full_like(w, value)
+        if kind == "uniform":
+            return torch.empty_like(w).uniform_(-value, value)
+        if kind == "kaiming":
+            s = torch.empty_like(w)
+            nn.init.kaiming_uniform_(s, a=math.sqrt(5))
+            return s
+        return w.abs().clone()  # magnitude
+
+    # -- the schedule -------------------------------------------------------------------------
+
+    def schedule_value(self, step: int) -> float | None:
+        """What the schedule asks for after ``step`` steps: the remaining fraction (Top-v) or
+        tau (soft movement); None when the method has no schedule."""
+        return None
+
+    def penalty_lambda(self, step: int) -> float:
+        """lambda of the regularizer after ``step`` steps (0 for unregularized methods)."""
+        return 0.0
+
+    def penalty_grad(self, scores: Tensor) -> Tensor:
+        """d R / d S per element, to be scaled by lambda / N."""
+        raise NotImplementedError
+
+    # -- masks --------------------------------------------------------------------------------
+
+    def refresh(self, pruner: Pruner) -> None:
+        """Recompute every layer's mask for the forwards after ``pruner.step_count`` steps."""
+
+    def gate(self, layer: PrunedLayer) -> Tensor | None:
+        """The deterministic multiplier of W (evaluation, finalize): the layer's bool mask, or
+        None when every weight is kept."""
+        if layer.threshold is not None:  # sharded scores: rebuilt from the gathered ones
+            return mask_from_threshold(self.importance(layer), layer.threshold)
+        return layer.mask
+
+    def importance(self, layer: PrunedLayer) -> Tensor:
+        """What a mask ranks or thresholds: the scores by default."""
+        return layer.scores.detach()
+
+
+class _TopV(PruningMethod):
+    """Top-v of an importance (Eq. 1), v on the cubic schedule (Eq. 5)."""
+
+    schedule_name = "remaining_target"
+
+    def schedule_value(self, step: int) -> float:
+        p = self.policy
+        return cubic_schedule(step, initial=p.initial_remaining, final=p.final_remaining,
+                              warmup_steps=p.warmup_steps, cooldown_steps=p.cooldown_steps,
+                              total_steps=p.total_steps)
+
+    def refresh(self, pruner: Pruner) -> None:
+        remaining = self.schedule_value(pruner.step_count)
+        layers = pruner.layers
+        if remaining >= 1.0:
+            for layer in layers:
+                layer.set_mask(None)
+            return
+        groups = [[layer] for layer in layers] if self.policy.scope == "local" else [layers]
+        if pruner.sharding is not None:
+            self._refresh_sharded(pruner, remaining, groups)
+        elif pruner.sync_free(layers[0].weight):
+            self._refresh_on_device(remaining, groups)
+        else:
+            self._refresh_on_host(pruner, remaining, groups)
+
+    def _refresh_on_host(self, pruner: Pruner, remaining: float,
+                         groups: list[list[PrunedLayer]]) -> None:
+        """CPU: the sampled-bracket selection, warm-started from the last threshold."""
+        for group in groups:
+            key = group[0].name if len(group) == 1 else "*"
+            k = topv_count(remaining, sum(layer.numel for layer in group))
+            masks, _, pruner.selection_hints[key] = topv_masks(
+                [self.importance(layer) for layer in group], k,
+                out=[layer.mask_buffer() for layer in group],
+                hint=pruner.selection_hints.get(key))
+            for layer, mask in zip(group, masks):
+                layer.set_mask(mask)
+
+    def _refresh_on_device(self, remaining: float, groups: list[list[PrunedLayer]]) -> None:
+        """Accelerators: device operations only. Local scope stacks the layers of one shape
+        as rows of one selection (BERT-base: 3 selections for 72 layers); global scope ranks
+        the concatenation of every layer."""
+        if self.policy.scope == "global":
+            layers = groups[0]
+            flat = torch.cat([self.importance(layer).reshape(-1) for layer in layers])
+            k = topv_count(remaining, flat.numel())
+            masks = topv_rows(flat.unsqueeze(0), k).squeeze(0)
+            for layer, mask in zip(layers, masks.split([layer.numel for layer in layers])):
+                layer.set_mask(mask.view(layer.weight.shape))
+            return
+        by_shape: dict[tuple, list[PrunedLayer]] = defaultdict(list)
+        for (layer,) in groups:
+            w = layer.weight
+            by_shape[(tuple(w.shape), w.dtype, w.device)].append(layer)
+        for same in by_shape.values():
+            rows = torch.stack([self.importance(layer).reshape(-1) for layer in same])
+            masks = topv_rows(rows, topv_count(remaining, rows.shape[1]))
+            for layer, mask in zip(same, masks):
+                layer.set_mask(mask.view(layer.weight.shape))
+
+    def _refresh_sharded(self, pruner: Pruner, remaining: float,
+                         groups: list[list[PrunedLayer]]) -> None:
+        """ZeRO-3: exact thresholds from the shards (radix select); each forward rebuilds its
+        layer's mask from the gathered scores."""
+        sharding = pruner.sharding
+        index = {id(layer): i for i, layer in enumerate(pruner.layers)}
+        totals = [sum(layer.numel for layer in group) for group in groups]  # over all ranks
+        parts = [sharding.local_importance(layer) for layer in pruner.layers]
+        thresholds = topv_thresholds(
+            parts, [[index[id(layer)] for layer in group] for group in groups],
+            [topv_count(remaining, n) for n in totals], sharding.all_reduce, totals=totals,
+            sync_free=pruner.sync_free(parts[0]) if parts else None)
+        for layer, threshold in zip(pruner.layers, thresholds):
+            layer.set_threshold(threshold)
+
+
+class Magnitude(_TopV):
+    """Top-v of |W|: no scores."""
+
+    name = "magnitude"
+    has_scores = False
+
+    def importance(self, layer: PrunedLayer) -> Tensor:
+        return layer.weight.detach().abs()
+
+
+class Movement(_TopV):
+    """Hard movement pruning: Top-v of the scores, which learn -dL/dW * W (Eq. 4)."""
+
+    name = "movement"
+    straight_through = True
+
+
+class _Regularized(PruningMethod):
+    """A penalty lambda * mean R(S) on the scores, lambda on its own schedule."""
+
+    def penalty_lambda(self, step: int) -> float:
+        p = self.policy
+        return lambda_at(step, final_lambda=p.final_lambda, schedule=p.lambda_schedule,
+                         warmup_steps=p.warmup_steps, cooldown_steps=p.cooldown_steps,
+                         total_steps=p.total_steps)
+
+
+
+class SoftMovement(_Regularized):
+    """Soft movement pruning: mask sigmoid(S) > tau, tau on the cubic schedule."""
+
+    name = "soft_movement"
+    straight_through = True
+    schedule_name = "threshold"
+
+    def penalty_grad(self, scores: Tensor) -> Tensor:
+        return sigmoid_penalty_grad(scores)
+
+    def schedule_value(self, step: int) -> float:
+        p = self.policy
+        return cubic_schedule(step, initial=p.initial_threshold, final=p.final_threshold,
+                              warmup_steps=p.warmup_steps, cooldown_steps=p.cooldown_steps,
+                              total_steps=p.total_steps)
+
+    def refresh(self, pruner: Pruner) -> None:
+        tau = self.schedule_value(pruner.step_count)
+        for layer in pruner.layers:
+            if pruner.sharding is not None:  # S > logit(tau): a threshold with no ties
+                layer.set_threshold(None if tau <= 0.0 else TopVThreshold(
+                    torch.tensor(logit(tau)), torch.tensor(0), 0))
+            else:
+                layer.set_mask(threshold_mask(layer.scores.detach(), tau,
+                                              out=layer.mask_buffer()))
+
+
+class L0(_Regularized):
+    """L0 regularization: a hard-concrete gate per weight, sampled in every training forward;
+    min(1, relu((r - l) sigmoid(S) + l)) at evaluation. Holds no mask."""
+
+    name = "l0"
+    samples_gates = True
+
+    def penalty_grad(self, scores: Tensor) -> Tensor:
+        p = self.policy
+        return expected_l0_grad(scores, beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
+
+    def gate(self, layer: PrunedLayer) -> Tensor:
+        return self.gate_of(self.importance(layer))
+
+    def gate_of(self, scores: Tensor) -> Tensor:
+        """The evaluation gate of ``scores`` (any shard of them)."""
+        return l0_eval_gate(scores, left=self.policy.l0_left, right=self.policy.l0_right)
+
+
+METHODS: dict[str, type[PruningMethod]] = {
+    cls.name: cls for cls in (Magnitude, Movement, SoftMovement, L0)}
+
+
+def method_for(policy: PruningPolicy) -> PruningMethod:
+    """The strategy object of ``policy.method``."""
+    return METHODS[policy.method](policy)

@@ -1,0 +1,396 @@
+"""`Pruner`: the one owner of a pruning run.
+
+A pruner holds the model's pruned layers, the step count, the schedule and the masks, and
+its state. Whatever trains the model only tells it that a real optimizer step happened
+(:meth:`Pruner.step`): :class:`~prune_plugin.optimizer.PruningOptimizer` in a plain loop, the
+DeepSpeed engine's schedule slot, or the Trainer. Per-method behaviour is a strategy object
+(:mod:`prune_plugin.methods`), hooks are installed and removed by :mod:`prune_plugin.hooks`.
+
+    pruner = attach(model, policy)      # scores, forwards and masks on the targeted Linears
+    ...                                  # each optimizer step: pruner.step()
+    finalize(model)                      # W * M baked in: a plain model
+
+The pruner lives on the model (``get_pruner`` finds it through wrappers such as
+``torch.compile``, DDP or PEFT), so ``copy.deepcopy(model)`` copies it too, and its step and
+masks are part of ``model.state_dict()`` (keys ``pruning_step`` and ``<module>.pruning_mask``,
+beside the ``<module>.pruning_scores`` Parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prune_plugin.errors import AttachError, StateError
+from prune_plugin.hooks import SCORES_NAME, PrunedLayer, layer_of
+from prune_plugin.methods import PruningMethod, method_for
+from prune_plugin.policy import PruningPolicy
+from prune_plugin.selection import SelectionHint, use_device_path
+from prune_plugin.targeting import find_targets
+
+#: Attribute of the attached root module that holds its Pruner.
+PRUNER_ATTR = "_prune_plugin_pruner"
+#: State-dict key (after the root's prefix) of the step count.
+STEP_KEY = "pruning_step"
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How to reach this rank's share of sharded scores (set by a ZeRO-3 integration).
+
+    ``local_importance(layer)`` returns this rank's flat shard of the layer's importance (its
+    real elements only); ``all_reduce`` sums a small tensor in place across ranks.
+    """
+
+    local_importance: Callable[[PrunedLayer], Tensor]
+    all_reduce: Callable[[Tensor], None]
+
+
+class Pruner:
+    """A pruning run on one model: its layers, step count, schedule, masks and state."""
+
+    #: None: the sync-free device path on accelerators, the sampled bracket on the CPU;
+    #: True/False force one (tests prove the device path on CPU tensors).
+    device_path: bool | None = None
+
+    def __init__(self, model: nn.Module, policy: PruningPolicy) -> None:
+        self.model = model
+        self.policy = policy
+        self.method: PruningMethod = method_for(policy)
+        self.layers: list[PrunedLayer] = []
+        #: Completed optimizer steps; the masks in use are those for this step.
+        self.step_count = 0
+        #: Set by a ZeRO-3 integration: masks become thresholds agreed across ranks.
+        self.sharding: Sharding | None = None
+        #: Bumped whenever masks change (invalidates the layers' cached W * M).
+        self.generation = 0
+        self.closed = False
+        self.selection_hints: dict[str, SelectionHint | None] = {}  # CPU warm starts
+        self.loading_masks: dict[str, Tensor] = {}  # filled by the layers' load hooks
+        self._loading: tuple[int | None, list[str]] | None = None
+        self._on_detach: list[Callable[[], None]] = []
+        self._handles: list[Any] = []
+
+    def __repr__(self) -> str:
+        return (f"Pruner(method={self.policy.method!r}, step={self.step_count}, "
+                f"layers={len(self.layers)})")
+
+    # -- what it holds ------------------------------------------------------------------------
+
+    @property
+    def scores(self) -> list[nn.Parameter]:
+        return [layer.scores for layer in self.layers if layer.scores is not None]
+
+    def named_layers(self) -> dict[str, PrunedLayer]:
+        return {layer.name: layer for layer in self.layers}
+
+    def sync_free(self, like: Tensor) -> bool:
+        """Whether mask refreshes avoid every read back to the host (see ``device_path``)."""
+        return use_device_path(like) if self.device_path is None else self.device_path
+
+    @property
+    def target(self) -> float | None:
+        """What the schedule asks for now: remaining fraction (Top-v) or tau (soft movement)."""
+        return self.method.schedule_value(self.step_count)
+
+    @property
+    def penalty_lambda(self) -> float:
+        return self.method.penalty_lambda(self.step_count)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One optimizer step was applied: advance the schedule and refresh the masks when due."""
+        if self.closed:
+            raise AttachError("this pruner was detached or finalized; nothing is left to prune. "
+                              "Fix: keep training with the plain optimizer.")
+        self.step_count += 1
+        if self.step_count % self.policy.mask_update_every == 0:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute every mask for the current step."""
+        with torch.no_grad():
+            self.method.refresh(self)
+        self.generation += 1
+
+    def add_penalty_grads(self, params: list[Tensor]) -> None:
+        """Add d(lambda * mean R(S))/dS to the gradients of ``params`` (soft movement, L0).
+
+        ``params`` are whatever holds the scores when the optimizer steps: the scores, or the
+        flat fp32 shards ZeRO swaps in. The penalty is a sum of per-score terms, so its gradient
+        is elementwise, works on any shard, and is normalised by the number of scores so that
+        lambda does not depend on the model's size."""
+        lam = self.penalty_lambda
+        if lam == 0.0 or not params:
+            return
+        scale = lam / sum(layer.numel for layer in self.layers)
+        with torch.no_grad():
+            for s in params:
+                g = self.method.penalty_grad(s.detach()).mul_(scale)
+                if s.grad is None:
+                    s.grad = g.to(s.dtype)
+                else:
+                    s.grad.add_(g)
+
+    def kept_counts(self) -> list[int]:
+        """Weights each layer's forward keeps. With sharded scores each rank counts its shard
+        and one all-reduce adds them up (a collective: call it on every rank)."""
+        if self.sharding is None:
+            return [layer.kept() for layer in self.layers]
+        local = []
+        with torch.no_grad():
+            for layer in self.layers:
+                imp = self.sharding.local_importance(layer)
+                if layer.threshold is not None:
+                    imp = imp > layer.threshold.value.to(imp.device, imp.dtype)
+                elif self.method.samples_gates:
+                    imp = self.method.gate_of(imp)
+                else:
+                    local.append(imp.numel())
+                    continue
+                local.append(int(torch.count_nonzero(imp)))
+        counts = torch.tensor(local, dtype=torch.int64)
+        self.sharding.all_reduce(counts)
+        # ties are counted once per tensor, not per shard
+        return [int(c) + (0 if layer.threshold is None else int(layer.threshold.ties_kept))
+                for c, layer in zip(counts.tolist(), self.layers)]
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step, policy, scores and masks, keyed by module name."""
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "step": self.step_count,
+            "policy": self.policy.to_json(),
+            "scores": {lay.name: lay.scores.detach() for lay in self.layers
+                       if lay.scores is not None},
+            "masks": {lay.name: lay.mask for lay in self.layers if lay.mask is not None},
+            "layers": [lay.name for lay in self.layers],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; refuses one that does not fit, changing nothing."""
+        self.check_state(state)
+        layers = self.named_layers()
+        with torch.no_grad():
+            for name, layer in layers.items():
+                if name in state["scores"]:
+                    layer.scores.copy_(state["scores"][name])
+                mask = state["masks"].get(name)
+                layer.set_mask(None if mask is None else mask.to(layer.weight.device, torch.bool))
+        self.step_count = int(state["step"])
+        self.generation += 1
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse saved pruning state that does not fit this run; changes nothing."""
+        version = state.get("format_version")
+        if version != STATE_FORMAT_VERSION:
+            raise StateError(f"pruning state has format_version {version!r}; this prune_plugin "
+                             f"reads {STATE_FORMAT_VERSION}. Fix: save it again with this "
+                             "version.")
+        check_saved_policy(state["policy"], self.policy)
+        layers = self.named_layers()
+        if list(state["layers"]) != list(layers):
+            missing = sorted(set(state["layers"]) - set(layers))
+            extra = sorted(set(layers) - set(state["layers"]))
+            raise StateError(f"pruning state covers other modules (saved only: {missing[:5]}, "
+                             f"model only: {extra[:5]}). Fix: load it into the model it was "
+                             "saved from.")
+        for kind in ("scores", "masks"):
+            for name, tensor in state[kind].items():
+                shape = tuple(layers[name].weight.shape)
+                if tuple(tensor.shape) != shape:
+                    raise StateError(f"saved {kind} of {name!r} have shape "
+                                     f"{tuple(tensor.shape)}, the model's weight {shape}. Fix: "
+                                     "load into the same model.")
+        if self.method.has_scores and set(state["scores"]) != set(layers):
+            raise StateError("pruning state lacks scores for some layers. Fix: save it again.")
+
+    # -- the step in the model's state dict -------------------------------------------------------
+
+    def _save_step(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                   local_metadata: Any) -> None:
+        state_dict[prefix + STEP_KEY] = torch.tensor(self.step_count, dtype=torch.int64)
+
+    def _start_loading(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                       local_metadata: Any, strict: bool, missing_keys: list[str],
+                       unexpected_keys: list[str], error_msgs: list[str]) -> None:
+        step = state_dict.pop(prefix + STEP_KEY, None)  # never an unexpected key
+        self.loading_masks = {}
+        self._loading = (None if step is None else int(step), error_msgs)
+
+    def _finish_loading(self, module: nn.Module, incompatible: Any) -> None:
+        """After ``model.load_state_dict``: take the loaded step and masks (nothing if the load
+        failed), and let a checkpoint of the plain model load without the scores."""
+        loading, masks = self._loading, self.loading_masks
+        self._loading, self.loading_masks = None, {}
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
+                                        if not k.endswith("." + SCORES_NAME)]
+        if loading is None or loading[1]:  # not started here, or errors: torch raises them
+            return
+        step, _ = loading
+        layers = self.named_layers()
+        for name, mask in masks.items():
+            layers[name].set_mask(mask.to(layers[name].weight.device, torch.bool))
+        if step is not None:
+            self.step_count = step
+            if len(masks) < len(layers) and self.sharding is None:
+                self.refresh()  # masks not in the checkpoint: rebuild them for the step
+        self.generation += 1
+
+    # -- ending the run -------------------------------------------------------------------------
+
+    def on_detach(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when the model is detached or finalized (not copied by deepcopy)."""
+        self._on_detach.append(callback)
+
+    def detach(self) -> None:
+        """Remove scores, masks and hooks: the model is bit-exactly what it was before."""
+        for layer in self.layers:
+            layer.uninstall()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.model.__dict__.get(PRUNER_ATTR) is self:
+            del self.model.__dict__[PRUNER_ATTR]
+        self.closed = True
+        callbacks, self._on_detach = self._on_detach, []
+        for callback in callbacks:
+            callback()
+
+    def finalize(self) -> None:
+        """Bake ``W * M`` into each pruned weight (in place; L0: its evaluation gate), then
+        detach: a plain model."""
+        with torch.no_grad():
+            for layer in self.layers:
+                gate = layer.gate()
+                if gate is not None:
+                    layer.weight.mul_(gate.to(layer.weight.dtype))
+        self.detach()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy of the model (deepcopy, pickle) is not tied to the original's optimizer.
+        state = dict(self.__dict__)
+        state["_on_detach"] = []
+        return state
+
+
+# -- attaching -----------------------------------------------------------------------------------
+
+def _check_attachable(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> None:
+    if get_pruner(model) is not None:
+        raise AttachError("this model is already attached to a pruning policy. Fix: call "
+                          "prune_plugin.detach(model) first, or reuse the existing optimizer.")
+    for name, m in targets:
+        if layer_of(m) is not None or SCORES_NAME in m._parameters or "forward" in m.__dict__:
+            raise AttachError(f"module {name!r} already has pruning scores or a replaced "
+                              "forward (attached through another root module?). Fix: detach "
+                              "it first.")
+        w = m.weight
+        if not isinstance(w, nn.Parameter) or not w.dtype.is_floating_point:
+            raise AttachError(f"module {name!r} has a {w.dtype} weight; pruning needs floating "
+                              "point weights (quantized or integer weights cannot carry "
+                              "scores). Fix: exclude it, or attach before quantizing.")
+
+
+def attach(model: nn.Module, policy: PruningPolicy, *,
+           score_factory: Callable[[PrunedLayer], Tensor] | None = None,
+           sharding: Sharding | None = None) -> Pruner:
+    """Attach ``policy`` to ``model``: scores, forwards and masks on every targeted Linear.
+
+    All or nothing: on any error the model is left exactly as it was. Most users never call
+    this directly: ``PruningOptimizer(optimizer, policy, model=model)`` does. Integrations
+    whose weights are already sharded pass ``score_factory`` (builds one layer's scores) and
+    ``sharding``.
+    """
+    if not isinstance(policy, PruningPolicy):
+        raise TypeError(f"policy must be a PruningPolicy, got {type(policy).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    targets = find_targets(model, policy)
+    _check_attachable(model, targets)
+    pruner = Pruner(model, policy)
+    pruner.sharding = sharding
+    pruner.layers = [PrunedLayer(name, m, pruner) for name, m in targets]
+    make = score_factory or (lambda layer: pruner.method.initial_scores(layer.weight))
+    try:
+        for layer in pruner.layers:
+            layer.install(make(layer) if pruner.method.has_scores else None)
+        pruner._handles = [  # partial(): torch sets an attribute on the hooks, methods refuse
+            model.register_state_dict_post_hook(partial(pruner._save_step)),
+            model.register_load_state_dict_pre_hook(partial(pruner._start_loading)),
+            model.register_load_state_dict_post_hook(partial(pruner._finish_loading))]
+        model.__dict__[PRUNER_ATTR] = pruner
+        pruner.refresh()
+    except BaseException:
+        pruner.detach()
+        raise
+    return pruner
+
+
+def get_pruner(model: nn.Module) -> Pruner | None:
+    """The live pruner of ``model`` or of a module inside it (``torch.compile``'s wrapper,
+    DDP, PEFT and accelerate wrappers hold the attached model as a submodule), or None."""
+    pruner = model.__dict__.get(PRUNER_ATTR)
+    if pruner is not None:
+        return pruner
+    found = {id(layer.pruner): layer.pruner for m in model.modules()
+             if (layer := layer_of(m)) is not None}
+    if len(found) > 1:
+        raise AttachError(f"this module holds layers of {len(found)} different pruning runs. "
+                          "Fix: pass the model each run was attached to.")
+    return next(iter(found.values()), None)
+
+
+def as_pruner(obj: Any) -> Pruner:
+    """The pruner of a Pruner, a PruningOptimizer (or anything with ``.pruner``), or a model."""
+    if isinstance(obj, Pruner):
+        return obj
+    pruner = getattr(obj, "pruner", None)
+    if isinstance(pruner, Pruner):
+        return pruner
+    if isinstance(obj, nn.Module):
+        return require_pruner(obj, "find the pruning state of")
+    raise TypeError(f"expected a Pruner, a PruningOptimizer or an attached model, got "
+                    f"{type(obj).__name__}")
+
+
+def require_pruner(model: nn.Module, action: str) -> Pruner:
+    pruner = get_pruner(model)
+    if pruner is None:
+        raise AttachError(f"cannot {action} this model: it has no pruning attached (pass the "
+                          "model given to PruningOptimizer, or a wrapper of it).")
+    return pruner
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove scores, masks and hooks; the model is bit-exactly what it was before attaching."""
+    require_pruner(model, "detach").detach()
+    return model
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Bake ``W * M`` into each pruned ``weight`` (in place) and detach: a plain model.
+
+    L0 uses its deterministic evaluation gate. Returns the model for chaining.
+    """
+    require_pruner(model, "finalize").finalize()
+    return model
+
+
+def check_saved_policy(saved_json: str, policy: PruningPolicy) -> None:
+    """Refuse pruning state saved with another policy, naming the fields that differ."""
+    saved = PruningPolicy.model_validate_json(saved_json)
+    if saved != policy:
+        diff = [f"{k}: saved {getattr(saved, k)!r} vs current {getattr(policy, k)!r}"
+                for k in PruningPolicy.model_fields if getattr(saved, k) != getattr(policy, k)]
+        raise StateError("pruning state was saved with another policy (" + "; ".join(diff)
+                         + "). Fix: attach with the saved policy to resume.")

@@ -1,0 +1,109 @@
+"""Verified, atomic safetensors files: how the plugin writes every tensor file of its own.
+
+- **Verified**: the header's metadata holds a SHA-256 of every tensor's bytes; reading checks
+  each one, so a flipped byte is an error naming the file and the tensor, never wrong numbers.
+- **Atomic**: a file is written under a temporary name, flushed to disk and renamed over the
+  target, so a crash leaves the old file or the new one, never half of one.
+
+The format is plain safetensors (the ``safetensors`` library writes and reads it), so any
+tool opens these files; the checksums are just metadata.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from prune_plugin.errors import StateError
+
+#: Metadata key of the per-tensor checksums (a JSON object: tensor name -> SHA-256 hex).
+CHECKSUMS_KEY = "prune_plugin.sha256"
+
+
+def _hash(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw little-endian bytes, row-major (no copy for CPU tensors)."""
+    t = t.detach().contiguous().cpu()
+    n = t.numel() * t.element_size()
+    digest = hashlib.sha256()
+    if n:
+        digest.update(memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())))
+    return digest.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """A tensor's raw little-endian bytes (row-major)."""
+    t = t.detach().contiguous().cpu()
+    n = t.numel() * t.element_size()
+    return bytes((ctypes.c_ubyte * n).from_address(t.data_ptr())) if n else b""
+
+
+def bytes_tensor(data: bytes) -> torch.Tensor:
+    """A uint8 tensor over a fresh copy of ``data`` (writable, owns its memory)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+        torch.zeros(0, dtype=torch.uint8)
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp_path)``, flush the file to disk, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` (and string ``metadata``) with per-tensor checksums, atomically."""
+    tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
+    meta = dict(metadata or {})
+    meta[CHECKSUMS_KEY] = json.dumps({k: _hash(t) for k, t in tensors.items()})
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_safetensors(path: str | Path, *, what: str = "file"
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a file written by :func:`write_safetensors`: (tensors, metadata), every tensor's
+    checksum verified. Raises StateError naming the file (and tensor) on any damage."""
+    path = Path(path)
+    if not path.is_file():
+        raise StateError(f"no {what} at {str(path)!r}.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise StateError(f"{path} is not a readable safetensors file ({err}); it is damaged or "
+                         f"not a {what}.") from None
+    sums = metadata.pop(CHECKSUMS_KEY, None)
+    if sums is None:
+        raise StateError(f"{path} carries no checksums, so it cannot be verified: it was not "
+                         f"written by prune_plugin as a {what} (or by a version before "
+                         "checksums). Fix: write it again with this version.")
+    try:
+        expected = json.loads(sums)
+    except ValueError:
+        raise StateError(f"{path}: its checksum table is damaged.") from None
+    if set(expected) != set(tensors):
+        raise StateError(f"{path}: the tensors {sorted(set(expected) ^ set(tensors))[:5]} do not "
+                         "match its checksum table; the file is damaged.")
+    for name, t in tensors.items():
+        if _hash(t) != expected[name]:
+            raise StateError(f"{path}: tensor {name!r} does not match its checksum; the file is "
+                             "damaged (a disk or copy error). Fix: use another copy, or write "
+                             "it again.")
+    return tensors, metadata

@@ -1,0 +1,140 @@
+"""The training step never reads a tensor back to the host on an accelerator.
+
+A read back (``.item()``, ``.tolist()``, ``nonzero``, a numpy conversion, ``bool(tensor)``)
+makes the host wait for the device's queue to drain, once per read: on a GPU that stalls the
+step. ``FakeTensorMode`` raises on every such read, so running the device path under it on a
+CPU machine proves the step has none. The device path is forced on CPU tensors here (a
+CPU-only torch cannot fake CUDA tensors of a whole model); it must also give the same masks
+as the CPU path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from prune_plugin import PruningOptimizer, PruningPolicy
+from prune_plugin.pruner import Pruner
+from prune_plugin.selection import (mask_from_threshold, topv_mask_reference, topv_rows,
+                                    topv_thresholds)
+
+from .models import bert_batch, tiny_bert
+
+CASES = [("magnitude", "local"), ("magnitude", "global"), ("movement", "local"),
+         ("movement", "global"), ("soft_movement", None), ("l0", None)]
+
+
+def _policy(method: str, scope: str | None) -> PruningPolicy:
+    fields = dict(method=method, total_steps=6, warmup_steps=0, cooldown_steps=1)
+    if scope is not None:  # Top-v selections from the first refresh on
+        fields.update(scope=scope, initial_remaining=0.6, final_remaining=0.25)
+    elif method == "soft_movement":
+        fields.update(initial_threshold=0.3, final_threshold=0.6, final_lambda=100.0)
+    else:
+        fields.update(final_lambda=100.0)
+    return PruningPolicy(**fields)
+
+
+def _train(model, opt, steps: int) -> None:
+    for step in range(steps):
+        model(**bert_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("method,scope", CASES)
+def test_training_steps_never_read_back_from_the_device(method, scope, monkeypatch):
+    monkeypatch.setattr(Pruner, "device_path", True)
+    with FakeTensorMode():  # raises on any read back to the host
+        model = tiny_bert()
+        opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), _policy(method, scope),
+                               model=model)
+        _train(model, opt, 3)  # forward, backward, penalty, update, schedule, mask refresh
+        model.eval()
+        with torch.no_grad():  # evaluation, with the cached masked weights
+            model(**bert_batch(seed=9)).logits.sum()
+            model(**bert_batch(seed=9)).logits.sum()
+    assert opt.pruner.step_count == 3
+
+
+def test_the_sharded_radix_select_never_reads_back() -> None:
+    with FakeTensorMode():
+        parts = [torch.randn(300), torch.randn(77), torch.randn(5)]
+        for groups in ([[0], [1], [2]], [[0, 1, 2]]):
+            ks = [round(0.3 * sum(parts[i].numel() for i in g)) for g in groups]
+            totals = [sum(parts[i].numel() for i in g) for g in groups]
+            thresholds = topv_thresholds(parts, groups, ks, totals=totals, sync_free=True)
+            for part, threshold in zip(parts, thresholds):
+                mask_from_threshold(part, threshold)
+
+
+@pytest.mark.parametrize("method,scope", CASES)
+def test_device_path_trains_exactly_like_the_cpu_path(method, scope, monkeypatch):
+    def run(device_path: bool):
+        monkeypatch.setattr(Pruner, "device_path", device_path)
+        torch.manual_seed(0)
+        model = tiny_bert()
+        opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                               _policy(method, scope), model=model)
+        _train(model, opt, 5)
+        return model.state_dict(), [layer.gate() for layer in opt.pruner.layers]
+
+    (state_a, gates_a), (state_b, gates_b) = run(False), run(True)
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert torch.equal(state_a[key], state_b[key]), key
+    for a, b in zip(gates_a, gates_b):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "bf16"])
+def test_topv_rows_equals_the_stable_sort_reference(kind) -> None:
+    g = torch.Generator().manual_seed(7)
+    for _ in range(40):
+        rows, n = int(torch.randint(1, 5, (), generator=g)), int(torch.randint(1, 400, (), generator=g))
+        x = torch.randn(rows, n, generator=g)
+        if kind == "ties":
+            x = (x * 2).round() * 0.01
+        elif kind == "bf16":
+            x = x.bfloat16()
+        k = int(torch.randint(0, n + 1, (), generator=g))
+        masks = topv_rows(x, k)
+        assert masks.dtype == torch.bool and int(masks.sum()) == rows * k
+        for row, mask in zip(x, masks):
+            assert torch.equal(mask, topv_mask_reference([row], k)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sync_free_sharded_select_equals_the_reference(dtype) -> None:
+    g = torch.Generator().manual_seed(8)
+    for trial in range(30):
+        parts = [torch.randn(int(n), generator=g).to(dtype)
+                 for n in torch.randint(1, 300, (3,), generator=g)]
+        if trial % 2:
+            parts = [(p * 2).round() / 2 for p in parts]  # many ties
+        for groups in ([[0], [1], [2]], [[0, 1, 2]]):
+            ks = [int(torch.randint(0, sum(parts[i].numel() for i in grp) + 1, (), generator=g))
+                  for grp in groups]
+            thresholds = topv_thresholds(parts, groups, ks, sync_free=True)
+            for grp, k in zip(groups, ks):
+                for i, ref in zip(grp, topv_mask_reference([parts[i] for i in grp], k)):
+                    assert torch.equal(mask_from_threshold(parts[i], thresholds[i]), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method,scope", CASES)
+def test_cuda_step_is_silent_under_sync_debug_mode(method, scope) -> None:
+    model = tiny_bert().cuda()
+    opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+                           _policy(method, scope), model=model)
+    batch = {k: v.cuda() for k, v in bert_batch().items()}
+    for _ in range(3):
+        model(**batch).loss.backward()  # the model's own forward may sync; the step may not
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+            opt.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert opt.pruner.step_count == 3
