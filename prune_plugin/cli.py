@@ -1,7 +1,8 @@
 """``prune-plugin``: fine-prune | report | compress | decompress | schema.
 
-The fine-pruning job needs the ``hf`` extra (transformers, datasets); it is imported only
-when that command runs.
+The fine-pruning job needs the ``hf`` extra (transformers, datasets, PyYAML); it is imported
+only when that command runs. Every other command works with the core alone (torch, pydantic,
+safetensors).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
     out: dict[str, Any] = {}
     for item in args.set or []:
         if "=" not in item:
@@ -67,7 +68,7 @@ def _report(args: argparse.Namespace) -> int:
     plot = out / "sparsity.png"
     if not plot.is_file():  # the job writes it; drawn here only for runs that lack it
         try:
-            from prune_plugin.integrations.job import plot_sparsity
+            from prune_plugin.report import plot_sparsity
 
             plot_sparsity(data, plot, out.name)
         except ImportError:  # pragma: no cover - matplotlib missing
@@ -131,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compress", help="compressed sparse checkpoint of a finished run")
     cp.add_argument("run_dir", help="a run's output folder, or a saved model folder")
     cp.add_argument("--int8", action="store_true", help="int8 per-row quantised values")
-    cp.add_argument("--codec", default="zstd", choices=["zstd", "none"])
+    cp.add_argument("--codec", default="lzma", choices=["lzma", "zstd", "none"],
+                    help="lzma (default, Python's own), zstd (needs the zstandard package)")
     cp.add_argument("--output", help="default: RUN_DIR/compressed[-int8]")
     cp.set_defaults(func=_compress)
     dp = sub.add_parser("decompress", help="rebuild a from_pretrained-loadable folder")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,3 +122,34 @@ def sparsity_report(model: nn.Module, *, scope: str | None = None,
         scope_total += numel
         scope_kept += kept_by_weight.get(id(p), numel)
     return SparsityReport(layers, scope, scope_kept, scope_total)
+
+
+def plot_sparsity(report: dict[str, Any], path: Path, title: str) -> None:
+    """Remaining weights per layer, grouped by Transformer block (the paper's Figure 6), as a
+    PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["layers"]
+    names = [lay["name"] for lay in layers]
+    values = [100 * lay["remaining"] for lay in layers]
+    # the module's role inside its block: "attention.self.query", "output.dense", ...
+    kinds = [n.split(".layer.")[-1].split(".", 1)[-1] if ".layer." in n else n for n in names]
+    palette = {}
+    colors = [palette.setdefault(k, f"C{len(palette) % 10}") for k in kinds]
+    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layers)), 3.6))
+    ax.bar(range(len(layers)), values, color=colors)
+    ax.set_ylabel("remaining weights (%)")
+    ax.set_xlabel("pruned layer (model order)")
+    ax.set_title(f"{title}: {100 * report['remaining']:.2f}% of pruned weights remain", pad=22)
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([n.split(".layer.")[-1] if ".layer." in n else n for n in names],
+                       rotation=90, fontsize=6)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
+    ax.legend(handles, list(palette), fontsize=6, ncol=6, loc="lower left",
+              bbox_to_anchor=(0.0, 1.08), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -25,7 +25,7 @@ def test_bit_packing_round_trips_and_matches_numpy():
     assert torch.equal(unpack_bits(packed, 123), mask)
 
 
-@pytest.mark.parametrize("codec", ["none", "zstd"])
+@pytest.mark.parametrize("codec", ["none", "lzma", "zstd"])
 def test_fp32_round_trip_is_exact_and_smaller(codec):
     state = sparse_state()
     blobs, manifest = compress_state_dict(state, codec=codec)
