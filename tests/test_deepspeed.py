@@ -111,6 +111,7 @@ def _sharded_rank(rank: int, world: int, port: int, parts: list, groups: list, k
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sharded_topv_on_two_ranks_matches_a_gathered_topv(dtype: torch.dtype) -> None:
     import torch.multiprocessing as mp
@@ -188,6 +189,7 @@ def _pattern_mismatch(a: dict, b: dict) -> int:
                for k in a["state"] if k.endswith("weight"))
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 def test_movement_under_every_zero_stage_matches(tmp_path: Path) -> None:
     """Stages 0-3 on 2 ranks (stage 1 as two simulated nodes), and stage 3 on 1 rank, train
@@ -216,6 +218,7 @@ def test_movement_under_every_zero_stage_matches(tmp_path: Path) -> None:
                for k in resumed["state"])
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("method", ["soft_movement", "l0"])
 def test_regularised_methods_under_zero(tmp_path: Path, method: str) -> None:
@@ -228,6 +231,7 @@ def test_regularised_methods_under_zero(tmp_path: Path, method: str) -> None:
     assert run["remaining"] < 1.0  # the penalty did prune
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 def test_zero3_bf16_global_magnitude_under_zero_init(tmp_path: Path) -> None:
     """A model built under zero.Init (weights already sharded when attached), bf16, global
@@ -239,6 +243,7 @@ def test_zero3_bf16_global_magnitude_under_zero_init(tmp_path: Path) -> None:
     assert run["remaining"] == pytest.approx(0.25, abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.deepspeed
 def test_trainer_with_deepspeed_zero3_prunes_and_exports(tmp_path: Path) -> None:
     """PruningTrainer + TrainingArguments(deepspeed=ZeRO-3 config with the entry): the model

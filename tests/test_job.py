@@ -31,6 +31,7 @@ def job_dict(assets, out, **pruning):
             "output_dir": str(out)}
 
 
+@pytest.mark.slow
 def test_job_writes_a_plain_model_that_reproduces_the_metrics(assets, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -59,6 +60,7 @@ def test_job_writes_a_plain_model_that_reproduces_the_metrics(assets, tmp_path):
     assert accuracy == pytest.approx(metrics["eval"]["accuracy"])
 
 
+@pytest.mark.slow
 def test_dense_job_and_distillation_job(assets, tmp_path):
     dense = job_dict(assets, tmp_path / "dense")
     dense["pruning"] = None
@@ -122,6 +124,7 @@ def test_errors_name_what_and_how_to_fix(assets, tmp_path, change, message):
     assert not (tmp_path / "run" / "model").exists()
 
 
+@pytest.mark.slow
 def test_cli_overrides_and_one_line_errors(assets, tmp_path, capsys):
     import yaml
     job = job_dict(assets, tmp_path / "run")

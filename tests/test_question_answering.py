@@ -174,6 +174,7 @@ def qa_job(assets, out, **changes):
     return job
 
 
+@pytest.mark.slow
 def test_qa_job_exports_a_model_that_reproduces_its_scores(assets, tmp_path):
     from transformers import AutoModelForQuestionAnswering
 
@@ -196,6 +197,7 @@ def test_qa_job_exports_a_model_that_reproduces_its_scores(assets, tmp_path):
     assert scores["exact_match"] == pytest.approx(metrics["eval"]["exact_match"])
 
 
+@pytest.mark.slow
 def test_qa_distillation_and_errors(assets, tmp_path):
     dense = run_job(load_job(data=qa_job(assets, tmp_path / "dense", pruning=None)),
                     progress=False)

@@ -20,6 +20,7 @@ def _blocks(lang: str) -> list[str]:
     return [b for b in blocks if not b.startswith("# fragment:")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(_blocks("python"))))
 def test_python_blocks_run(index, tmp_path, capsys):
     code = _blocks("python")[index]
