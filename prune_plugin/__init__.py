@@ -3,8 +3,8 @@
     optimizer = PruningOptimizer(torch.optim.AdamW(model.parameters()), policy, model=model)
 """
 
-from prune_plugin.errors import (AttachError, PolicyError, PruningError, StateError,
-                                 TargetingError)
+from prune_plugin.errors import (AttachError, NumericalError, PolicyError, PruningError,
+                                 StateError, TargetingError)
 from prune_plugin.optimizer import PruningOptimizer
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.pruner import Pruner, attach, detach, finalize, get_pruner
@@ -15,6 +15,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "AttachError",
+    "NumericalError",
     "PolicyError",
     "Pruner",
     "PruningError",

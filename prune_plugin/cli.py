@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from prune_plugin.errors import PruningError, StateError
+
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
@@ -60,11 +62,16 @@ def _report(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise SystemExit(f"{out} holds no sparsity.json: is it the output folder of a finished "
                          "fine-prune run?")
-    data = json.loads(path.read_text())
-    print(SparsityReport.from_dict(data))
+    data = _read_json(path)
+    try:
+        report = SparsityReport.from_dict(data)
+    except (KeyError, TypeError, ValueError) as err:
+        raise StateError(f"{path} is not a sparsity report (missing {err}). Fix: run "
+                         "'prune-plugin fine-prune' again for this run.") from None
+    print(report)
     metrics = out / "metrics.json"
     if metrics.is_file():
-        print("\nmetrics:", json.dumps(json.loads(metrics.read_text())["eval"]))
+        print("\nmetrics:", json.dumps(_read_json(metrics).get("eval")))
     plot = out / "sparsity.png"
     if not plot.is_file():  # the job writes it; drawn here only for runs that lack it
         try:
@@ -76,6 +83,14 @@ def _report(args: argparse.Namespace) -> int:
             return 0
     print(f"plot: {plot}")
     return 0
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StateError(f"{path} is damaged ({err}): a run interrupted while writing it? Fix: "
+                         "run the job again with --resume or --overwrite.") from None
 
 
 def _compress(args: argparse.Namespace) -> int:
@@ -99,7 +114,7 @@ def _compress(args: argparse.Namespace) -> int:
 def _decompress(args: argparse.Namespace) -> int:
     from prune_plugin.compress import decompress_folder
 
-    print(f"wrote {decompress_folder(args.compressed_dir, args.output)}")
+    print(f"wrote {decompress_folder(args.compressed_dir, args.output, overwrite=args.overwrite)}")
     return 0
 
 
@@ -138,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(func=_compress)
     dp = sub.add_parser("decompress", help="rebuild a from_pretrained-loadable folder")
     dp.add_argument("compressed_dir")
-    dp.add_argument("output")
+    dp.add_argument("output", help="a new or empty folder")
+    dp.add_argument("--overwrite", action="store_true",
+                    help="replace the files of a folder that is not empty")
     dp.set_defaults(func=_decompress)
     sp = sub.add_parser("schema", help="print the policy's JSON schema")
     sp.set_defaults(func=_schema)
@@ -146,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prune_plugin.errors import PruningError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -24,7 +24,8 @@ from typing import Any, Literal
 import torch
 
 from prune_plugin.errors import StateError
-from prune_plugin.storage import bytes_tensor, read_safetensors, tensor_bytes, write_safetensors
+from prune_plugin.storage import (bytes_tensor, read_safetensors, tensor_bytes, write_folder,
+                                  write_safetensors)
 
 FORMAT = "prune_plugin.compressed"
 VERSION = 1
@@ -198,11 +199,14 @@ def compress_folder(model_dir: str | Path, out_dir: str | Path, *, quantize: Qua
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     state, weight_files = _read_weights(model_dir)
     blobs, manifest = compress_state_dict(state, quantize=quantize, codec=codec)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.is_file() and f not in weight_files:
-            shutil.copy2(f, out_dir / f.name)
-    write_safetensors(out_dir / WEIGHTS_NAME, blobs, {"manifest": json.dumps(manifest)})
+
+    def fill(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for f in model_dir.iterdir():
+            if f.is_file() and f not in weight_files:
+                shutil.copy2(f, tmp / f.name)
+        write_safetensors(tmp / WEIGHTS_NAME, blobs, {"manifest": json.dumps(manifest)})
+    write_folder(out_dir, fill)
     return manifest
 
 
@@ -219,14 +223,22 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
     return decompress_state_dict(blobs, json.loads(meta["manifest"]))
 
 
-def decompress_folder(compressed_dir: str | Path, out_dir: str | Path) -> Path:
+def decompress_folder(compressed_dir: str | Path, out_dir: str | Path, *,
+                      overwrite: bool = False) -> Path:
     """Write a plain checkpoint folder (``model.safetensors`` + the copied files) that the
-    model's own ``from_pretrained`` loads."""
+    model's own ``from_pretrained`` loads. ``out_dir`` must be new or empty unless
+    ``overwrite`` (it would replace a model's weights, e.g. exact ones by int8-rounded ones)."""
     compressed_dir, out_dir = Path(compressed_dir), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise StateError(f"{str(out_dir)!r} is not an empty folder; decompressing into it would "
+                         "replace what it holds. Fix: give a new folder, or pass --overwrite.")
     state = load_compressed(compressed_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for f in compressed_dir.iterdir():
-        if f.is_file() and f.name != WEIGHTS_NAME:
-            shutil.copy2(f, out_dir / f.name)
-    write_safetensors(out_dir / "model.safetensors", state, {"format": "pt"})
+
+    def fill(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        for f in compressed_dir.iterdir():
+            if f.is_file() and f.name != WEIGHTS_NAME:
+                shutil.copy2(f, tmp / f.name)
+        write_safetensors(tmp / "model.safetensors", state, {"format": "pt"})
+    write_folder(out_dir, fill)
     return out_dir

@@ -21,3 +21,7 @@ class AttachError(PruningError, RuntimeError):
 
 class StateError(PruningError, ValueError):
     """Saved pruning state does not fit the model or policy it is loaded into."""
+
+
+class NumericalError(PruningError, FloatingPointError):
+    """Training diverged: NaN or Inf in the scores or weights being pruned."""

@@ -151,7 +151,11 @@ class PruningPolicy(BaseModel):
         if not path.is_file():
             raise PolicyError(f"policy file {str(path)!r} does not exist. Fix: pass the path "
                               "of a .json or .yaml policy file.")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError as err:
+            raise PolicyError(f"{path} is not a text file ({err.reason} at byte {err.start}). "
+                              "Fix: write the policy as UTF-8 JSON or YAML.") from None
         if path.suffix.lower() in (".yaml", ".yml"):
             try:
                 import yaml
@@ -213,6 +217,15 @@ class PruningPolicy(BaseModel):
                 f"warmup_steps ({self.warmup_steps}) + cooldown_steps ({self.cooldown_steps}) "
                 f"= {self.warmup_steps + self.cooldown_steps} exceeds total_steps "
                 f"({self.total_steps}). Fix: raise total_steps or shorten warm-up/cool-down.")
+        every = self.mask_update_every
+        if every > 1 and (self.total_steps % every or every >= self.total_steps):
+            divisors = [d for d in range(1, min(self.total_steps, 64)) if self.total_steps % d == 0]
+            raise ValueError(
+                f"mask_update_every ({every}) must divide total_steps ({self.total_steps}) and be "
+                f"smaller: masks are refreshed every {every} steps, so the run would end with "
+                f"the masks of step {self.total_steps // every * every}, short of the final "
+                f"target. Fix: set mask_update_every to a divisor of {self.total_steps} (e.g. "
+                f"{', '.join(map(str, divisors[-3:]))}) or total_steps to a multiple of {every}.")
         if self.final_remaining > self.initial_remaining:
             raise ValueError(
                 f"final_remaining ({self.final_remaining}) is above initial_remaining "

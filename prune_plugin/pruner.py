@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prune_plugin.errors import AttachError, StateError
+from prune_plugin.errors import AttachError, NumericalError, StateError
 from prune_plugin.hooks import SCORES_NAME, PrunedLayer, layer_of
 from prune_plugin.methods import PruningMethod, method_for
 from prune_plugin.policy import PruningPolicy
@@ -76,6 +76,7 @@ class Pruner:
         self._loading: tuple[int | None, list[str]] | None = None
         self._on_detach: list[Callable[[], None]] = []
         self._handles: list[Any] = []
+        self._pending_check: tuple[Tensor, Any, int] | None = None  # (host flags, event, step)
 
     def __repr__(self) -> str:
         return (f"Pruner(method={self.policy.method!r}, step={self.step_count}, "
@@ -111,6 +112,7 @@ class Pruner:
             raise AttachError("this pruner was detached or finalized; nothing is left to prune. "
                               "Fix: keep training with the plain optimizer.")
         self.step_count += 1
+        self._check_numbers()
         if self.step_count % self.policy.mask_update_every == 0:
             self.refresh()
 
@@ -119,6 +121,64 @@ class Pruner:
         with torch.no_grad():
             self.method.refresh(self)
         self.generation += 1
+
+    # -- diverged runs ----------------------------------------------------------------------------
+
+    def _watched(self, layer: PrunedLayer) -> Tensor:
+        """What a layer's masks are computed from: its scores, or its weight (magnitude)."""
+        if self.sharding is not None:
+            return self.sharding.local_importance(layer)
+        return (layer.scores if layer.scores is not None else layer.weight).detach()
+
+    def _check_numbers(self) -> None:
+        """Stop at NaN or Inf in what the masks are computed from, naming the layer and step.
+
+        On the CPU the check reads its answer at once. On an accelerator it never waits: each
+        step queues its flags for a copy to the host, and the next step looks at them only if
+        the copy has landed, so a diverged run stops a step or two later, without a stall."""
+        tensors = [self._watched(layer) for layer in self.layers]
+        if not tensors:
+            return
+        # A sum is NaN or Inf exactly when an element is (or the values are ~1e30, which is
+        # divergence too), at a tenth of the cost of isfinite() over every element.
+        flags = ~torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors]))
+        if not self.sync_free(tensors[0]):
+            if bool(flags.any()):
+                bad = next(i for i, flag in enumerate(flags.tolist()) if flag)
+                raise NumericalError(self._diverged_message(self.layers[bad], self.step_count))
+            return
+        pending = self._pending_check
+        if pending is not None and pending[1].query():
+            self._pending_check = None
+            host, _, step = pending
+            bad = [layer for layer, flag in zip(self.layers, host.tolist()) if flag]
+            if bad:  # a pinned host copy: reading it does not wait for the device
+                raise NumericalError(self._diverged_message(bad[0], step))
+        if flags.device.type != "cuda" or self._pending_check is not None:
+            return  # other devices: no asynchronous copy to watch (the reports still check)
+        host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_check = (host, event, self.step_count)
+
+    def _diverged_message(self, layer: PrunedLayer, step: int) -> str:
+        what = SCORES_NAME if layer.scores is not None else "weight"
+        return (f"training diverged: {layer.name}.{what} holds NaN or Inf after step {step}. "
+                "Usual causes: a learning rate too high for the model (BERT-like models "
+                "fine-tune at 1e-5 to 1e-4), fp16 overflow without loss scaling, or a too large "
+                "score_lr. Fix: lower the learning rate (or score_lr), or train in bf16, and "
+                "restart from a checkpoint before the divergence.")
+
+    def nonfinite_layers(self) -> list[str]:
+        """The weights and scores of pruned layers that hold NaN or Inf (reads back)."""
+        bad = []
+        with torch.no_grad():
+            for layer in self.layers:
+                for name, t in (("weight", layer.weight), (SCORES_NAME, layer.scores)):
+                    if t is not None and not bool(torch.isfinite(t).all()):
+                        bad.append(f"{layer.name}.{name}")
+        return bad
 
     def add_penalty_grads(self, params: list[Tensor]) -> None:
         """Add d(lambda * mean R(S))/dS to the gradients of ``params`` (soft movement, L0).
@@ -280,6 +340,7 @@ class Pruner:
         # A copy of the model (deepcopy, pickle) is not tied to the original's optimizer.
         state = dict(self.__dict__)
         state["_on_detach"] = []
+        state["_pending_check"] = None
         return state
 
 

@@ -2,8 +2,8 @@
 
 - **Verified**: the header's metadata holds a SHA-256 of every tensor's bytes; reading checks
   each one, so a flipped byte is an error naming the file and the tensor, never wrong numbers.
-- **Atomic**: a file is written under a temporary name, flushed to disk and renamed over the
-  target, so a crash leaves the old file or the new one, never half of one.
+- **Atomic**: a file (or folder) is written under a temporary name, flushed to disk and
+  renamed over the target, so a crash leaves the old one or the new one, never half of one.
 
 The format is plain safetensors (the ``safetensors`` library writes and reads it), so any
 tool opens these files; the checksums are just metadata.
@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,14 @@ from prune_plugin.errors import StateError
 
 #: Metadata key of the per-tensor checksums (a JSON object: tensor name -> SHA-256 hex).
 CHECKSUMS_KEY = "prune_plugin.sha256"
+#: The checksum table's entry for the rest of the metadata.
+METADATA = "__metadata__"
+
+
+def _metadata_hash(metadata: dict[str, str]) -> str:
+    canonical = json.dumps({k: v for k, v in metadata.items() if k != CHECKSUMS_KEY},
+                           sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _hash(t: torch.Tensor) -> str:
@@ -66,12 +75,36 @@ def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     return path
 
 
+def write_folder(path: str | Path, fill: Callable[[Path], object]) -> Path:
+    """``fill(tmp)`` a new folder, then rename it to ``path``; an older folder there is
+    replaced only once the new one is complete."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        fill(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> Path:
     """Write ``tensors`` (and string ``metadata``) with per-tensor checksums, atomically."""
     tensors = {k: t.detach().contiguous().cpu() for k, t in tensors.items()}
     meta = dict(metadata or {})
-    meta[CHECKSUMS_KEY] = json.dumps({k: _hash(t) for k, t in tensors.items()})
+    sums = {k: _hash(t) for k, t in tensors.items()}
+    sums[METADATA] = _metadata_hash(meta)
+    meta[CHECKSUMS_KEY] = json.dumps(sums)
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -96,8 +129,13 @@ def read_safetensors(path: str | Path, *, what: str = "file"
                          "checksums). Fix: write it again with this version.")
     try:
         expected = json.loads(sums)
+        if not isinstance(expected, dict):
+            raise ValueError(sums)
     except ValueError:
         raise StateError(f"{path}: its checksum table is damaged.") from None
+    if expected.pop(METADATA, None) != _metadata_hash(metadata):
+        raise StateError(f"{path}: its metadata does not match its checksum; the file is "
+                         "damaged. Fix: use another copy, or write it again.")
     if set(expected) != set(tensors):
         raise StateError(f"{path}: the tensors {sorted(set(expected) ^ set(tensors))[:5]} do not "
                          "match its checksum table; the file is damaged.")

@@ -18,3 +18,11 @@ def _seeded():
     """Every test starts from the same random state (torch, Python)."""
     torch.manual_seed(0)
     random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def job_assets(tmp_path_factory):
+    """Tiny model and dataset folders for fine-pruning jobs (built once per session)."""
+    from .models import job_assets as build
+
+    return build(tmp_path_factory.mktemp("job-assets"))

@@ -135,3 +135,26 @@ def tiny_qa_folder(path, seed: int = 0):
     torch.manual_seed(seed)
     BertForQuestionAnswering(config).save_pretrained(path)
     return path
+
+
+def job_assets(root):
+    """Tiny models and datasets for fine-pruning jobs, saved like the Hub's (offline)."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {"model": str(tiny_hf_folder(root / "model")),
+            "data": str(tiny_glue_folder(root / "glue")),
+            "regression": str(tiny_glue_folder(root / "glue-reg", regression=True)),
+            "other_vocab": str(tiny_hf_folder(root / "other", vocab_extra=3)),
+            "root": root}
+
+
+def job_dict(assets, out, **pruning):
+    """A 6-step movement-pruning job on the tiny assets, writing to ``out``."""
+    return {"model": assets["model"],
+            "data": {"path": assets["data"], "name": "toy", "text_columns": ["sentence"]},
+            "training": {"max_steps": 6, "batch_size": 16, "learning_rate": 1e-3,
+                         "logging_steps": 2, "max_length": 16},
+            "pruning": {"method": "movement", "final_remaining": 0.2, "warmup_steps": 1,
+                        "cooldown_steps": 2, **pruning},
+            "output_dir": str(out)}

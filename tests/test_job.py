@@ -6,29 +6,14 @@ import pytest
 import torch
 
 from prune_plugin.cli import main
-from prune_plugin.integrations.job import JobError, load_job, run_job
+from prune_plugin.integrations.job import JobError, load_job, prepare_job, run_job
 
-from .models import tiny_glue_folder, tiny_hf_folder
+from .models import job_dict
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    return {"model": str(tiny_hf_folder(root / "model")),
-            "data": str(tiny_glue_folder(root / "glue")),
-            "regression": str(tiny_glue_folder(root / "glue-reg", regression=True)),
-            "other_vocab": str(tiny_hf_folder(root / "other", vocab_extra=3)),
-            "root": root}
-
-
-def job_dict(assets, out, **pruning):
-    return {"model": assets["model"],
-            "data": {"path": assets["data"], "name": "toy", "text_columns": ["sentence"]},
-            "training": {"max_steps": 6, "batch_size": 16, "learning_rate": 1e-3,
-                         "logging_steps": 2, "max_length": 16},
-            "pruning": {"method": "movement", "final_remaining": 0.2, "warmup_steps": 1,
-                        "cooldown_steps": 2, **pruning},
-            "output_dir": str(out)}
+def assets(job_assets):
+    return job_assets
 
 
 @pytest.mark.slow
@@ -99,7 +84,7 @@ def test_output_folder_with_a_run_is_not_overwritten(assets, tmp_path, capsys):
     out = tmp_path / "run"
     (out / "model").mkdir(parents=True)
     (out / "metrics.json").write_text("{}")
-    with pytest.raises(JobError, match="already holds a run.*--overwrite"):
+    with pytest.raises(JobError, match="already holds a finished run.*--overwrite"):
         run_job(load_job(data=job_dict(assets, out)), progress=False)
     assert (out / "metrics.json").read_text() == "{}"
 
@@ -120,8 +105,8 @@ def test_errors_name_what_and_how_to_fix(assets, tmp_path, change, message):
     job = job_dict(assets, tmp_path / "run")
     change(job, assets)
     with pytest.raises(JobError, match=message):
-        run_job(load_job(data=job), progress=False)
-    assert not (tmp_path / "run" / "model").exists()
+        prepare_job(load_job(data=job))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

@@ -171,7 +171,7 @@ def test_step_after_detach_is_refused_and_scores_leave_the_optimizer():
 
 
 @pytest.mark.parametrize("method,kw", [
-    ("movement", dict(scope="global", final_remaining=0.3, mask_update_every=3)),
+    ("movement", dict(scope="global", final_remaining=0.3, mask_update_every=5)),
     ("movement", dict(scope="local", final_remaining=0.3)),
     ("magnitude", dict(final_remaining=0.3, mask_update_every=2)),
     ("soft_movement", dict(final_lambda=2000.0, score_lr=0.1)),

@@ -4,9 +4,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from prune_plugin import PruningOptimizer, PruningPolicy, sparsity_report
-from prune_plugin.integrations.transformers import (STATE_FILE, PruningCallback,
-                                                    PruningTrainer, classification_metrics,
-                                                    distillation_loss, find_pruning_optimizer)
+from prune_plugin.integrations.transformers import (PruningCallback, PruningTrainer,
+                                                    classification_metrics, distillation_loss,
+                                                    find_pruning_optimizer)
 
 from .models import tiny_bert
 
@@ -101,7 +101,10 @@ def test_pruning_trainer_saves_state_beside_checkpoints_and_resumes_exactly(tmp_
     full, _ = _train(tmp_path / "full")
     _, first = _train(tmp_path / "resumed", save_strategy="steps", save_steps=4)
     checkpoint = tmp_path / "resumed" / "checkpoint-4"
-    assert (checkpoint / STATE_FILE).is_file()
+    from safetensors.torch import load_file
+    saved = load_file(str(checkpoint / "model.safetensors"))  # the model carries the run
+    assert int(saved["pruning_step"]) == 4
+    assert sum(k.endswith(".pruning_mask") for k in saved) == 12
     resumed, trainer = _train(tmp_path / "resumed", resume_from=str(checkpoint),
                               save_strategy="no")
     assert find_pruning_optimizer(trainer.optimizer).step_count == 8
