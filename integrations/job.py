@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from prune_plugin.errors import PolicyError, PruningError
 from prune_plugin.integrations.datasets import local_folder
 from prune_plugin.integrations.run_folder import RunFolder, RunFolderError, write_file
-from prune_plugin.policy import PruningPolicy
+from prune_plugin.policy import PruningPolicy, read_policy_file
 from prune_plugin.report import plot_sparsity
 from prune_plugin.storage import write_folder
 
@@ -191,19 +191,10 @@ def policy_fields(pruning: dict[str, Any] | str | None) -> dict[str, Any] | None
     """The policy's fields: the job's mapping, or those of a policy file (JSON or YAML)."""
     if pruning is None or isinstance(pruning, dict):
         return pruning
-    path = Path(pruning)
-    if not path.is_file():
-        raise JobError(f"pruning policy file {pruning!r} does not exist. Fix: give the path of "
-                       "a JSON or YAML policy, or the policy's fields inline.")
     try:
-        fields = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise JobError(f"pruning policy file {pruning!r} is not valid YAML/JSON: "
-                       f"{str(err).splitlines()[0]}. Fix: correct the file.") from None
-    if not isinstance(fields, dict):
-        raise JobError(f"pruning policy file {pruning!r} holds a {type(fields).__name__}, not a "
-                       "policy. Fix: write its fields as a mapping (method: movement, ...).")
-    return fields
+        return read_policy_file(pruning)
+    except PolicyError as err:
+        raise JobError(f"pruning: {err}") from None
 
 
 def resolve_policy(pruning: dict[str, Any] | str | None, total_steps: int

@@ -120,12 +120,14 @@ class PrunedLayer:
         if method.samples_gates and m.training:  # L0: a fresh hard-concrete gate per forward
             p = self.pruner.policy
             noise = l0_noise(m.weight.shape, m.weight.device)
+            mask = method.sampling_mask(self)
             if torch.is_grad_enabled():
                 return l0_linear(input, m.weight, m.bias, self.scores, noise, beta=p.l0_beta,
-                                 left=p.l0_left, right=p.l0_right)
+                                 left=p.l0_left, right=p.l0_right, mask=mask)
             gate = hard_concrete_gate(self.scores.detach(), beta=p.l0_beta, left=p.l0_left,
                                       right=p.l0_right, noise=noise)
-            return F.linear(input, effective_weight(m.weight, gate), m.bias)
+            return F.linear(input, effective_weight(effective_weight(m.weight, gate), mask),
+                            m.bias)
         if not torch.is_grad_enabled():
             return F.linear(input, self.inference_weight(), m.bias)
         self._inference = None  # training: free the cached product

@@ -141,45 +141,53 @@ class _L0Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor,
-                noise: Tensor, beta: float, left: float, right: float) -> Tensor:
+                noise: Tensor, mask: Tensor | None, beta: float, left: float,
+                right: float) -> Tensor:
         with torch.no_grad():
             gate = hard_concrete_gate(scores.detach(), beta=beta, left=left, right=right,
                                       noise=noise)
+            if mask is not None:
+                gate.mul_(mask)
             out = F.linear(x, effective_weight(weight, gate), bias)
-        ctx.save_for_backward(x, weight, scores, noise)
+        ctx.save_for_backward(x, weight, scores, noise, mask)
         ctx.has_bias = bias is not None
         ctx.params = (beta, left, right)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, weight, scores, noise = ctx.saved_tensors
+        x, weight, scores, noise, mask = ctx.saved_tensors
         beta, left, right = ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_s = None
         s = _concrete(scores.detach(), noise, beta)
         stretched = s * (right - left) + left
         gate = stretched.clamp(0.0, 1.0)
+        if mask is not None:
+            gate.mul_(mask)
         if need_x:
             grad_x = (grad_out @ effective_weight(weight, gate).to(grad_out.dtype)).to(x.dtype)
         if need_w or need_s:
             grad_gated = _weight_grad(grad_out, x).to(weight.dtype)  # dL/d(W * gate)
             if need_s:  # d gate / dS = (r - l) s (1 - s) / b inside the clamp, 0 outside
                 inside = (stretched > 0.0) & (stretched < 1.0)
+                if mask is not None:
+                    inside &= mask
                 dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(inside)
                 grad_s = (grad_gated * weight).mul_(dgate).to(scores.dtype)
             if need_w:
                 grad_w = grad_gated.mul_(gate.to(grad_gated.dtype))
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, grad_s, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None
 
 
 def l0_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor, noise: Tensor,
-              *, beta: float, left: float, right: float) -> Tensor:
-    """``F.linear(x, weight * hard_concrete_gate(scores, noise), bias)``, differentiable in
-    x, weight, bias and scores (Eq. 3), keeping only ``noise`` for backward."""
-    return _L0Linear.apply(x, weight, bias, scores, noise, beta, left, right)
+              *, beta: float, left: float, right: float, mask: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight * hard_concrete_gate(scores, noise) * mask, bias)``,
+    differentiable in x, weight, bias and scores (Eq. 3), keeping only ``noise`` (and the
+    1-byte ``mask``, if any) for backward."""
+    return _L0Linear.apply(x, weight, bias, scores, noise, mask, beta, left, right)
 
 
 # -- regularizers ------------------------------------------------------------------------------

@@ -70,7 +70,10 @@ class PruningMethod:
             s = torch.empty_like(w)
             nn.init.kaiming_uniform_(s, a=math.sqrt(5))
             return s
-        return w.abs().clone()  # magnitude
+        # magnitude: |W| normalised per layer, so that one scale fits every layer and model
+        # (a layer's |W| is ~1e-2 while score updates are ~score_lr per step)
+        a = w.abs()
+        return a.div_(a.mean().clamp_min(1e-12)).mul_(value)
 
     # -- the schedule -------------------------------------------------------------------------
 
@@ -103,11 +106,19 @@ class PruningMethod:
         """What a mask ranks or thresholds: the scores by default."""
         return layer.scores.detach()
 
+    def sampling_mask(self, layer: PrunedLayer) -> Tensor | None:
+        """A mask applied on top of the gates sampled in training forwards (None: none)."""
+        return None
+
 
 class _TopV(PruningMethod):
     """Top-v of an importance (Eq. 1), v on the cubic schedule (Eq. 5)."""
 
     schedule_name = "remaining_target"
+
+    @property
+    def scope(self) -> str:
+        return self.policy.scope
 
     def schedule_value(self, step: int) -> float:
         p = self.policy
@@ -122,7 +133,7 @@ class _TopV(PruningMethod):
             for layer in layers:
                 layer.set_mask(None)
             return
-        groups = [[layer] for layer in layers] if self.policy.scope == "local" else [layers]
+        groups = [[layer] for layer in layers] if self.scope == "local" else [layers]
         if pruner.sharding is not None:
             self._refresh_sharded(pruner, remaining, groups)
         elif pruner.sync_free(layers[0].weight):
@@ -147,7 +158,7 @@ class _TopV(PruningMethod):
         """Accelerators: device operations only. Local scope stacks the layers of one shape
         as rows of one selection (BERT-base: 3 selections for 72 layers); global scope ranks
         the concatenation of every layer."""
-        if self.policy.scope == "global":
+        if self.scope == "global":
             layers = groups[0]
             flat = torch.cat([self.importance(layer).reshape(-1) for layer in layers])
             k = topv_count(remaining, flat.numel())
@@ -255,10 +266,40 @@ class L0(_Regularized):
         return l0_eval_gate(scores, left=self.policy.l0_left, right=self.policy.l0_right)
 
 
+class _ToTarget(_TopV):
+    """A requested sparsity for a regularized method (beyond the paper, whose lambda sets it):
+    the masks are a global Top-v of the scores on the cubic schedule, so exactly v(t) of the
+    weights remain at every refresh, and lambda only shapes the scores."""
+
+    scope = "global"  # type: ignore[assignment]
+
+
+class SoftMovementToTarget(_ToTarget, SoftMovement):
+    """Soft movement with ``final_remaining``: the threshold on sigmoid(S) moves so that v(t)
+    of the weights remain (a global Top-v of S); the sigmoid penalty still pushes S down."""
+
+
+class L0ToTarget(_ToTarget, L0):
+    """L0 with ``final_remaining``: the hard-concrete gates of the weights outside a global
+    Top-v of the log-alpha scores are closed, v(t) on the cubic schedule."""
+
+    def gate(self, layer: PrunedLayer) -> Tensor:
+        gate = L0.gate(self, layer)
+        mask = self.sampling_mask(layer)
+        return gate if mask is None else gate * mask
+
+    def sampling_mask(self, layer: PrunedLayer) -> Tensor | None:
+        return _TopV.gate(self, layer)
+
+
 METHODS: dict[str, type[PruningMethod]] = {
     cls.name: cls for cls in (Magnitude, Movement, SoftMovement, L0)}
+TO_TARGET: dict[str, type[PruningMethod]] = {"soft_movement": SoftMovementToTarget,
+                                             "l0": L0ToTarget}
 
 
 def method_for(policy: PruningPolicy) -> PruningMethod:
-    """The strategy object of ``policy.method``."""
+    """The strategy object of ``policy.method`` (and of its requested-sparsity mode)."""
+    if policy.targets_remaining:
+        return TO_TARGET[policy.method](policy)
     return METHODS[policy.method](policy)

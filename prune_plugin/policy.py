@@ -34,8 +34,8 @@ DEFAULT_EXCLUDE: tuple[str, ...] = (
 # Which methods each method-specific field belongs to (checked against fields the user set).
 _FIELD_METHODS: dict[str, tuple[str, ...]] = {
     "scope": ("magnitude", "movement"),
-    "initial_remaining": ("magnitude", "movement"),
-    "final_remaining": ("magnitude", "movement"),
+    "initial_remaining": ("magnitude", "movement", "soft_movement", "l0"),
+    "final_remaining": ("magnitude", "movement", "soft_movement", "l0"),
     "score_lr": ("movement", "soft_movement", "l0"),
     "score_init": ("movement", "soft_movement", "l0"),
     "score_init_value": ("movement", "soft_movement", "l0"),
@@ -51,7 +51,8 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
 # Defaults that depend on the method: the original code's settings (its README, Sec. "How to
 # fine-prune?"). L0 starts its log-alpha scores at logit(0.9) = 2.197 so ~90% of gates are open.
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "movement": {"score_init_value": 0.0},
+    "magnitude": {"final_remaining": 0.1},
+    "movement": {"score_init_value": 0.0, "final_remaining": 0.1},
     "soft_movement": {"score_init_value": 0.0, "final_lambda": 400.0, "lambda_schedule": "cubic"},
     "l0": {"score_init_value": 2.197, "final_lambda": 125.0, "lambda_schedule": "constant",
            "score_lr": 1e-1},
@@ -86,15 +87,21 @@ class PruningPolicy(BaseModel):
                          "layers (global). Top-v methods only.")
     initial_remaining: float = Field(1.0, gt=0.0, le=1.0,
                                      description="v_i: fraction of weights kept during warm-up.")
-    final_remaining: float = Field(0.1, gt=0.0, le=1.0,
-                                   description="v_f: fraction of weights kept at the end.")
+    final_remaining: float | None = Field(
+        None, gt=0.0, le=1.0,
+        description="v_f: fraction of weights kept at the end (magnitude, movement: default "
+                    "0.1). Soft movement and L0: when set, the masks follow the cubic schedule "
+                    "exactly (a global Top-v of the scores) and lambda only shapes the scores; "
+                    "unset, lambda sets the sparsity, as in the paper.")
     warmup_steps: int = Field(0, ge=0, description="t_i: optimizer steps before pruning starts.")
     cooldown_steps: int = Field(0, ge=0, description="t_f: final steps held at the end value.")
     total_steps: int = Field(ge=1, description="T: total optimizer steps of the run.")
     mask_update_every: int = Field(1, ge=1, description="Recompute masks every this many steps.")
     score_lr: float = Field(1e-2, gt=0.0, description="Learning rate of the scores.")
     score_init: ScoreInit = Field("constant", description="constant (score_init_value) | uniform "
-                                  "(U(-value, value)) | kaiming | magnitude (|W|).")
+                                  "(U(-value, value)) | kaiming | magnitude (|W| / mean |W| of "
+                                  "the layer, times score_init_value, default 1: the first "
+                                  "masks are magnitude masks; beyond the paper).")
     score_init_value: float = Field(0.0, allow_inf_nan=False)
     initial_threshold: float = Field(0.0, ge=0.0, lt=1.0, description="tau_i, on sigmoid(S).")
     final_threshold: float = Field(0.1, ge=0.0, lt=1.0, description="tau_f: mask = sigmoid(S) > "
@@ -147,34 +154,7 @@ class PruningPolicy(BaseModel):
     @classmethod
     def from_file(cls, path: str | Path) -> PruningPolicy:
         """Load a policy from a ``.json``, ``.yaml`` or ``.yml`` file."""
-        path = Path(path)
-        if not path.is_file():
-            raise PolicyError(f"policy file {str(path)!r} does not exist. Fix: pass the path "
-                              "of a .json or .yaml policy file.")
-        try:
-            text = path.read_text()
-        except UnicodeDecodeError as err:
-            raise PolicyError(f"{path} is not a text file ({err.reason} at byte {err.start}). "
-                              "Fix: write the policy as UTF-8 JSON or YAML.") from None
-        if path.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:  # pragma: no cover - depends on the environment
-                raise PolicyError(f"reading {path} needs PyYAML. Fix: pip install pyyaml, or "
-                                  "write the policy as JSON.") from None
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                raise PolicyError(f"{path}: not valid YAML: {err}") from None
-        elif path.suffix.lower() == ".json":
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise PolicyError(f"{path}: not valid JSON: {err}") from None
-        else:
-            raise PolicyError(f"policy file {str(path)!r} has suffix {path.suffix!r}; allowed: "
-                              "'.json', '.yaml', '.yml'. Fix: rename it or convert it.")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_policy_file(path), source=str(path))
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -182,7 +162,9 @@ class PruningPolicy(BaseModel):
     @classmethod
     def _method_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("method"), str):
-            defaults = _METHOD_DEFAULTS.get(data["method"], {})
+            defaults = dict(_METHOD_DEFAULTS.get(data["method"], {}))
+            if data.get("score_init") == "magnitude":
+                defaults["score_init_value"] = 1.0  # the scale of the normalised |W|
             data = {**defaults, **data}
         return data
 
@@ -226,7 +208,7 @@ class PruningPolicy(BaseModel):
                 f"the masks of step {self.total_steps // every * every}, short of the final "
                 f"target. Fix: set mask_update_every to a divisor of {self.total_steps} (e.g. "
                 f"{', '.join(map(str, divisors[-3:]))}) or total_steps to a multiple of {every}.")
-        if self.final_remaining > self.initial_remaining:
+        if self.final_remaining is not None and self.final_remaining > self.initial_remaining:
             raise ValueError(
                 f"final_remaining ({self.final_remaining}) is above initial_remaining "
                 f"({self.initial_remaining}); pruning only removes weights. Fix: set "
@@ -235,8 +217,19 @@ class PruningPolicy(BaseModel):
             raise ValueError(
                 f"final_threshold ({self.final_threshold}) is below initial_threshold "
                 f"({self.initial_threshold}); the threshold only rises. Fix: swap them.")
-        if self.method == "soft_movement" and self.lambda_schedule == "cubic" \
-                and self.final_threshold == 0.0:
+        if self.method in ("soft_movement", "l0") and not self.targets_remaining \
+                and "initial_remaining" in self.model_fields_set:
+            raise ValueError("initial_remaining applies to soft movement and L0 only with "
+                             "final_remaining (a requested sparsity). Fix: set final_remaining "
+                             "too, or remove initial_remaining.")
+        if self.targets_remaining and self.method == "soft_movement":
+            chosen = sorted({"initial_threshold", "final_threshold"} & self.model_fields_set)
+            if chosen:
+                raise ValueError(f"{', '.join(chosen)} and final_remaining exclude each other: "
+                                 "with final_remaining the threshold moves so that exactly that "
+                                 "fraction remains. Fix: remove one of them.")
+        if self.method == "soft_movement" and not self.targets_remaining \
+                and self.lambda_schedule == "cubic" and self.final_threshold == 0.0:
             raise ValueError("final_threshold is 0 with lambda_schedule 'cubic': lambda would "
                              "stay 0 and nothing is pruned. Fix: set final_threshold in (0, 1).")
         if self.score_init == "uniform" and self.score_init_value <= 0:
@@ -249,14 +242,65 @@ class PruningPolicy(BaseModel):
     def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """Dumps hold only the fields that apply to the method, so they validate back."""
         data = handler(self)
-        return {k: v for k, v in data.items()
-                if k not in _FIELD_METHODS or self.method in _FIELD_METHODS[k]}
+        if self.targets_remaining:
+            unused = {"initial_threshold", "final_threshold"}
+        elif self.method in ("soft_movement", "l0"):  # lambda sets the sparsity
+            unused = {"initial_remaining", "final_remaining"}
+        else:
+            unused = set()
+        return {k: v for k, v in data.items() if k not in unused
+                and (k not in _FIELD_METHODS or self.method in _FIELD_METHODS[k])}
+
+    # -- derived --------------------------------------------------------------------------------
+
+    @property
+    def targets_remaining(self) -> bool:
+        """Whether soft movement or L0 follow a requested remaining fraction (not the paper's
+        lambda-set sparsity)."""
+        return self.method in ("soft_movement", "l0") and self.final_remaining is not None
 
     # -- serialisation ------------------------------------------------------------------------
 
     def to_json(self) -> str:
         """The full policy as JSON; ``PruningPolicy.model_validate_json`` reads it back."""
         return self.model_dump_json(indent=2)
+
+
+def read_policy_file(path: str | Path) -> dict[str, Any]:
+    """The fields of a ``.json``, ``.yaml`` or ``.yml`` policy file, unvalidated (a job adds
+    ``total_steps`` before validating); every problem is a PolicyError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyError(f"policy file {str(path)!r} does not exist. Fix: pass the path "
+                          "of a .json or .yaml policy file.")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise PolicyError(f"{path} is not a text file ({err.reason} at byte {err.start}). "
+                          "Fix: write the policy as UTF-8 JSON or YAML.") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise PolicyError(f"reading {path} needs PyYAML. Fix: pip install pyyaml, or "
+                              "write the policy as JSON.") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise PolicyError(f"{path}: not valid YAML: {err}") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PolicyError(f"{path}: not valid JSON: {err}") from None
+    else:
+        raise PolicyError(f"policy file {str(path)!r} has suffix {path.suffix!r}; allowed: "
+                          "'.json', '.yaml', '.yml'. Fix: rename it or convert it.")
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: expected a mapping of policy fields, got "
+                          f"{type(data).__name__} {data!r:.80}. Fix: write it as "
+                          '{"method": "movement", "total_steps": ...}.')
+    return data
 
 
 def _describe_allowed(err: dict[str, Any]) -> str:

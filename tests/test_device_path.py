@@ -22,12 +22,15 @@ from prune_plugin.selection import (mask_from_threshold, topv_mask_reference, to
 from .models import bert_batch, tiny_bert
 
 CASES = [("magnitude", "local"), ("magnitude", "global"), ("movement", "local"),
-         ("movement", "global"), ("soft_movement", None), ("l0", None)]
+         ("movement", "global"), ("soft_movement", None), ("l0", None),
+         ("soft_movement", "target"), ("l0", "target")]
 
 
 def _policy(method: str, scope: str | None) -> PruningPolicy:
     fields = dict(method=method, total_steps=6, warmup_steps=0, cooldown_steps=1)
-    if scope is not None:  # Top-v selections from the first refresh on
+    if scope == "target":  # a requested sparsity: a global Top-v from the first refresh on
+        fields.update(initial_remaining=0.6, final_remaining=0.25, final_lambda=100.0)
+    elif scope is not None:  # Top-v selections from the first refresh on
         fields.update(scope=scope, initial_remaining=0.6, final_remaining=0.25)
     elif method == "soft_movement":
         fields.update(initial_threshold=0.3, final_threshold=0.6, final_lambda=100.0)

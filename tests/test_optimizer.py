@@ -176,6 +176,7 @@ def test_step_after_detach_is_refused_and_scores_leave_the_optimizer():
     ("magnitude", dict(final_remaining=0.3, mask_update_every=2)),
     ("soft_movement", dict(final_lambda=2000.0, score_lr=0.1)),
     ("l0", dict(final_lambda=200.0)),
+    ("l0", dict(final_lambda=20.0, final_remaining=0.3)),
 ])
 def test_resume_mid_run_is_bit_identical(method, kw):
     policy = PruningPolicy(method=method, warmup_steps=1, cooldown_steps=2, total_steps=10, **kw)

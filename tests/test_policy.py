@@ -69,7 +69,7 @@ def test_final_above_initial_is_refused():
 
 @pytest.mark.parametrize("field,value,method", [
     ("final_lambda", 10.0, "movement"),
-    ("final_remaining", 0.1, "soft_movement"),
+    ("final_threshold", 0.1, "l0"),
     ("scope", "global", "l0"),
     ("l0_beta", 0.5, "soft_movement"),
     ("score_lr", 0.1, "magnitude"),

@@ -102,7 +102,7 @@ def test_bad_eval_labels_fail_before_training(job_assets, tmp_path):
     (lambda j, a, t: j["data"].update(label_column="idx"), r"distinct values.*an id"),
     (lambda j, a, t: j.update(output_dir=str(t / "file")), "is a file, not a folder"),
     (lambda j, a, t: j.update(model="some-org/no-such-model"), "no network.*local folder"),
-    (lambda j, a, t: j.update(pruning=str(t / "list.yaml")), "holds a list, not a policy"),
+    (lambda j, a, t: j.update(pruning=str(t / "list.yaml")), "expected a mapping of policy"),
     (lambda j, a, t: j.update(pruning=str(t / "bad.yaml")), "not valid YAML"),
     (lambda j, a, t: j["pruning"].update(mask_update_every=4), "must divide total_steps"),
     (lambda j, a, t: j["training"].update(max_steps=8) or j["pruning"].update(

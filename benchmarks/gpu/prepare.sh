@@ -9,7 +9,7 @@ mkdir -p .gpu/whl .gpu/minilm .gpu/data
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/whl \
   pydantic pydantic-core annotated-types typing-inspection typing-extensions \
-  pytest pluggy iniconfig packaging
+  pytest pluggy iniconfig packaging pygments
 python - <<'PY'
 import shutil
 from pathlib import Path

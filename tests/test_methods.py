@@ -1,0 +1,77 @@
+"""The method strategies: one per method of the paper, and the requested-sparsity mode of
+soft movement and L0 (beyond the paper: no lambda calibration)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prune_plugin import PolicyError, PruningOptimizer, PruningPolicy, sparsity_report
+from prune_plugin.methods import (L0, L0ToTarget, Magnitude, Movement, SoftMovement,
+                                  SoftMovementToTarget, method_for)
+
+from .models import bert_batch, tiny_bert
+
+
+@pytest.mark.parametrize("fields,cls", [
+    (dict(method="magnitude"), Magnitude), (dict(method="movement"), Movement),
+    (dict(method="soft_movement"), SoftMovement), (dict(method="l0"), L0),
+    (dict(method="soft_movement", final_remaining=0.2), SoftMovementToTarget),
+    (dict(method="l0", final_remaining=0.2), L0ToTarget)])
+def test_each_policy_gets_its_strategy(fields, cls):
+    assert type(method_for(PruningPolicy(total_steps=10, **fields))) is cls
+
+
+def test_the_requested_sparsity_mode_validates():
+    with pytest.raises(PolicyError, match="final_threshold and final_remaining exclude each other"):
+        PruningPolicy(method="soft_movement", final_remaining=0.1, final_threshold=0.2,
+                      total_steps=10)
+    with pytest.raises(PolicyError, match="initial_remaining applies .* only with final_remaining"):
+        PruningPolicy(method="l0", initial_remaining=0.5, total_steps=10)
+    policy = PruningPolicy(method="soft_movement", final_remaining=0.1, total_steps=10)
+    assert PruningPolicy.model_validate_json(policy.to_json()) == policy
+    paper = PruningPolicy(method="soft_movement", total_steps=10)  # lambda sets the sparsity
+    assert paper.final_remaining is None and not paper.targets_remaining
+    assert PruningPolicy.model_validate_json(paper.to_json()) == paper
+
+
+@pytest.mark.parametrize("method", ["soft_movement", "l0"])
+def test_soft_movement_and_l0_reach_the_requested_remaining_fraction(method):
+    policy = PruningPolicy(method=method, final_remaining=0.15, warmup_steps=2,
+                           cooldown_steps=3, total_steps=12, final_lambda=50.0)
+    model = tiny_bert()
+    opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), policy, model=model)
+    remaining = []
+    for step in range(12):
+        model(**bert_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        remaining.append(sparsity_report(model).remaining)
+    assert remaining[0] == 1.0 and all(a >= b - 1e-9 for a, b in zip(remaining, remaining[1:]))
+    report = sparsity_report(model)
+    total = report.total
+    if method == "soft_movement":  # a global Top-v: exactly round(v * n)
+        assert report.kept == round(0.15 * total)
+    else:  # kept by the Top-v, and with an open evaluation gate
+        assert round(0.15 * total) * 0.97 <= report.kept <= round(0.15 * total)
+    assert opt.pruner.penalty_lambda > 0  # lambda still shapes the scores
+
+
+def test_l0_gates_outside_the_requested_top_v_are_closed_in_training_too():
+    policy = PruningPolicy(method="l0", final_remaining=0.3, initial_remaining=0.3,
+                           total_steps=4, score_init="uniform", score_init_value=3.0)
+    model = tiny_bert()  # (equal scores would tie: the first layers would be kept whole)
+    opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), policy, model=model)
+    layer = opt.pruner.layers[0]
+    closed = ~layer.mask
+    assert 0 < int(closed.sum()) < closed.numel()
+    x = torch.randn(5, layer.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    model.train()
+    torch.manual_seed(1)
+    out = layer.module(x)  # sampled gates (the same noise below), times the Top-v mask
+    out.sum().backward()
+    assert torch.all(layer.scores.grad[closed] == 0) and torch.any(layer.scores.grad[~closed] != 0)
+    with torch.no_grad():
+        layer.weight[closed] = 1e6  # weights behind closed gates must not matter
+        torch.manual_seed(1)
+        assert torch.equal(layer.module(x), out.detach())
