@@ -32,7 +32,7 @@ from prune_plugin.integrations.job import load_job, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "collapse.jsonl"
-GLUE = str(ROOT.parent / "shared" / "data" / "glue")
+DATA = str(ROOT / "examples" / "data" / "sst2")  # the main job's data, shipped
 
 #: Each variant: changes to the pruning policy and the training settings of the base job.
 VARIANTS: dict[str, dict] = {
@@ -42,15 +42,20 @@ VARIANTS: dict[str, dict] = {
     "movement-magprior": {"pruning": {"method": "movement", "score_init": "magnitude"}},
     "movement-longwarmup": {"pruning": {"method": "movement", "warmup_frac": 0.5}},
     "movement-lowlr": {"pruning": {"method": "movement"}, "training": {"learning_rate": 3e-5}},
-    "soft_movement": {"pruning": {"method": "soft_movement"}},
-    "l0": {"pruning": {"method": "l0"}},
+    "movement-magprior-0.3": {"pruning": {"method": "movement", "score_init": "magnitude",
+                                          "score_init_value": 0.3}},
+    "soft_movement": {"pruning": {"method": "soft_movement"}},  # lambda sets the sparsity
+    "soft_movement-target": {"pruning": {"method": "soft_movement", "final_remaining": 0.10}},
+    "soft_movement-target-magprior": {"pruning": {"method": "soft_movement",
+                                                  "final_remaining": 0.10,
+                                                  "score_init": "magnitude"}},
+    "l0-target": {"pruning": {"method": "l0", "final_remaining": 0.10}},
 }
 
 
 def base_job(steps: int, seed: int, data: str, out: Path) -> dict:
     return {"model": "minilm",
-            "data": {"path": data, "name": "sst2", "text_columns": ["sentence"],
-                     "label_column": "label", "max_train_samples": 4000},
+            "data": {"path": data, "text_columns": ["sentence"], "label_column": "label"},
             "training": {"max_steps": steps, "batch_size": 32, "max_length": 64,
                          "learning_rate": 1e-4, "warmup_ratio": 0.1, "logging_steps": 10,
                          "seed": seed},
@@ -64,7 +69,7 @@ def pruning_for(variant: dict, steps: int) -> dict | None:
     fields = dict(fields)
     warmup = round(steps * fields.pop("warmup_frac", 0.3))
     fields.update(warmup_steps=warmup, cooldown_steps=round(steps * 0.2))
-    if fields["method"] in ("magnitude", "movement", "soft_movement", "l0"):
+    if fields["method"] in ("magnitude", "movement"):
         fields.setdefault("final_remaining", 0.10)
     return fields
 
@@ -181,7 +186,7 @@ def main() -> None:
                                                           "movement-magprior"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--data", default=GLUE)
+    parser.add_argument("--data", default=DATA)
     parser.add_argument("--out", default="benchmarks/out/collapse")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()

@@ -64,6 +64,8 @@ def load_raw(path: str, name: str | None, splits: list[str]) -> dict[str, Any]:
     ``validation[:50%]``), with clear errors."""
     import datasets
 
+    if not path.strip():
+        raise DataError("data.path is empty. Fix: give a Hub id, a local folder or a data file.")
     folder = local_folder(path)
     if folder is not None and not folder.exists():
         raise DataError(f"dataset folder {path!r} does not exist. Fix: pass --dataset with the "
@@ -80,8 +82,13 @@ def load_raw(path: str, name: str | None, splits: list[str]) -> dict[str, Any]:
             kwargs = {"data_files": str(folder)}
         try:
             raw = datasets.load_dataset(source, name, **kwargs)
-        except ValueError as err:  # unknown config name, among others
-            raise DataError(f"cannot load dataset {path!r} config {name!r}: {err}") from None
+        except (ValueError, OSError, ConnectionError) as err:  # unknown config, no data
+            # files, a Hub id offline...
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            offline = " (with no network, a Hub id loads only from the local cache)" \
+                if folder is None else ""
+            raise DataError(f"cannot load dataset {path!r} config {name!r}: {first[:300]}"
+                            f"{offline}. Fix: check data.path and data.name.") from None
     out = {}
     for spec in splits:
         match = SPLIT_SPEC.match(spec.replace(" ", ""))

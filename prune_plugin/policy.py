@@ -146,6 +146,10 @@ class PruningPolicy(BaseModel):
             raise PolicyError(f"{source}: expected a mapping of policy fields, got "
                               f"{type(data).__name__} {data!r}. Fix: write it as "
                               '{"method": "movement", "total_steps": ...}.')
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:
+            raise PolicyError(f"{source}: field names must be text, got {odd[0]!r}. Fix: write "
+                              'it as {"method": "movement", "total_steps": ...}.')
         try:
             return super().model_validate(data)
         except ValidationError as err:
