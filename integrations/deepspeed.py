@@ -262,7 +262,7 @@ def attach_partitioned(model: nn.Module, policy: PruningPolicy) -> Pruner:
 
     def make_scores(layer: PrunedLayer) -> Tensor:
         with _gathered(layer):
-            scores = nn.Parameter(layer.pruner.method.initial_scores(layer.weight),
+            scores = nn.Parameter(layer.pruner.method.initial_scores(layer),
                                   requires_grad=True)
         layer.weight.convert_to_zero_parameters([scores])
         return scores
@@ -303,6 +303,11 @@ def bind(engine: Any) -> PruningSchedule:
                 "DeepSpeed config's 'scheduler' block and use a torch scheduler.")
     optimizer.counts_steps = False  # ZeRO steps it once per param group
     if engine.zero_optimization_stage() == 3:
+        if pruner.units:
+            raise DeepSpeedConfigError("structured pruning (structure "
+                                       f"{pruner.policy.structure!r}) under ZeRO-3 is not "
+                                       "supported yet. Fix: use ZeRO stage 0-2, or structure "
+                                       "'unstructured'.")
         pruner.sharding = _zero3_sharding(engine.module)
     schedule = PruningSchedule(scheduler, pruner, optimizer)
     engine.lr_scheduler = schedule

@@ -10,6 +10,7 @@ from prune_plugin.policy import PruningPolicy
 from prune_plugin.pruner import Pruner, attach, detach, finalize, get_pruner
 from prune_plugin.report import SparsityReport, sparsity_report
 from prune_plugin.state import load_pruning_state, save_pruning_state
+from prune_plugin.structure import load_shrunk
 
 __version__ = "0.2.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "finalize",
     "get_pruner",
     "load_pruning_state",
+    "load_shrunk",
     "save_pruning_state",
     "sparsity_report",
 ]

@@ -36,6 +36,7 @@ from prune_plugin.selection import TopVThreshold
 
 if TYPE_CHECKING:
     from prune_plugin.pruner import Pruner
+    from prune_plugin.structure import Layout, UnitGroup
 
 #: Name of the score Parameter registered on each pruned Linear.
 SCORES_NAME = "pruning_scores"
@@ -59,6 +60,10 @@ class PrunedLayer:
         self._mask_buffer: Tensor | None = None
         self._inference: tuple[tuple, Tensor] | None = None  # (key, W * gate) for no-grad passes
         self._handles: list[RemovableHandle] = []
+        #: Structured pruning: the unit group this layer belongs to, and how its units lie on
+        #: the weight; the group holds the scores and the mask over units.
+        self.group: UnitGroup | None = None
+        self.layout: Layout | None = None
 
     def __repr__(self) -> str:
         return f"PrunedLayer({self.name!r}, {tuple(self.weight.shape)})"
@@ -71,12 +76,39 @@ class PrunedLayer:
 
     @property
     def scores(self) -> nn.Parameter | None:
+        """This layer's scores: its own, or (structured) its unit group's, one per unit."""
+        if self.group is not None and self.group.owner is not self:
+            return self.group.scores
         return self.module._parameters.get(SCORES_NAME)
+
+    @property
+    def is_owner(self) -> bool:
+        """Whether the layer holds the scores and the mask in the model's state dict (every
+        unstructured layer; the first member of a unit group)."""
+        return self.group is None or self.group.owner is self
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """The shape of this layer's scores and mask in saved state."""
+        return tuple(self.group.shape) if self.group is not None else tuple(self.weight.shape)
+
+    @property
+    def saved_mask(self) -> Tensor | None:
+        """The mask this layer saves: its own, or its unit group's."""
+        return self.group.mask if self.group is not None else self.mask
 
     @property
     def numel(self) -> int:
         w = self.module.weight
         return getattr(w, "ds_numel", w.numel())  # ZeRO-3 holds a shard: count the whole
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.module.weight.shape
+
+    def magnitudes(self) -> Tensor:
+        """|W|: what magnitude pruning ranks."""
+        return self.weight.detach().abs()
 
     def mask_buffer(self) -> Tensor:
         """A reused bool buffer of the weight's shape (no per-step allocation)."""
@@ -111,12 +143,18 @@ class PrunedLayer:
         count back from the device."""
         with torch.no_grad():
             gate = self.gate()
-        return self.numel if gate is None else int(torch.count_nonzero(gate))
+        if gate is None:
+            return self.numel
+        # a gate per row or column (structured) stands for numel / gate.numel() weights each
+        return int(torch.count_nonzero(gate)) * (self.weight.numel() // gate.numel())
 
     # -- the module's computation ---------------------------------------------------------------
 
     def forward(self, input: Tensor) -> Tensor:
         m, method = self.module, self.pruner.method
+        if method.samples_gates and m.training and self.group is not None:
+            gate = method.sampled_unit_gate(self)  # structured L0: one gate per unit
+            return F.linear(input, effective_weight(m.weight, gate), m.bias)
         if method.samples_gates and m.training:  # L0: a fresh hard-concrete gate per forward
             p = self.pruner.policy
             noise = l0_noise(m.weight.shape, m.weight.device)
@@ -133,6 +171,8 @@ class PrunedLayer:
         self._inference = None  # training: free the cached product
         gate = self.gate()
         scores = self.scores if method.straight_through else None
+        if scores is not None and self.layout is not None:  # one score per unit
+            scores = self.layout.expand(scores)
         if gate is None and scores is None:
             return F.linear(input, m.weight, m.bias)
         return masked_linear(input, m.weight, m.bias, gate, scores)
@@ -186,8 +226,9 @@ class PrunedLayer:
 
     def _save_mask(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                    local_metadata: Any) -> None:
-        if self.mask is not None:
-            state_dict[prefix + MASK_KEY] = self.mask.detach()
+        mask = self.saved_mask
+        if mask is not None and self.is_owner:
+            state_dict[prefix + MASK_KEY] = mask.detach()
 
     def _load_mask(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                    local_metadata: Any, strict: bool, missing_keys: list[str],
@@ -195,10 +236,10 @@ class PrunedLayer:
         mask = state_dict.pop(prefix + MASK_KEY, None)  # never an unexpected key
         if mask is None:
             return
-        if tuple(mask.shape) != tuple(self.weight.shape):
+        if tuple(mask.shape) != self.state_shape:
             error_msgs.append(f"size mismatch for {prefix + MASK_KEY}: the checkpoint's mask "
-                              f"has shape {tuple(mask.shape)}, the weight "
-                              f"{tuple(self.weight.shape)}.")
+                              f"has shape {tuple(mask.shape)}, this pruning run's "
+                              f"{self.state_shape}.")
             return
         self.pruner.loading_masks[self.name] = mask
 

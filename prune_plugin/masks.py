@@ -41,6 +41,7 @@ class _MaskedLinear(torch.autograd.Function):
         out = F.linear(x, effective_weight(weight, mask), bias)
         ctx.save_for_backward(x, weight, mask)
         ctx.has_bias = bias is not None
+        ctx.scores_shape = None if scores is None else scores.shape
         return out
 
     @staticmethod
@@ -54,6 +55,8 @@ class _MaskedLinear(torch.autograd.Function):
             grad_masked = _weight_grad(grad_out, x).to(weight.dtype)  # dL/dW' with W' = W * M
             if need_s:
                 grad_s = grad_masked * weight if need_w else grad_masked.mul_(weight)
+                if ctx.scores_shape != grad_s.shape:  # one score per unit: sum over the unit
+                    grad_s = grad_s.sum_to_size(ctx.scores_shape)
             if need_w:
                 grad_w = grad_masked if mask is None else grad_masked.mul_(mask)
         if need_b and ctx.has_bias:
@@ -69,10 +72,12 @@ def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
 
 def masked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
                   scores: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight * mask, bias)``; ``mask`` is bool or None (all kept).
+    """``F.linear(x, weight * mask, bias)``; ``mask`` is bool or None (all kept), the weight's
+    shape or broadcastable to it (one entry per row or column: structured pruning).
 
     With ``scores``, the scores get the straight-through gradient ``dL/dW' * W`` (Eq. 2), the
-    forward not depending on their values: the mask was chosen from them beforehand.
+    forward not depending on their values: the mask was chosen from them beforehand. Scores
+    broadcastable to the weight (one per row or column) get it summed over what they cover.
     """
     return _MaskedLinear.apply(x, weight, bias, scores, mask)
 

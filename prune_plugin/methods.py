@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
-from prune_plugin.masks import (expected_l0_grad, l0_eval_gate, logit, sigmoid_penalty_grad,
-                                threshold_mask)
+from prune_plugin.masks import (expected_l0_grad, hard_concrete_gate, l0_eval_gate, l0_noise,
+                                logit, sigmoid_penalty_grad, threshold_mask)
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.schedule import cubic_schedule, lambda_at
 from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_count, topv_masks,
@@ -33,6 +33,7 @@ from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_cou
 if TYPE_CHECKING:
     from prune_plugin.hooks import PrunedLayer
     from prune_plugin.pruner import Pruner
+    from prune_plugin.structure import UnitGroup
 
 
 class PruningMethod:
@@ -56,24 +57,24 @@ class PruningMethod:
 
     # -- scores -------------------------------------------------------------------------------
 
-    def initial_scores(self, weight: Tensor) -> Tensor | None:
-        """The scores of a layer at attach time (``score_init``), or None for no scores."""
+    def initial_scores(self, selectable: PrunedLayer | UnitGroup) -> Tensor | None:
+        """The scores of a layer (one per weight) or of a unit group (one per unit) at attach
+        time (``score_init``), or None for no scores."""
         if not self.has_scores:
             return None
-        w = weight.detach()
+        like = selectable.magnitudes().detach()
         kind, value = self.policy.score_init, self.policy.score_init_value
         if kind == "constant":
-            return torch.full_like(w, value)
+            return torch.full_like(like, value)
         if kind == "uniform":
-            return torch.empty_like(w).uniform_(-value, value)
+            return torch.empty_like(like).uniform_(-value, value)
         if kind == "kaiming":
-            s = torch.empty_like(w)
+            s = torch.empty_like(like)
             nn.init.kaiming_uniform_(s, a=math.sqrt(5))
             return s
-        # magnitude: |W| normalised per layer, so that one scale fits every layer and model
-        # (a layer's |W| is ~1e-2 while score updates are ~score_lr per step)
-        a = w.abs()
-        return a.div_(a.mean().clamp_min(1e-12)).mul_(value)
+        # magnitude: |W| (or unit norms) normalised per layer, so that one scale fits every
+        # layer and model (a layer's |W| is ~1e-2 while score updates are ~score_lr per step)
+        return like.div_(like.mean().clamp_min(1e-12)).mul_(value)
 
     # -- the schedule -------------------------------------------------------------------------
 
@@ -96,15 +97,18 @@ class PruningMethod:
         """Recompute every layer's mask for the forwards after ``pruner.step_count`` steps."""
 
     def gate(self, layer: PrunedLayer) -> Tensor | None:
-        """The deterministic multiplier of W (evaluation, finalize): the layer's bool mask, or
-        None when every weight is kept."""
+        """The deterministic multiplier of W (evaluation, finalize): the layer's bool mask (its
+        unit group's, spread over rows or columns), or None when every weight is kept."""
+        if layer.group is not None:
+            mask = layer.group.mask
+            return None if mask is None else layer.layout.expand(mask)
         if layer.threshold is not None:  # sharded scores: rebuilt from the gathered ones
             return mask_from_threshold(self.importance(layer), layer.threshold)
         return layer.mask
 
-    def importance(self, layer: PrunedLayer) -> Tensor:
+    def importance(self, selectable: PrunedLayer | UnitGroup) -> Tensor:
         """What a mask ranks or thresholds: the scores by default."""
-        return layer.scores.detach()
+        return selectable.scores.detach()
 
     def sampling_mask(self, layer: PrunedLayer) -> Tensor | None:
         """A mask applied on top of the gates sampled in training forwards (None: none)."""
@@ -128,12 +132,17 @@ class _TopV(PruningMethod):
 
     def refresh(self, pruner: Pruner) -> None:
         remaining = self.schedule_value(pruner.step_count)
-        layers = pruner.layers
+        layers = pruner.selectables
         if remaining >= 1.0:
             for layer in layers:
                 layer.set_mask(None)
             return
-        groups = [[layer] for layer in layers] if self.scope == "local" else [layers]
+        if self.scope == "local":
+            groups = [[layer] for layer in layers]
+        else:  # structured: heads rank against heads, neurons against neurons
+            kinds = dict.fromkeys(getattr(layer, "kind", "") for layer in layers)
+            groups = [[layer for layer in layers if getattr(layer, "kind", "") == kind]
+                      for kind in kinds]
         if pruner.sharding is not None:
             self._refresh_sharded(pruner, remaining, groups)
         elif pruner.sync_free(layers[0].weight):
@@ -159,22 +168,22 @@ class _TopV(PruningMethod):
         as rows of one selection (BERT-base: 3 selections for 72 layers); global scope ranks
         the concatenation of every layer."""
         if self.scope == "global":
-            layers = groups[0]
-            flat = torch.cat([self.importance(layer).reshape(-1) for layer in layers])
-            k = topv_count(remaining, flat.numel())
-            masks = topv_rows(flat.unsqueeze(0), k).squeeze(0)
-            for layer, mask in zip(layers, masks.split([layer.numel for layer in layers])):
-                layer.set_mask(mask.view(layer.weight.shape))
+            for layers in groups:
+                flat = torch.cat([self.importance(layer).reshape(-1) for layer in layers])
+                k = topv_count(remaining, flat.numel())
+                masks = topv_rows(flat.unsqueeze(0), k).squeeze(0)
+                for layer, mask in zip(layers, masks.split([layer.numel for layer in layers])):
+                    layer.set_mask(mask.view(layer.shape))
             return
         by_shape: dict[tuple, list[PrunedLayer]] = defaultdict(list)
         for (layer,) in groups:
             w = layer.weight
-            by_shape[(tuple(w.shape), w.dtype, w.device)].append(layer)
+            by_shape[(tuple(layer.shape), w.dtype, w.device)].append(layer)
         for same in by_shape.values():
             rows = torch.stack([self.importance(layer).reshape(-1) for layer in same])
             masks = topv_rows(rows, topv_count(remaining, rows.shape[1]))
             for layer, mask in zip(same, masks):
-                layer.set_mask(mask.view(layer.weight.shape))
+                layer.set_mask(mask.view(layer.shape))
 
     def _refresh_sharded(self, pruner: Pruner, remaining: float,
                          groups: list[list[PrunedLayer]]) -> None:
@@ -193,13 +202,13 @@ class _TopV(PruningMethod):
 
 
 class Magnitude(_TopV):
-    """Top-v of |W|: no scores."""
+    """Top-v of |W| (structured: of the units' L2 norms): no scores."""
 
     name = "magnitude"
     has_scores = False
 
-    def importance(self, layer: PrunedLayer) -> Tensor:
-        return layer.weight.detach().abs()
+    def importance(self, selectable: PrunedLayer | UnitGroup) -> Tensor:
+        return selectable.magnitudes()
 
 
 class Movement(_TopV):
@@ -238,7 +247,7 @@ class SoftMovement(_Regularized):
 
     def refresh(self, pruner: Pruner) -> None:
         tau = self.schedule_value(pruner.step_count)
-        for layer in pruner.layers:
+        for layer in pruner.selectables:
             if pruner.sharding is not None:  # S > logit(tau): a threshold with no ties
                 layer.set_threshold(None if tau <= 0.0 else TopVThreshold(
                     torch.tensor(logit(tau)), torch.tensor(0), 0))
@@ -259,11 +268,28 @@ class L0(_Regularized):
         return expected_l0_grad(scores, beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
 
     def gate(self, layer: PrunedLayer) -> Tensor:
-        return self.gate_of(self.importance(layer))
+        gate = self.gate_of(self.importance(layer))
+        return gate if layer.layout is None else layer.layout.expand(gate)
 
     def gate_of(self, scores: Tensor) -> Tensor:
         """The evaluation gate of ``scores`` (any shard of them)."""
         return l0_eval_gate(scores, left=self.policy.l0_left, right=self.policy.l0_right)
+
+    def sampled_unit_gate(self, layer: PrunedLayer) -> Tensor:
+        """Structured L0: a hard-concrete gate per unit, sampled for this forward (each member
+        of a group samples its own; all follow the same distribution), spread over the
+        weight; differentiable in the scores."""
+        p, group = self.policy, layer.group
+        noise = l0_noise(group.shape, group.weight.device)
+        gate = hard_concrete_gate(group.scores, beta=p.l0_beta, left=p.l0_left,
+                                  right=p.l0_right, noise=noise)
+        mask = group.mask if self.samples_with_mask else None
+        if mask is not None:
+            gate = gate * mask
+        return layer.layout.expand(gate)
+
+    #: Whether the unit group's mask closes gates too (the requested-sparsity mode).
+    samples_with_mask: ClassVar[bool] = False
 
 
 class _ToTarget(_TopV):
@@ -282,6 +308,8 @@ class SoftMovementToTarget(_ToTarget, SoftMovement):
 class L0ToTarget(_ToTarget, L0):
     """L0 with ``final_remaining``: the hard-concrete gates of the weights outside a global
     Top-v of the log-alpha scores are closed, v(t) on the cubic schedule."""
+
+    samples_with_mask = True
 
     def gate(self, layer: PrunedLayer) -> Tensor:
         gate = L0.gate(self, layer)

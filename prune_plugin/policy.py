@@ -22,6 +22,8 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandle
 from prune_plugin.errors import PolicyError
 
 Method = Literal["magnitude", "movement", "soft_movement", "l0"]
+Structure = Literal["unstructured", "neurons", "heads", "hybrid", "blocks"]
+UnitKind = Literal["neurons", "heads"]
 Scope = Literal["local", "global"]
 ScoreInit = Literal["constant", "uniform", "kaiming", "magnitude"]
 LambdaSchedule = Literal["cubic", "constant"]
@@ -59,6 +61,23 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+class UnitGroupSpec(BaseModel):
+    """Modules whose rows or columns share one score per unit, named relative to a repeated
+    block (a Transformer layer): for a neuron, the up-projection's row and the down-projection's
+    column; for a head, the query/key/value rows and the output projection's columns."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    kind: UnitKind = Field(description="neurons (FFN units) or heads (attention heads).")
+    rows: list[str] = Field(min_length=1, description="Modules (names relative to the block, "
+                            "e.g. 'intermediate.dense') whose output rows are split into units.")
+    columns: list[str] = Field(min_length=1, description="Modules whose input columns are "
+                               "split into the same units (e.g. 'output.dense').")
+    units: int | None = Field(None, ge=1, description="Units per block; default for neurons: "
+                              "the rows modules' outputs; required for heads (with grouped "
+                              "key/value heads: the number of key/value heads).")
+
+
 class PruningPolicy(BaseModel):
     """A validated pruning policy.
 
@@ -83,10 +102,23 @@ class PruningPolicy(BaseModel):
         True, description="Leave output heads dense, found by structure: Linears outside a "
                           "Hugging Face model's base model (classifier, pre_classifier, "
                           "qa_outputs, lm_head), or a plain model's output Linears.")
+    structure: Structure = Field(
+        "unstructured", description="unstructured: one score per weight (the paper) | neurons: "
+        "one per FFN unit | heads: one per attention head | hybrid: heads and neurons | blocks: "
+        "one per block_shape block of each matrix. Units are tied across the modules that "
+        "share them, so pruned ones can be removed (shrink).")
+    block_shape: list[int] | None = Field(
+        None, min_length=2, max_length=2,
+        description="[rows, columns] of a block for structure 'blocks', e.g. [32, 32].")
+    unit_groups: list[UnitGroupSpec] | None = Field(
+        None, description="Which modules share units, for a model outside the known families "
+                          "(BERT, RoBERTa, DistilBERT, ViT, Llama-style).")
     scope: Scope = Field("local", description="Top-v per layer (local) or across all targeted "
-                         "layers (global). Top-v methods only.")
+                         "layers (global; structured: across the blocks of one unit kind). "
+                         "Top-v methods only.")
     initial_remaining: float = Field(1.0, gt=0.0, le=1.0,
-                                     description="v_i: fraction of weights kept during warm-up.")
+                                     description="v_i: fraction of weights (structured: of "
+                                                 "units) kept during warm-up.")
     final_remaining: float | None = Field(
         None, gt=0.0, le=1.0,
         description="v_f: fraction of weights kept at the end (magnitude, movement: default "
@@ -236,6 +268,22 @@ class PruningPolicy(BaseModel):
                 and self.lambda_schedule == "cubic" and self.final_threshold == 0.0:
             raise ValueError("final_threshold is 0 with lambda_schedule 'cubic': lambda would "
                              "stay 0 and nothing is pruned. Fix: set final_threshold in (0, 1).")
+        if self.structure == "blocks" and self.block_shape is None:
+            raise ValueError("structure 'blocks' needs block_shape, e.g. [32, 32]. Fix: set "
+                             "block_shape.")
+        if self.block_shape is not None and self.structure != "blocks":
+            raise ValueError(f"block_shape applies to structure 'blocks', not "
+                             f"{self.structure!r}. Fix: remove block_shape or set structure.")
+        if self.block_shape is not None and min(self.block_shape) < 1:
+            raise ValueError(f"block_shape {list(self.block_shape)} must be positive. Fix: e.g. "
+                             "[32, 32].")
+        if self.unit_groups is not None and self.structure in ("unstructured", "blocks"):
+            raise ValueError(f"unit_groups apply to structures neurons, heads and hybrid, not "
+                             f"{self.structure!r}. Fix: remove unit_groups or set structure.")
+        if self.structure != "unstructured" and self.score_init in ("kaiming",):
+            raise ValueError("score_init 'kaiming' needs one score per weight; structured "
+                             "pruning has one per unit. Fix: use constant, uniform or "
+                             "magnitude.")
         if self.score_init == "uniform" and self.score_init_value <= 0:
             raise ValueError(f"score_init 'uniform' draws from U(-value, value) but "
                              f"score_init_value is {self.score_init_value}. Fix: set a "

@@ -31,6 +31,7 @@ from prune_plugin.hooks import SCORES_NAME, PrunedLayer, layer_of
 from prune_plugin.methods import PruningMethod, method_for
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.selection import SelectionHint, use_device_path
+from prune_plugin.structure import UnitGroup, find_unit_groups, record_shapes, shrink_groups
 from prune_plugin.targeting import find_targets
 
 #: Attribute of the attached root module that holds its Pruner.
@@ -64,6 +65,8 @@ class Pruner:
         self.policy = policy
         self.method: PruningMethod = method_for(policy)
         self.layers: list[PrunedLayer] = []
+        #: Structured pruning: the unit groups (heads, neurons, blocks) the layers belong to.
+        self.units: list[UnitGroup] = []
         #: Completed optimizer steps; the masks in use are those for this step.
         self.step_count = 0
         #: Set by a ZeRO-3 integration: masks become thresholds agreed across ranks.
@@ -86,7 +89,12 @@ class Pruner:
 
     @property
     def scores(self) -> list[nn.Parameter]:
-        return [layer.scores for layer in self.layers if layer.scores is not None]
+        return [sel.scores for sel in self.selectables if sel.scores is not None]
+
+    @property
+    def selectables(self) -> list[Any]:
+        """What masks are chosen for: the layers, or (structured) the unit groups."""
+        return self.units if self.units else self.layers
 
     def named_layers(self) -> dict[str, PrunedLayer]:
         return {layer.name: layer for layer in self.layers}
@@ -136,7 +144,8 @@ class Pruner:
         On the CPU the check reads its answer at once. On an accelerator it never waits: each
         step queues its flags for a copy to the host, and the next step looks at them only if
         the copy has landed, so a diverged run stops a step or two later, without a stall."""
-        tensors = [self._watched(layer) for layer in self.layers]
+        watched = self.layers if not self.units or not self.method.has_scores else self.units
+        tensors = [self._watched(layer) for layer in watched]
         if not tensors:
             return
         # A sum is NaN or Inf exactly when an element is (or the values are ~1e30, which is
@@ -145,13 +154,13 @@ class Pruner:
         if not self.sync_free(tensors[0]):
             if bool(flags.any()):
                 bad = next(i for i, flag in enumerate(flags.tolist()) if flag)
-                raise NumericalError(self._diverged_message(self.layers[bad], self.step_count))
+                raise NumericalError(self._diverged_message(watched[bad], self.step_count))
             return
         pending = self._pending_check
         if pending is not None and pending[1].query():
             self._pending_check = None
             host, _, step = pending
-            bad = [layer for layer, flag in zip(self.layers, host.tolist()) if flag]
+            bad = [layer for layer, flag in zip(watched, host.tolist()) if flag]
             if bad:  # a pinned host copy: reading it does not wait for the device
                 raise NumericalError(self._diverged_message(bad[0], step))
         if flags.device.type != "cuda" or self._pending_check is not None:
@@ -190,7 +199,7 @@ class Pruner:
         lam = self.penalty_lambda
         if lam == 0.0 or not params:
             return
-        scale = lam / sum(layer.numel for layer in self.layers)
+        scale = lam / sum(sel.numel for sel in self.selectables)  # per score
         with torch.no_grad():
             for s in params:
                 g = self.method.penalty_grad(s.detach()).mul_(scale)
@@ -222,6 +231,20 @@ class Pruner:
         return [int(c) + (0 if layer.threshold is None else int(layer.threshold.ties_kept))
                 for c, layer in zip(counts.tolist(), self.layers)]
 
+    def unit_counts(self) -> list[int]:
+        """Structured pruning: the units each group keeps (L0: open evaluation gates)."""
+        counts = []
+        with torch.no_grad():
+            for group in self.units:
+                if self.method.samples_gates:
+                    kept = self.method.gate_of(group.scores.detach()) > 0
+                    if group.mask is not None:
+                        kept &= group.mask
+                    counts.append(int(kept.sum()))
+                else:
+                    counts.append(group.numel if group.mask is None else int(group.mask.sum()))
+        return counts
+
     # -- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -231,8 +254,9 @@ class Pruner:
             "step": self.step_count,
             "policy": self.policy.to_json(),
             "scores": {lay.name: lay.scores.detach() for lay in self.layers
-                       if lay.scores is not None},
-            "masks": {lay.name: lay.mask for lay in self.layers if lay.mask is not None},
+                       if lay.scores is not None and lay.is_owner},
+            "masks": {lay.name: lay.saved_mask for lay in self.layers
+                      if lay.saved_mask is not None and lay.is_owner},
             "layers": [lay.name for lay in self.layers],
         }
 
@@ -242,10 +266,12 @@ class Pruner:
         layers = self.named_layers()
         with torch.no_grad():
             for name, layer in layers.items():
+                if not layer.is_owner:
+                    continue
                 if name in state["scores"]:
                     layer.scores.copy_(state["scores"][name])
                 mask = state["masks"].get(name)
-                layer.set_mask(None if mask is None else mask.to(layer.weight.device, torch.bool))
+                self._set_saved_mask(layer, mask)
         self.step_count = int(state["step"])
         self.generation += 1
 
@@ -266,12 +292,13 @@ class Pruner:
                              "saved from.")
         for kind in ("scores", "masks"):
             for name, tensor in state[kind].items():
-                shape = tuple(layers[name].weight.shape)
+                shape = layers[name].state_shape
                 if tuple(tensor.shape) != shape:
                     raise StateError(f"saved {kind} of {name!r} have shape "
-                                     f"{tuple(tensor.shape)}, the model's weight {shape}. Fix: "
+                                     f"{tuple(tensor.shape)}, this run's {shape}. Fix: "
                                      "load into the same model.")
-        if self.method.has_scores and set(state["scores"]) != set(layers):
+        owners = {name for name, layer in layers.items() if layer.is_owner}
+        if self.method.has_scores and set(state["scores"]) != owners:
             raise StateError("pruning state lacks scores for some layers. Fix: save it again.")
 
     # -- the step in the model's state dict -------------------------------------------------------
@@ -299,12 +326,19 @@ class Pruner:
         step, _ = loading
         layers = self.named_layers()
         for name, mask in masks.items():
-            layers[name].set_mask(mask.to(layers[name].weight.device, torch.bool))
+            self._set_saved_mask(layers[name], mask)
         if step is not None:
             self.step_count = step
-            if len(masks) < len(layers) and self.sharding is None:
+            if len(masks) < len(self.selectables) and self.sharding is None:
                 self.refresh()  # masks not in the checkpoint: rebuild them for the step
         self.generation += 1
+
+    @staticmethod
+    def _set_saved_mask(layer: PrunedLayer, mask: Tensor | None) -> None:
+        """Give a loaded mask to the layer, or to its unit group."""
+        if mask is not None:
+            mask = mask.to(layer.weight.device, torch.bool)
+        (layer.group or layer).set_mask(mask)
 
     # -- ending the run -------------------------------------------------------------------------
 
@@ -326,14 +360,27 @@ class Pruner:
         for callback in callbacks:
             callback()
 
-    def finalize(self) -> None:
+    def finalize(self, *, shrink: bool = False) -> None:
         """Bake ``W * M`` into each pruned weight (in place; L0: its evaluation gate), then
-        detach: a plain model."""
+        detach: a plain model. ``shrink`` (structured pruning) also removes the pruned heads
+        and neurons: smaller Linears, the same outputs; their shapes go into the model's config
+        for :func:`prune_plugin.structure.load_shrunk`."""
+        if shrink and self.policy.structure in ("unstructured", "blocks"):
+            raise AttachError(f"shrink removes pruned heads and neurons; structure "
+                              f"{self.policy.structure!r} prunes single weights or blocks, "
+                              "which standard kernels cannot skip. Fix: finalize without "
+                              "shrink, or prune with structure neurons, heads or hybrid.")
         with torch.no_grad():
             for layer in self.layers:
                 gate = layer.gate()
                 if gate is not None:
                     layer.weight.mul_(gate.to(layer.weight.dtype))
+            if shrink:
+                if self.policy.method == "l0":  # an L0 unit is kept while its gate opens
+                    for group in self.units:
+                        group.set_mask(self.method.gate_of(group.scores.detach()) > 0)
+                shapes = shrink_groups(self.model, self.units)
+                record_shapes(self.model, shapes)
         self.detach()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -381,10 +428,23 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
     pruner = Pruner(model, policy)
     pruner.sharding = sharding
     pruner.layers = [PrunedLayer(name, m, pruner) for name, m in targets]
-    make = score_factory or (lambda layer: pruner.method.initial_scores(layer.weight))
+    if policy.structure != "unstructured":
+        if sharding is not None:
+            raise AttachError("structured pruning under ZeRO-3 is not supported yet (its "
+                              "scores are per unit and small). Fix: use ZeRO stage 0-2, or "
+                              "structure 'unstructured'.")
+        pruner.units = find_unit_groups(model, policy, targets, pruner.named_layers())
+        for group in pruner.units:
+            for member in group.members:
+                member.layer.group, member.layer.layout = group, member.layout
+        pruner.layers = [m.layer for g in pruner.units for m in g.members]  # model order
+        order = {name: i for i, (name, _) in enumerate(targets)}
+        pruner.layers.sort(key=lambda layer: order[layer.name])
+    make = score_factory or (lambda sel: pruner.method.initial_scores(sel))
     try:
         for layer in pruner.layers:
-            layer.install(make(layer) if pruner.method.has_scores else None)
+            owns = pruner.method.has_scores and layer.is_owner
+            layer.install(make(layer.group or layer) if owns else None)
         pruner._handles = [  # partial(): torch sets an attribute on the hooks, methods refuse
             model.register_state_dict_post_hook(partial(pruner._save_step)),
             model.register_load_state_dict_pre_hook(partial(pruner._start_loading)),
@@ -438,12 +498,14 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
-def finalize(model: nn.Module) -> nn.Module:
+def finalize(model: nn.Module, *, shrink: bool = False) -> nn.Module:
     """Bake ``W * M`` into each pruned ``weight`` (in place) and detach: a plain model.
 
-    L0 uses its deterministic evaluation gate. Returns the model for chaining.
+    L0 uses its deterministic evaluation gate. ``shrink`` (structured pruning: neurons, heads,
+    hybrid) removes the pruned units: smaller Linears, the same outputs, a faster model;
+    ``prune_plugin.load_shrunk`` loads it back after ``save_pretrained``. Returns the model.
     """
-    require_pruner(model, "finalize").finalize()
+    require_pruner(model, "finalize").finalize(shrink=shrink)
     return model
 
 

@@ -34,11 +34,22 @@ class LayerSparsity:
 
 
 @dataclass(frozen=True)
+class UnitSparsity:
+    """Structured pruning: the heads or neurons (or blocks) one block keeps."""
+
+    name: str
+    kind: str
+    kept: int
+    total: int
+
+
+@dataclass(frozen=True)
 class SparsityReport:
     layers: list[LayerSparsity]
     scope: str
     scope_kept: int
     scope_total: int
+    units: list[UnitSparsity] = field(default_factory=list)
     kept: int = field(init=False)
     total: int = field(init=False)
 
@@ -62,13 +73,15 @@ class SparsityReport:
             "kept": self.kept, "total": self.total, "remaining": self.remaining,
             "scope": self.scope, "scope_kept": self.scope_kept,
             "scope_total": self.scope_total, "scope_remaining": self.scope_remaining,
+            "units": [asdict(u) for u in self.units],
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> SparsityReport:
         """The inverse of ``as_dict`` (e.g. a run's sparsity.json)."""
         return cls([LayerSparsity(d["name"], d["kept"], d["total"]) for d in data["layers"]],
-                   data["scope"], data["scope_kept"], data["scope_total"])
+                   data["scope"], data["scope_kept"], data["scope_total"],
+                   [UnitSparsity(**u) for u in data.get("units", [])])
 
     def __str__(self) -> str:
         width = max([len(lay.name) for lay in self.layers] + [24])
@@ -79,6 +92,11 @@ class SparsityReport:
                     f"{self.total:>10} {self.remaining:>9.2%}")
         rows.append(f"{(self.scope or '(model)') + ' (all params)':<{width}} {self.scope_kept:>10} "
                     f"{self.scope_total:>10} {self.scope_remaining:>9.2%}")
+        if self.units:
+            rows.append("")
+            rows.append(f"{'units':<{width}} {'kept':>10} {'total':>10} {'remaining':>9}")
+            rows += [f"{u.name + ' ' + u.kind:<{width}} {u.kept:>10} {u.total:>10} "
+                     f"{u.kept / u.total:>9.2%}" for u in self.units]
         return "\n".join(rows)
 
 
@@ -99,9 +117,13 @@ def sparsity_report(model: nn.Module, *, scope: str | None = None,
     """
     pruner = get_pruner(model)
     modules: dict[str, nn.Linear]
+    units: list[UnitSparsity] = []
     if pruner is not None:
         layers = [LayerSparsity(lay.name, kept, lay.numel)
                   for lay, kept in zip(pruner.layers, pruner.kept_counts())]
+        units = [UnitSparsity(_common_parent([m.layer.name for m in g.members]) or g.name,
+                              g.kind, kept, g.numel)
+                 for g, kept in zip(pruner.units, pruner.unit_counts())]
         modules = {lay.name: lay.module for lay in pruner.layers}
         model = pruner.model  # names are relative to the attached model
     else:
@@ -121,7 +143,7 @@ def sparsity_report(model: nn.Module, *, scope: str | None = None,
         numel = getattr(p, "ds_numel", p.numel())  # ZeRO-3 holds only a shard
         scope_total += numel
         scope_kept += kept_by_weight.get(id(p), numel)
-    return SparsityReport(layers, scope, scope_kept, scope_total)
+    return SparsityReport(layers, scope, scope_kept, scope_total, units)
 
 
 def plot_sparsity(report: dict[str, Any], path: Path, title: str) -> None:

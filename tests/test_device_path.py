@@ -23,13 +23,18 @@ from .models import bert_batch, tiny_bert
 
 CASES = [("magnitude", "local"), ("magnitude", "global"), ("movement", "local"),
          ("movement", "global"), ("soft_movement", None), ("l0", None),
-         ("soft_movement", "target"), ("l0", "target")]
+         ("soft_movement", "target"), ("l0", "target"), ("movement", "hybrid"),
+         ("l0", "hybrid")]
 
 
 def _policy(method: str, scope: str | None) -> PruningPolicy:
     fields = dict(method=method, total_steps=6, warmup_steps=0, cooldown_steps=1)
     if scope == "target":  # a requested sparsity: a global Top-v from the first refresh on
         fields.update(initial_remaining=0.6, final_remaining=0.25, final_lambda=100.0)
+    elif scope == "hybrid":  # structured: heads and neurons
+        fields.update(structure="hybrid", score_init="uniform", score_init_value=1.0)
+        fields.update(initial_remaining=0.6, final_remaining=0.25) if method == "movement" \
+            else fields.update(final_lambda=100.0)
     elif scope is not None:  # Top-v selections from the first refresh on
         fields.update(scope=scope, initial_remaining=0.6, final_remaining=0.25)
     elif method == "soft_movement":
