@@ -151,7 +151,7 @@ class PruningPolicy(BaseModel):
 
     # -- construction -------------------------------------------------------------------------
 
-    def __init__(self, **data: Any) -> None:
+    def __init__(self, /, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as err:
