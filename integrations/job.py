@@ -115,6 +115,9 @@ class JobConfig(_Strict):
         description="policy fields (total_steps defaults to the run's steps), a policy file, "
                     "or null for dense fine-tuning")
     teacher: TeacherConfig | None = None
+    shrink: bool = Field(False, description="write model/ with the pruned heads and neurons "
+                         "removed (structure neurons, heads or hybrid): smaller and faster; "
+                         "load it with prune_plugin.load_shrunk")
     output_dir: str
 
 
@@ -161,6 +164,11 @@ def load_job(path: str | Path | None = None, *, overrides: dict[str, Any] | None
         raise JobError(f"invalid job ({path or 'config'}):\n  - " + "\n  - ".join(lines)) \
             from None
     fields = policy_fields(job.pruning)
+    if job.shrink and (fields or {}).get("structure", "unstructured") in ("unstructured",
+                                                                          "blocks"):
+        raise JobError("shrink: true removes pruned heads and neurons, so it needs "
+                       "pruning.structure neurons, heads or hybrid. Fix: set the structure, or "
+                       "remove shrink.")
     if fields is not None:  # a typo must not wait for the data: check with a stand-in length
         every = fields.get("mask_update_every", 1)
         every = every if isinstance(every, int) and every > 0 else 1
@@ -555,7 +563,7 @@ def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool) -> dict
     eval_metrics = trainer.evaluate()
     report = sparsity_report(model)
     if pruner is not None:
-        finalize(model)
+        finalize(model, shrink=job.shrink)
 
     def save_model(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -569,7 +577,8 @@ def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool) -> dict
         "steps": plan.total_steps, "train_wall_s": wall, "resumed_at_step": resumed_at,
         "method": policy.method if policy else "dense",
         "remaining": report.remaining, "encoder_remaining": report.scope_remaining,
-        "teacher": plan.teacher_path, "seed": tr.seed,
+        "teacher": plan.teacher_path, "seed": tr.seed, "shrunk": job.shrink,
+        "structure": policy.structure if policy else None,
         "train_examples": data.train_examples, "eval_examples": data.eval_examples}
     layers = report.as_dict()
     write_file(out / "sparsity.json", json.dumps(layers, indent=2))

@@ -161,7 +161,10 @@ def plot_sparsity(report: dict[str, Any], path: Path, title: str) -> None:
     kinds = [n.split(".layer.")[-1].split(".", 1)[-1] if ".layer." in n else n for n in names]
     palette = {}
     colors = [palette.setdefault(k, f"C{len(palette) % 10}") for k in kinds]
-    fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(layers)), 3.6))
+    units = report.get("units") or []
+    fig, axes = plt.subplots(2 if units else 1, 1, squeeze=False,
+                             figsize=(max(6, 0.22 * len(layers)), 6.4 if units else 3.6))
+    ax = axes[0][0]
     ax.bar(range(len(layers)), values, color=colors)
     ax.set_ylabel("remaining weights (%)")
     ax.set_xlabel("pruned layer (model order)")
@@ -172,6 +175,23 @@ def plot_sparsity(report: dict[str, Any], path: Path, title: str) -> None:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
     ax.legend(handles, list(palette), fontsize=6, ncol=6, loc="lower left",
               bbox_to_anchor=(0.0, 1.08), frameon=False)
+    if units:  # structured: heads and neurons kept per block
+        ax = axes[1][0]
+        blocks = list(dict.fromkeys(u["name"] for u in units))
+        kinds = list(dict.fromkeys(u["kind"] for u in units))
+        width = 0.8 / len(kinds)
+        for i, kind in enumerate(kinds):
+            of_kind = {u["name"]: u for u in units if u["kind"] == kind}
+            xs = [b + i * width for b, name in enumerate(blocks) if name in of_kind]
+            kept = [of_kind[name] for name in blocks if name in of_kind]
+            ax.bar(xs, [100 * u["kept"] / u["total"] for u in kept], width=width,
+                   color=f"C{i}", label=f"{kind} (of {kept[0]['total']})")
+        ax.set_ylabel("units kept (%)")
+        ax.set_xticks([b + 0.4 - width / 2 for b in range(len(blocks))])
+        ax.set_xticklabels([b.split(".layer.")[-1].split(".layers.")[-1] for b in blocks],
+                           fontsize=7)
+        ax.set_xlabel("block")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

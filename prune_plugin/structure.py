@@ -243,6 +243,8 @@ def find_unit_groups(model: nn.Module, policy: PruningPolicy,
                 members.append(Member(layers[n], Layout(axis=axis, size=dim // units,
                                                         shape=tuple(module.weight.shape))))
             groups.append(UnitGroup(names[0], spec.kind, (units,), members))
+    order = {name: i for i, name in enumerate(linears)}
+    groups.sort(key=lambda group: order[group.name])  # model order: block by block
     if not groups:
         raise TargetingError(f"structure {policy.structure!r}: none of the targeted modules "
                              f"forms a unit group ({source}). Fix: check targets/exclude, or "

@@ -244,3 +244,40 @@ def test_model_only_checkpoints_carry_unit_masks():
     assert opt.step_count == 6
     batch = inputs("bert")
     assert torch.allclose(logits(fresh, batch), logits(model, batch))
+
+
+@pytest.mark.slow
+def test_the_job_writes_a_shrunk_model_that_reproduces_its_accuracy(job_assets, tmp_path):
+    import json
+
+    import datasets
+    from transformers import AutoTokenizer
+
+    from prune_plugin.cli import main
+    from prune_plugin.integrations.job import JobError, load_job, run_job
+
+    from .models import job_dict
+
+    job = job_dict(job_assets, tmp_path / "run", structure="hybrid", final_remaining=0.5)
+    job["shrink"] = True
+    metrics = run_job(load_job(data=job), progress=False)
+    out = tmp_path / "run"
+    model = load_shrunk(out / "model")
+    layer = model.bert.encoder.layer[0]
+    assert layer.intermediate.dense.weight.shape == (32, 32)  # half of 64 neurons
+    assert layer.attention.self.query.weight.shape == (16, 32)  # 1 of 2 heads
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    val = datasets.load_dataset(job_assets["data"], "toy")["validation"]
+    enc = tok(list(val["sentence"]), padding=True, truncation=True, max_length=16,
+              return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(-1)
+    assert float((pred == torch.tensor(val["label"])).double().mean()) == \
+        pytest.approx(metrics["eval"]["accuracy"])
+    report = json.loads((out / "sparsity.json").read_text())
+    assert {u["kind"] for u in report["units"]} == {"heads", "neurons"}
+    assert main(["report", str(out)]) == 0
+    unstructured = job_dict(job_assets, tmp_path / "other")
+    unstructured["shrink"] = True
+    with pytest.raises(JobError, match="shrink: true .* needs pruning.structure"):
+        load_job(data=unstructured)
