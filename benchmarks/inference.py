@@ -109,7 +109,7 @@ def measure(out: Path, repeats: int) -> dict:
         result[name].update(accuracy=metrics["eval"]["accuracy"],
                             remaining=metrics["remaining"], encoder_params=params)
     dense = result["dense"]
-    for name, row in result.items():
+    for row in result.values():
         row["speedup_batch1"] = dense["batch1_s"] / row["batch1_s"]
         row["speedup_batch32"] = dense["batch32_s"] / row["batch32_s"]
         row["accuracy_vs_dense"] = row["accuracy"] / dense["accuracy"]

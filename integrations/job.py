@@ -310,7 +310,7 @@ def prepare_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False
     teacher_path = resolve_model(job.teacher.model) if job.teacher else None
     if job.teacher and teacher_path == model_path and job.pruning is None:
         raise JobError("the teacher is the student itself. Fix: use a fine-tuned teacher.")
-    for what, path in (("model", model_path), ("teacher", teacher_path)):
+    for path in (model_path, teacher_path):
         if path is not None and local_folder(path) is not None:
             _check_weights(path)
     config = _load_hf("model", job.model, AutoConfig.from_pretrained, model_path)

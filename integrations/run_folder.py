@@ -21,7 +21,6 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from prune_plugin.errors import PruningError
 from prune_plugin.storage import write_atomic

@@ -28,7 +28,7 @@ from prune_plugin.masks import (expected_l0_grad, hard_concrete_gate, l0_eval_ga
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.schedule import cubic_schedule, lambda_at
 from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_count, topv_masks,
-                                    topv_rows, topv_thresholds, use_device_path)
+                                    topv_rows, topv_thresholds)
 
 if TYPE_CHECKING:
     from prune_plugin.hooks import PrunedLayer

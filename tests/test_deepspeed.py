@@ -97,7 +97,7 @@ def _free_port() -> int:
 
 
 def _sharded_rank(rank: int, world: int, port: int, parts: list, groups: list, ks: list,
-                  queue) -> None:
+                  queue, sync_free: bool | None = None) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -106,25 +106,29 @@ def _sharded_rank(rank: int, world: int, port: int, parts: list, groups: list, k
     for p in parts:  # ZeRO-3's layout: equal flat partitions, the last one padded
         size = -(-p.numel() // world)
         shards.append(p.reshape(-1)[rank * size:(rank + 1) * size])
-    result = topv_thresholds(shards, groups, ks, lambda t: dist.all_reduce(t))
+    totals = [sum(parts[i].numel() for i in g) for g in groups]
+    result = topv_thresholds(shards, groups, ks, lambda t: dist.all_reduce(t), totals=totals,
+                             sync_free=sync_free)
     queue.put((rank, [(float(t.value), int(t.ties_kept), t.k) for t in result]))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sync_free", [None, True], ids=["cpu-path", "device-path"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sharded_topv_on_two_ranks_matches_a_gathered_topv(dtype: torch.dtype) -> None:
+def test_sharded_topv_on_two_ranks_matches_a_gathered_topv(dtype: torch.dtype,
+                                                           sync_free: bool | None) -> None:
     import torch.multiprocessing as mp
 
     g = torch.Generator().manual_seed(1)
     parts = [torch.randn(n, generator=g).to(dtype) for n in (1001, 640, 7)]
     parts[1] = (parts[1] * 4).round() / 4  # massive ties at the threshold
-    groups_by_scope = {"local": [[0], [1], [2]], "global": [[0, 1, 2]]}
     ctx = mp.get_context("spawn")
-    for scope, groups in groups_by_scope.items():
+    for groups in ([[0], [1], [2]], [[0, 1, 2]]):  # local, global
         ks = [round(0.3 * sum(parts[i].numel() for i in grp)) for grp in groups]
         queue, port = ctx.Queue(), _free_port()
-        procs = [ctx.Process(target=_sharded_rank, args=(r, 2, port, parts, groups, ks, queue))
+        procs = [ctx.Process(target=_sharded_rank,
+                             args=(r, 2, port, parts, groups, ks, queue, sync_free))
                  for r in range(2)]
         for p in procs:
             p.start()

@@ -106,7 +106,7 @@ def test_every_method_prunes_units_and_finalize_equals_the_masked_model(method):
     if method == "soft_movement":
         kw["final_threshold"] = 0.5
     model = tiny("bert")
-    opt = train(model, hybrid(method, **kw), steps=6)
+    train(model, hybrid(method, **kw), steps=6)
     batch = inputs("bert", seed=3)
     masked = logits(model, batch)
     kept = sparsity_report(model).remaining
