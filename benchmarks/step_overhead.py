@@ -48,6 +48,7 @@ POLICIES = {
     "movement-global": dict(method="movement", scope="global"),
     "soft_movement": dict(method="soft_movement", final_lambda=10.0, initial_threshold=0.1),
     "l0": dict(method="l0", final_lambda=1.0),
+    "movement-hybrid": dict(method="movement", structure="hybrid"),  # heads and neurons
 }
 PEERS = ["sort-every-forward", "torch-prune"]
 DEFAULT_VARIANTS = {"cpu": ["movement-local", "movement-global"], "cuda": list(POLICIES)}
