@@ -38,10 +38,14 @@ DATA = str(ROOT / "examples" / "data" / "sst2")  # the main job's data, shipped
 VARIANTS: dict[str, dict] = {
     "dense": {"pruning": None},
     "magnitude": {"pruning": {"method": "magnitude"}},
-    "movement": {"pruning": {"method": "movement"}},  # the paper's code: scores start at 0
+    # the paper's code: scores start at 0 (score_init: constant)
+    "movement": {"pruning": {"method": "movement", "score_init": "constant"}},
+    # the plugin's default since issue 13: scores start at |W| / mean |W|
     "movement-magprior": {"pruning": {"method": "movement", "score_init": "magnitude"}},
-    "movement-longwarmup": {"pruning": {"method": "movement", "warmup_frac": 0.5}},
-    "movement-lowlr": {"pruning": {"method": "movement"}, "training": {"learning_rate": 3e-5}},
+    "movement-longwarmup": {"pruning": {"method": "movement", "score_init": "constant",
+                                        "warmup_frac": 0.5}},
+    "movement-lowlr": {"pruning": {"method": "movement", "score_init": "constant"},
+                       "training": {"learning_rate": 3e-5}},
     "movement-magprior-0.3": {"pruning": {"method": "movement", "score_init": "magnitude",
                                           "score_init_value": 0.3}},
     "soft_movement": {"pruning": {"method": "soft_movement"}},  # lambda sets the sparsity

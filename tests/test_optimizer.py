@@ -55,15 +55,20 @@ def test_step_trains_weights_and_scores_and_prunes_on_schedule():
 
 
 def test_scores_follow_eq4_under_sgd():
-    # With plain SGD, S accumulates -lr * sum_t dL/dW' * W (Eq. 4), masked or not.
-    model = MLP()
-    policy = movement(score_lr=0.5, final_remaining=0.5, warmup_steps=0)
-    opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), policy, model=model)
-    x, y = mlp_batch()
-    nn.functional.cross_entropy(model(x), y).backward()
-    g_scores = model.fc1.pruning_scores.grad.clone()
-    opt.step()
-    assert torch.allclose(model.fc1.pruning_scores, -0.5 * g_scores)
+    # With plain SGD, S accumulates -lr * sum_t dL/dW' * W (Eq. 4), masked or not, from
+    # wherever it started (the paper: 0; our movement default: the normalised |W|).
+    for init in ("constant", "magnitude"):
+        model = MLP()
+        policy = movement(score_lr=0.5, final_remaining=0.5, warmup_steps=0, score_init=init)
+        opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), policy, model=model)
+        s0 = model.fc1.pruning_scores.detach().clone()
+        assert (s0 == 0).all() == (init == "constant")
+        x, y = mlp_batch()
+        nn.functional.cross_entropy(model(x), y).backward()
+        g_scores = model.fc1.pruning_scores.grad.clone()
+        opt.step()
+        assert g_scores.abs().sum() > 0
+        assert torch.allclose(model.fc1.pruning_scores, s0 - 0.5 * g_scores)
 
 
 def test_lr_scheduler_grad_clipping_and_accumulation_work_unchanged():
