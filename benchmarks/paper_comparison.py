@@ -1,7 +1,17 @@
 """The paper's comparison (Tables 2 and 3), scaled to this machine.
 
-    python benchmarks/paper_comparison.py --variant full    # the table: ~2 h on 2 cores
+    python benchmarks/paper_comparison.py --variant seeds --task sst2   # 3 seeds, mean +- std
+    python benchmarks/paper_comparison.py --variant seeds --task mrpc   # a task not tuned on
+    python benchmarks/paper_comparison.py --variant full    # one seed, lambda calibrated
     python benchmarks/paper_comparison.py --variant short   # a quick check: ~15 min
+
+The ``seeds`` variant (issue 13) runs every method at the main job's budget (250 steps x 32,
+warm-up 30% and cool-down 20% of the run) on ``--seeds`` (42 43 44), at 10% and 3%, without
+and with distillation from the dense run of the same seed. Soft movement and L0 take the
+requested fraction (``final_remaining``: no lambda calibration); ``movement-paper`` is hard
+movement as the paper's code runs it (scores start at 0). It prints mean +- std over seeds and
+how many runs fell to the majority class. ``--methods``/``--targets``/``--no-distil`` run a
+part of it; rows go to ``benchmarks/results/paper_comparison.seeds-<task>.jsonl`` (resumable).
 
 all-MiniLM-L6-v2 on GLUE SST-2 (a fixed training subset, the full validation split), the same
 step budget for every method: dense fine-tuning, then magnitude, movement, soft movement and
@@ -30,7 +40,8 @@ from pathlib import Path
 
 from prune_plugin.integrations.job import load_job, run_job
 
-GLUE = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glue")
+ROOT = Path(__file__).resolve().parents[1]
+GLUE = str(ROOT.parent / "shared" / "data" / "glue")
 VARIANTS = {
     "full": {"steps": 1000, "batch": 16, "train": 16000, "remaining": (0.03, 0.10),
              "distill": True},
@@ -94,12 +105,122 @@ def run_order(v: dict) -> list[tuple[bool, float, str]]:
     return order
 
 
+#: The seeds variant's tasks: the data and the metric reported.
+TASKS = {
+    "sst2": {"data": {"path": str(ROOT / "examples" / "data" / "sst2"),
+                      "text_columns": ["sentence"], "label_column": "label"},
+             "metric": "accuracy"},
+    "mrpc": {"data": {"path": GLUE, "name": "mrpc", "text_columns": ["sentence1", "sentence2"],
+                      "label_column": "label"},
+             "metric": "accuracy"},
+    "stsb": {"data": {"path": GLUE, "name": "stsb", "text_columns": ["sentence1", "sentence2"],
+                      "label_column": "label"},
+             "metric": "pearson"},
+}
+SEEDED_METHODS = {
+    "magnitude": {"method": "magnitude"},
+    "movement": {"method": "movement"},  # the plugin's default: scores start at |W|/mean|W|
+    "movement-paper": {"method": "movement", "score_init": "constant"},
+    "soft_movement": {"method": "soft_movement"},
+    "l0": {"method": "l0"},
+}
+
+
+def seeded(args: argparse.Namespace) -> None:
+    """The seeds variant: every method x target x seed (x distillation), mean +- std."""
+    import statistics
+
+    task = TASKS[args.task]
+    steps, metric = 250, task["metric"]
+    out_root = Path(args.out) / f"seeds-{args.task}"
+    log = Path(__file__).with_name("results") / f"paper_comparison.seeds-{args.task}.jsonl"
+    done = {r["run"]: r for r in map(json.loads, log.read_text().splitlines())} \
+        if log.exists() else {}
+
+    def run(name: str, seed: int, pruning: dict | None, teacher: str | None) -> dict:
+        if name in done:
+            return done[name]
+        spec = {"model": "minilm", "data": task["data"],
+                "training": {"max_steps": steps, "batch_size": 32, "max_length": 64,
+                             "learning_rate": 1.0e-4, "warmup_ratio": 0.1,
+                             "logging_steps": 50, "seed": seed},
+                "pruning": pruning,
+                "teacher": {"model": teacher, "alpha": 0.9, "temperature": 2.0}
+                if teacher else None,
+                "output_dir": str(out_root / name)}
+        t0 = time.time()
+        metrics = run_job(load_job(data=spec), overwrite=True, progress=False)
+        row = {"run": name, "seed": seed, "metric": metric, "value": metrics["eval"][metric],
+               "remaining": metrics["remaining"], "wall_s": round(time.time() - t0, 1),
+               "pruning": pruning, "teacher": bool(teacher), "steps": steps, "batch": 32}
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        done[name] = row
+        print(json.dumps(row), flush=True)
+        return row
+
+    cells: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        dense = run(f"dense-s{seed}", seed, None, None)
+        cells.setdefault("dense", []).append(dense)
+        teacher = str(out_root / f"dense-s{seed}" / "model")
+        for distil in (False, True) if not args.no_distil else (False,):
+            for target in args.targets:
+                for method in args.methods:
+                    if distil and method == "movement-paper":
+                        continue  # the paper's setting is shown once, without a teacher
+                    label = f"{method}-{round(100 * target)}{'-distil' if distil else ''}"
+                    pruning = {**SEEDED_METHODS[method], "final_remaining": target,
+                               "warmup_steps": round(0.3 * steps),
+                               "cooldown_steps": round(0.2 * steps)}
+                    if distil and not (out_root / f"dense-s{seed}" / "model").is_dir():
+                        raise SystemExit(f"the teacher of seed {seed} is missing: rerun "
+                                         f"dense-s{seed} (delete its row in {log})")
+                    cells.setdefault(label, []).append(
+                        run(f"{label}-s{seed}", seed, pruning, teacher if distil else None))
+
+    majority = _majority_rate(task) if metric == "accuracy" else None
+    dense_mean = statistics.mean(r["value"] for r in cells["dense"])
+    print(f"\n{args.task}: {steps} steps x 32, seeds {args.seeds}; {metric} on the full "
+          f"validation split, mean +- std over seeds; all runs in {log}")
+    print(f"\n| run | {metric} | vs dense | remaining | collapsed |\n|---|---|---|---|---|")
+    for label, rows in cells.items():
+        vals = [100 * r["value"] for r in rows]
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        fell = "-" if majority is None else \
+            f"{sum(r['value'] <= majority + 0.002 for r in rows)}/{len(rows)}"
+        print(f"| {label} | {statistics.mean(vals):.1f} +- {std:.1f} | "
+              f"{statistics.mean(vals) / (100 * dense_mean):.1%} | "
+              f"{100 * statistics.mean(r['remaining'] for r in rows):.2f}% | {fell} |")
+
+
+def _majority_rate(task: dict) -> float:
+    """The accuracy of always answering the most frequent validation label."""
+    from collections import Counter
+
+    from prune_plugin.integrations.datasets import load_raw
+
+    d = task["data"]
+    split = load_raw(d["path"], d.get("name"), ["validation"])["validation"]
+    counts = Counter(split[d["label_column"]])
+    return max(counts.values()) / sum(counts.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", choices=list(VARIANTS), default="short")
+    parser.add_argument("--variant", choices=[*VARIANTS, "seeds"], default="short")
     parser.add_argument("--out", default="benchmarks/out/paper_comparison")
     parser.add_argument("--tries", type=int, default=4, help="calibration runs per lambda")
+    parser.add_argument("--task", choices=list(TASKS), default="sst2", help="seeds variant")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument("--methods", nargs="+", choices=list(SEEDED_METHODS),
+                        default=list(SEEDED_METHODS))
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.10, 0.03])
+    parser.add_argument("--no-distil", action="store_true")
     args = parser.parse_args()
+    if args.variant == "seeds":
+        seeded(args)
+        return
     v = VARIANTS[args.variant]
     out_root = Path(args.out) / args.variant
     # the finished runs are kept in the repository (small), so a later session resumes them
