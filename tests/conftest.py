@@ -20,6 +20,20 @@ def _seeded():
     random.seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Unit tests run tiny models on one intra-op thread: their ops are too small to gain
+    from more, and two spinning thread pools on a shared 2-core machine make each op ~10x
+    slower. The slow tests (real MiniLM) keep torch's default."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def job_assets(tmp_path_factory):
     """Tiny model and dataset folders for fine-pruning jobs (built once per session)."""
