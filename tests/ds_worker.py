@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=0)
     parser.add_argument("--method", default="movement")
     parser.add_argument("--scope", default="local")
+    parser.add_argument("--target", type=float, default=None,
+                        help="soft movement / L0: a requested remaining fraction")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--accumulation", type=int, default=1)
@@ -53,6 +55,9 @@ def main() -> None:
         policy.update(final_threshold=0.48, final_lambda=2000.0, score_lr=0.1)
     elif args.method == "l0":  # fast enough to close gates within a few steps
         policy.update(score_init_value=0.0, final_lambda=5000.0, score_lr=0.5)
+    if args.target is not None:  # the requested-sparsity mode: a global Top-v of the scores
+        policy.pop("final_threshold", None)
+        policy.update(final_remaining=args.target)
     config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": args.accumulation,
@@ -89,7 +94,8 @@ def main() -> None:
         if args.save_at is not None and step + 1 == args.save_at:
             engine.save_checkpoint(args.ckpt)
     report = sparsity_report(engine)
-    mismatch = gathered_topv_mismatch(pruner) if args.method in ("magnitude", "movement") else 0
+    mismatch = gathered_topv_mismatch(pruner) \
+        if args.method in ("magnitude", "movement") or args.target is not None else 0
     state = finalized_state_dict(engine)
     if rank == 0:
         torch.save({"losses": losses, "kept": {x.name: x.kept for x in report.layers},
@@ -124,6 +130,7 @@ def gathered_topv_mismatch(pruner) -> int:
     """Masks used by the forwards vs a Top-v on the gathered scores (the reference)."""
     import deepspeed
 
+    from prune_plugin.methods import PruningMethod
     from prune_plugin.selection import topv_count, topv_mask_reference
 
     layers = pruner.layers
@@ -131,8 +138,9 @@ def gathered_topv_mismatch(pruner) -> int:
               if hasattr(p, "ds_id")]
     remaining = pruner.target
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
-        gates = [layer.gate() for layer in layers]
-        groups = [[i] for i in range(len(layers))] if pruner.policy.scope == "local" \
+        # the Top-v masks (for L0 with a requested fraction: those its gates are closed by)
+        gates = [PruningMethod.gate(pruner.method, layer) for layer in layers]
+        groups = [[i] for i in range(len(layers))] if pruner.method.scope == "local" \
             else [list(range(len(layers)))]
         mismatch = 0
         for group in groups:

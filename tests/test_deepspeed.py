@@ -237,6 +237,22 @@ def test_regularised_methods_under_zero(tmp_path: Path, method: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
+@pytest.mark.parametrize("method", ["soft_movement", "l0"])
+def test_requested_sparsity_under_zero3_is_the_exact_gathered_topv(tmp_path: Path,
+                                                                   method: str) -> None:
+    """Soft movement and L0 with final_remaining under ZeRO-3 on 2 ranks: the masks are
+    bitwise the global Top-v of the gathered scores, round(v * n) of the weights."""
+    run = launch(tmp_path, "s3", "--stage", "3", "--method", method, "--target", "0.25")
+    assert run["gathered_mismatch"] == 0
+    kept = sum(run["kept"].values())
+    if method == "soft_movement":  # exactly round(v * n) over all layers
+        assert kept == round(0.25 * run["total"])
+    else:  # L0 keeps the Top-v's weights whose evaluation gate is open
+        assert 0.9 * round(0.25 * run["total"]) <= kept <= round(0.25 * run["total"])
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
 def test_zero3_bf16_global_magnitude_under_zero_init(tmp_path: Path) -> None:
     """A model built under zero.Init (weights already sharded when attached), bf16, global
     Top-v: exactly k kept over all layers, bitwise the gathered Top-v's mask."""
