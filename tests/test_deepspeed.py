@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from prune_plugin import PolicyError, get_pruner
-from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_mask_reference,
-                                    topv_thresholds)
 from prune_plugin.integrations import deepspeed as ds
+from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_count,
+                                    topv_mask_reference, topv_thresholds)
 
 from .models import tiny_bert
 
@@ -249,6 +249,23 @@ def test_requested_sparsity_under_zero3_is_the_exact_gathered_topv(tmp_path: Pat
         assert kept == round(0.25 * run["total"])
     else:  # L0 keeps the Top-v's weights whose evaluation gate is open
         assert 0.9 * round(0.25 * run["total"]) <= kept <= round(0.25 * run["total"])
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_structured_pruning_from_the_config_entry_under_zero2_and_refused_under_zero3(
+        tmp_path: Path) -> None:
+    """structure: hybrid in the DeepSpeed entry: ZeRO-2 on 2 ranks keeps the same heads and
+    neurons as stage 0, exactly a quarter of each block's units; ZeRO-3 is refused with the
+    fix before any step."""
+    ref = launch(tmp_path, "s0", "--stage", "0", "--structure", "hybrid")
+    run = launch(tmp_path, "s2", "--stage", "2", "--structure", "hybrid")
+    assert run["units"] == ref["units"] and len(run["units"]) == 4  # 2 blocks x (heads, FFN)
+    for kind, kept, total in run["units"]:  # local Top-v over each block's units
+        assert kept == topv_count(0.25, total) and kind in ("heads", "neurons")
+    assert _max_diff(run, ref) < 1e-5
+    refused = launch(tmp_path, "s3", "--stage", "3", "--structure", "hybrid")
+    assert "ZeRO-3" in refused["error"] and "Fix:" in refused["error"]
 
 
 @pytest.mark.slow
