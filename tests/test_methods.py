@@ -75,3 +75,30 @@ def test_l0_gates_outside_the_requested_top_v_are_closed_in_training_too():
         layer.weight[closed] = 1e6  # weights behind closed gates must not matter
         torch.manual_seed(1)
         assert torch.equal(layer.module(x), out.detach())
+
+
+def test_movement_starts_from_the_magnitude_masks_by_default_and_the_paper_is_one_field_away():
+    # Issue 13: the default scores are |W| / mean |W| per layer, so the first local masks are
+    # the magnitude masks (global ones rank |W| relative to each layer's mean); score_init:
+    # constant gives the paper's zero scores.
+    from prune_plugin import attach, detach
+
+    masks = {}
+    for method in ("magnitude", "movement"):
+        model = tiny_bert()
+        pruner = attach(model, PruningPolicy(method=method, total_steps=10,
+                                             initial_remaining=0.3, final_remaining=0.3))
+        masks[method] = [layer.gate().clone() for layer in pruner.layers]
+        detach(model)
+    assert all(0 < int(m.sum()) < m.numel() for m in masks["magnitude"])
+    assert all(torch.equal(a, b) for a, b in zip(masks["magnitude"], masks["movement"]))
+    default = PruningPolicy(method="movement", total_steps=10)
+    assert (default.score_init, default.score_init_value) == ("magnitude", 1.0)
+    paper = PruningPolicy(method="movement", score_init="constant", total_steps=10)
+    assert paper.score_init_value == 0.0
+    model = tiny_bert()
+    pruner = attach(model, paper)
+    assert all(torch.count_nonzero(s) == 0 for s in pruner.scores)
+    explicit = PruningPolicy(method="movement", score_init="magnitude", score_init_value=0.3,
+                             total_steps=10)
+    assert explicit.score_init_value == 0.3
