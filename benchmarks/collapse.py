@@ -52,7 +52,9 @@ VARIANTS: dict[str, dict] = {
     "movement-magprior-0.3": {"pruning": {"method": "movement", "score_init": "magnitude",
                                           "score_init_value": 0.3}},
     "soft_movement": {"pruning": {"method": "soft_movement"}},  # lambda sets the sparsity
-    "soft_movement-target": {"pruning": {"method": "soft_movement", "final_remaining": 0.10}},
+    # the requested-fraction mode from zero scores (its default is the |W| prior since then)
+    "soft_movement-target": {"pruning": {"method": "soft_movement", "final_remaining": 0.10,
+                                         "score_init": "constant"}},
     "soft_movement-target-magprior": {"pruning": {"method": "soft_movement",
                                                   "final_remaining": 0.10,
                                                   "score_init": "magnitude"}},

@@ -102,3 +102,9 @@ def test_movement_starts_from_the_magnitude_masks_by_default_and_the_paper_is_on
     explicit = PruningPolicy(method="movement", score_init="magnitude", score_init_value=0.3,
                              total_steps=10)
     assert explicit.score_init_value == 0.3
+    # soft movement: the paper's mode keeps zero scores; the requested-fraction mode (a Top-v
+    # of the scores, like hard movement) starts from |W| too
+    soft = PruningPolicy(method="soft_movement", total_steps=10)
+    assert (soft.score_init, soft.score_init_value) == ("constant", 0.0)
+    target = PruningPolicy(method="soft_movement", final_remaining=0.1, total_steps=10)
+    assert (target.score_init, target.score_init_value) == ("magnitude", 1.0)
