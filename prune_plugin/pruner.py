@@ -233,17 +233,17 @@ class Pruner:
 
     def unit_counts(self) -> list[int]:
         """Structured pruning: the units each group keeps (L0: open evaluation gates)."""
-        counts = []
+        kept = [self._kept_units(group) for group in self.units]
+        return [group.numel if k is None else int(k.sum()) for group, k in zip(self.units, kept)]
+
+    def _kept_units(self, group: UnitGroup) -> Tensor | None:
+        """The units ``group`` keeps at evaluation (bool), None when all: its mask, and for L0
+        the units whose evaluation gate is open (inside the mask, with a requested fraction)."""
+        if not self.method.samples_gates:
+            return group.mask
         with torch.no_grad():
-            for group in self.units:
-                if self.method.samples_gates:
-                    kept = self.method.gate_of(group.scores.detach()) > 0
-                    if group.mask is not None:
-                        kept &= group.mask
-                    counts.append(int(kept.sum()))
-                else:
-                    counts.append(group.numel if group.mask is None else int(group.mask.sum()))
-        return counts
+            kept = self.method.gate_of(group.scores.detach()) > 0
+        return kept if group.mask is None else kept & group.mask
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -376,9 +376,8 @@ class Pruner:
                 if gate is not None:
                     layer.weight.mul_(gate.to(layer.weight.dtype))
             if shrink:
-                if self.policy.method == "l0":  # an L0 unit is kept while its gate opens
-                    for group in self.units:
-                        group.set_mask(self.method.gate_of(group.scores.detach()) > 0)
+                for group in self.units:  # L0: a unit is kept while its gate opens
+                    group.set_mask(self._kept_units(group))
                 shapes = shrink_groups(self.model, self.units)
                 record_shapes(self.model, shapes)
         self.detach()
@@ -437,10 +436,8 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
         for group in pruner.units:
             for member in group.members:
                 member.layer.group, member.layer.layout = group, member.layout
-        pruner.layers = [m.layer for g in pruner.units for m in g.members]  # model order
-        order = {name: i for i, (name, _) in enumerate(targets)}
-        pruner.layers.sort(key=lambda layer: order[layer.name])
-    make = score_factory or (lambda sel: pruner.method.initial_scores(sel))
+        pruner.layers = [layer for layer in pruner.layers if layer.group is not None]
+    make = score_factory or pruner.method.initial_scores
     try:
         for layer in pruner.layers:
             owns = pruner.method.has_scores and layer.is_owner

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from prune_plugin import (PolicyError, PruningOptimizer, PruningPolicy, TargetingError, attach,
-                          finalize, load_shrunk, sparsity_report)
+                          finalize, get_pruner, load_shrunk, sparsity_report)
 
 FAMILIES = ["bert", "roberta", "distilbert", "vit", "llama"]
 
@@ -100,11 +100,14 @@ def test_each_family_prunes_whole_heads_and_neurons_and_shrinks_exactly(family, 
     assert torch.allclose(logits(loaded, batch), masked, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "movement", "soft_movement", "l0"])
+@pytest.mark.parametrize("method", ["magnitude", "movement", "soft_movement", "l0", "l0-target"])
 def test_every_method_prunes_units_and_finalize_equals_the_masked_model(method):
-    kw = {"final_lambda": 200.0, "score_lr": 0.5} if method in ("soft_movement", "l0") else {}
+    kw = {"final_lambda": 200.0, "score_lr": 0.5} if method.startswith(("soft", "l0")) else {}
     if method == "soft_movement":
         kw["final_threshold"] = 0.5
+    if method == "l0-target":  # L0 with a requested fraction: gates closed outside the Top-v
+        # (a weak penalty: the gates stay open, so only the Top-v closes units)
+        method, kw = "l0", {"final_lambda": 1.0, "final_remaining": 0.5}
     model = tiny("bert")
     train(model, hybrid(method, **kw), steps=6)
     batch = inputs("bert", seed=3)
@@ -113,8 +116,11 @@ def test_every_method_prunes_units_and_finalize_equals_the_masked_model(method):
     assert kept < 1.0
     units = sparsity_report(model).units
     assert {u.kind for u in units} == {"heads", "neurons"} and any(u.kept < u.total for u in units)
+    rows = [(g.members[0].layer.module, g.members[0].layout.size) for g in get_pruner(model).units]
     finalize(model, shrink=True)
     assert torch.allclose(logits(model, batch), masked, atol=1e-5)
+    for u, (module, size) in zip(units, rows):  # shrunk to exactly the units the report kept
+        assert module.out_features == max(u.kept, 1) * size
 
 
 def test_global_scope_ranks_heads_with_heads_and_neurons_with_neurons():
