@@ -122,7 +122,8 @@ def diagnostics_callback(trace: dict):
                 kept_mass += float(w[big & m.reshape(-1)].sum())
             trace.setdefault("refreshes", []).append(
                 {"step": state.global_step, "remaining": kept / sum(m.numel() for m in masks),
-                 "churn": round(churn, 5), "swapped_in": round(swapped_in, 5), "big_kept": round(kept_mass / big_mass, 5)})
+                 "churn": round(churn, 5), "swapped_in": round(swapped_in, 5),
+                 "big_kept": round(kept_mass / big_mass, 5)})
             self.previous = [m.clone() for m in masks]
 
         def _warmup_stats(self, pruner) -> None:  # noqa: ANN001
@@ -188,10 +189,8 @@ def summary(rows: list[dict]) -> str:
         acc = [100 * r["accuracy"] for r in group]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
         rho = [(r["trace"].get("end_of_warmup") or {}).get("spearman_with_abs_w") for r in group]
-        swapped = [max((x.get("swapped_in", 0.0) for x in r["trace"].get("refreshes", [])),
-                       default=None) if any("swapped_in" in x for x in
-                                            r["trace"].get("refreshes", [])) else None
-                   for r in group]
+        swapped = [max((x["swapped_in"] for x in r["trace"].get("refreshes", [])
+                        if "swapped_in" in x), default=None) for r in group]
         lines.append(
             f"| {name} | {len(group)} | {statistics.mean(acc):.1f} +- {std:.1f} "
             f"({', '.join(f'{a:.1f}' for a in acc)}) | {sum(r['collapsed'] for r in group)} | "

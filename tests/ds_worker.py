@@ -41,8 +41,8 @@ def main() -> None:
     from models import bert_batch, tiny_bert
 
     from prune_plugin.optimizer import find_pruning_optimizer
-    from prune_plugin.integrations.deepspeed import (finalized_state_dict, initialize,
-                                                     sparsity_report)
+    from prune_plugin.integrations.deepspeed import (DeepSpeedConfigError, finalized_state_dict,
+                                                     initialize, sparsity_report)
 
     deepspeed.init_distributed(dist_backend="gloo")
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
@@ -77,8 +77,6 @@ def main() -> None:
     for m in model.modules():  # deterministic: no dropout
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    from prune_plugin.integrations.deepspeed import DeepSpeedConfigError
-
     try:
         engine, _, _, _ = initialize(model=model, config=config,
                                      optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
