@@ -126,20 +126,68 @@ SEEDED_METHODS = {
 }
 
 
+#: Runs of the collapse study (``collapse.py``) with the same job as a seeds cell (same data,
+#: model, steps, batch, lr, warm-up and cool-down; only the logging interval differs): the
+#: seeds table reuses them instead of training them again.
+COLLAPSE_CELLS = {"magnitude": "magnitude-10", "movement-magprior": "movement-10",
+                  "movement": "movement-paper-10",
+                  "soft_movement-target-magprior": "soft_movement-10"}
+
+
+def _collapse_rows(steps: int) -> dict[str, dict]:
+    """The collapse study's rows that are seeds cells of the SST-2 table, by run name."""
+    path = Path(__file__).with_name("results") / "collapse.jsonl"
+    rows = {}
+    for r in map(json.loads, path.read_text().splitlines()) if path.exists() else ():
+        label = COLLAPSE_CELLS.get(r["variant"])
+        training = {k: v for k, v in r["training"].items() if k != "logging_steps"}
+        if label is None or r["steps"] != steps or training != {
+                "max_steps": steps, "batch_size": 32, "max_length": 64, "learning_rate": 1e-4,
+                "warmup_ratio": 0.1, "seed": r["seed"]}:
+            continue
+        rows[f"{label}-s{r['seed']}"] = {
+            "run": f"{label}-s{r['seed']}", "seed": r["seed"], "metric": "accuracy",
+            "value": r["accuracy"], "remaining": r["remaining"], "wall_s": r["wall_s"],
+            "pruning": r["pruning"], "teacher": False, "steps": steps, "batch": 32,
+            "source": "collapse.jsonl"}
+    return rows
+
+
 def seeded(args: argparse.Namespace) -> None:
-    """The seeds variant: every method x target x seed (x distillation), mean +- std."""
+    """The seeds variant: every method x target x seed (x distillation), mean +- std.
+
+    Cells run in priority order (dense, then each target's methods without a teacher, then
+    with one), seeds inner, so a partial table has whole cells. Several processes may run the
+    same command side by side (e.g. two, each with ``OMP_NUM_THREADS=1``): a run is claimed by
+    a ``<name>.claim`` file in the output folder, and a process skips what another has
+    claimed, then waits for it before printing the table. A claim left by a killed process
+    must be deleted by hand."""
+    import os
     import statistics
 
     task = TASKS[args.task]
     steps, metric = 250, task["metric"]
     out_root = Path(args.out) / f"seeds-{args.task}"
+    out_root.mkdir(parents=True, exist_ok=True)
     log = Path(__file__).with_name("results") / f"paper_comparison.seeds-{args.task}.jsonl"
-    done = {r["run"]: r for r in map(json.loads, log.read_text().splitlines())} \
-        if log.exists() else {}
+    reused = _collapse_rows(steps) if args.task == "sst2" else {}
 
-    def run(name: str, seed: int, pruning: dict | None, teacher: str | None) -> dict:
-        if name in done:
-            return done[name]
+    def finished() -> dict[str, dict]:
+        rows = dict(reused)
+        if log.exists():
+            rows.update({r["run"]: r for r in map(json.loads, log.read_text().splitlines())})
+        return rows
+
+    def run(name: str, seed: int, pruning: dict | None, teacher: str | None) -> None:
+        claim = out_root / f"{name}.claim"
+        if name in finished():
+            return
+        if teacher and not (Path(teacher) / "config.json").exists():
+            return  # its dense run is still training elsewhere: come back to it
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return  # another process runs it
         spec = {"model": "minilm", "data": task["data"],
                 "training": {"max_steps": steps, "batch_size": 32, "max_length": 64,
                              "learning_rate": 1.0e-4, "warmup_ratio": 0.1,
@@ -149,49 +197,66 @@ def seeded(args: argparse.Namespace) -> None:
                 if teacher else None,
                 "output_dir": str(out_root / name)}
         t0 = time.time()
-        metrics = run_job(load_job(data=spec), overwrite=True, progress=False)
+        try:
+            metrics = run_job(load_job(data=spec), overwrite=True, progress=False)
+        except BaseException:
+            claim.unlink()  # a failed run is not left claimed: the other processes retry it
+            raise
         row = {"run": name, "seed": seed, "metric": metric, "value": metrics["eval"][metric],
                "remaining": metrics["remaining"], "wall_s": round(time.time() - t0, 1),
-               "pruning": pruning, "teacher": bool(teacher), "steps": steps, "batch": 32}
+               "threads": torch_threads(), "pruning": pruning, "teacher": bool(teacher),
+               "steps": steps, "batch": 32}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        done[name] = row
+        claim.unlink()
         print(json.dumps(row), flush=True)
-        return row
+
+    # (label, seed, pruning, distilled) in priority order
+    plan: list[tuple[str, int, dict | None, bool]] = [("dense", s, None, False)
+                                                      for s in args.seeds]
+    for distil in (False, True) if not args.no_distil else (False,):
+        for target in args.targets:
+            for method in args.distil_methods or args.methods if distil else args.methods:
+                if distil and method == "movement-paper":
+                    continue  # the paper's setting is shown once, without a teacher
+                label = f"{method}-{round(100 * target)}{'-distil' if distil else ''}"
+                pruning = {**SEEDED_METHODS[method], "final_remaining": target,
+                           "warmup_steps": round(0.3 * steps),
+                           "cooldown_steps": round(0.2 * steps)}
+                plan += [(label, s, pruning, distil) for s in args.seeds]
+    names = [f"{label}-s{seed}" for label, seed, _, _ in plan]
+    while True:  # until every run is finished, here or in another process
+        for label, seed, pruning, distil in plan:
+            teacher = str(out_root / f"dense-s{seed}" / "model") if distil else None
+            run(f"{label}-s{seed}", seed, pruning, teacher)
+        rows = finished()
+        if all(n in rows for n in names):
+            break
+        time.sleep(20)
 
     cells: dict[str, list[dict]] = {}
-    for seed in args.seeds:
-        dense = run(f"dense-s{seed}", seed, None, None)
-        cells.setdefault("dense", []).append(dense)
-        teacher = str(out_root / f"dense-s{seed}" / "model")
-        for distil in (False, True) if not args.no_distil else (False,):
-            for target in args.targets:
-                for method in args.methods:
-                    if distil and method == "movement-paper":
-                        continue  # the paper's setting is shown once, without a teacher
-                    label = f"{method}-{round(100 * target)}{'-distil' if distil else ''}"
-                    pruning = {**SEEDED_METHODS[method], "final_remaining": target,
-                               "warmup_steps": round(0.3 * steps),
-                               "cooldown_steps": round(0.2 * steps)}
-                    if distil and not (out_root / f"dense-s{seed}" / "model").is_dir():
-                        raise SystemExit(f"the teacher of seed {seed} is missing: rerun "
-                                         f"dense-s{seed} (delete its row in {log})")
-                    cells.setdefault(label, []).append(
-                        run(f"{label}-s{seed}", seed, pruning, teacher if distil else None))
-
+    for (label, *_), name in zip(plan, names):
+        cells.setdefault(label, []).append(rows[name])
     majority = _majority_rate(task) if metric == "accuracy" else None
     dense_mean = statistics.mean(r["value"] for r in cells["dense"])
     print(f"\n{args.task}: {steps} steps x 32, seeds {args.seeds}; {metric} on the full "
-          f"validation split, mean +- std over seeds; all runs in {log}")
+          f"validation split, mean +- std over seeds; all runs in {log}"
+          + (" and the collapse study's identical runs" if reused else ""))
     print(f"\n| run | {metric} | vs dense | remaining | collapsed |\n|---|---|---|---|---|")
-    for label, rows in cells.items():
-        vals = [100 * r["value"] for r in rows]
+    for label, cell in cells.items():
+        vals = [100 * r["value"] for r in cell]
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
         fell = "-" if majority is None else \
-            f"{sum(r['value'] <= majority + 0.002 for r in rows)}/{len(rows)}"
+            f"{sum(r['value'] <= majority + 0.002 for r in cell)}/{len(cell)}"
         print(f"| {label} | {statistics.mean(vals):.1f} +- {std:.1f} | "
               f"{statistics.mean(vals) / (100 * dense_mean):.1%} | "
-              f"{100 * statistics.mean(r['remaining'] for r in rows):.2f}% | {fell} |")
+              f"{100 * statistics.mean(r['remaining'] for r in cell):.2f}% | {fell} |")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _majority_rate(task: dict) -> float:
@@ -217,6 +282,8 @@ def main() -> None:
                         default=list(SEEDED_METHODS))
     parser.add_argument("--targets", nargs="+", type=float, default=[0.10, 0.03])
     parser.add_argument("--no-distil", action="store_true")
+    parser.add_argument("--distil-methods", nargs="+", choices=list(SEEDED_METHODS),
+                        help="the methods run with a teacher too (default: --methods)")
     args = parser.parse_args()
     if args.variant == "seeds":
         seeded(args)

@@ -127,8 +127,9 @@ class PruningPolicy(BaseModel):
         None, gt=0.0, le=1.0,
         description="v_f: fraction of weights kept at the end (magnitude, movement: default "
                     "0.1). Soft movement and L0: when set, the masks follow the cubic schedule "
-                    "exactly (a global Top-v of the scores) and lambda only shapes the scores; "
-                    "unset, lambda sets the sparsity, as in the paper.")
+                    "exactly (a global Top-v of the scores) and lambda only shapes the scores "
+                    "(L0: lambda fades out as the open gates reach v(t), and the cool-down keeps "
+                    "the Top-v's gates open); unset, lambda sets the sparsity, as in the paper.")
     warmup_steps: int = Field(0, ge=0, description="t_i: optimizer steps before pruning starts.")
     cooldown_steps: int = Field(0, ge=0, description="t_f: final steps held at the end value.")
     total_steps: int = Field(ge=1, description="T: total optimizer steps of the run.")

@@ -110,7 +110,14 @@ class Pruner:
 
     @property
     def penalty_lambda(self) -> float:
-        return self.method.penalty_lambda(self.step_count)
+        """lambda as applied now (a requested-sparsity L0 run scales it by what it measures:
+        reading that factor reads back from the device)."""
+        lam = self.method.penalty_lambda(self.step_count)
+        if lam == 0.0 or not self.selectables:
+            return lam
+        with torch.no_grad():
+            factor = self.method.penalty_factor(self)
+        return lam if factor is None else lam * float(factor)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -196,13 +203,16 @@ class Pruner:
         flat fp32 shards ZeRO swaps in. The penalty is a sum of per-score terms, so its gradient
         is elementwise, works on any shard, and is normalised by the number of scores so that
         lambda does not depend on the model's size."""
-        lam = self.penalty_lambda
+        lam = self.method.penalty_lambda(self.step_count)  # (the factor: below, on device)
         if lam == 0.0 or not params:
             return
         scale = lam / sum(sel.numel for sel in self.selectables)  # per score
         with torch.no_grad():
+            factor = self.method.penalty_factor(self)
             for s in params:
                 g = self.method.penalty_grad(s.detach()).mul_(scale)
+                if factor is not None:
+                    g.mul_(factor.to(g.device))
                 if s.grad is None:
                     s.grad = g.to(s.dtype)
                 else:

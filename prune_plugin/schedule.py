@@ -45,3 +45,12 @@ def lambda_at(step: int, *, final_lambda: float, schedule: str, warmup_steps: in
         return final_lambda
     return final_lambda * cubic_progress(step, warmup_steps=warmup_steps,
                                          cooldown_steps=cooldown_steps, total_steps=total_steps)
+
+
+def controlled_lambda_factor(open_fraction, target: float, band: float):  # noqa: ANN001, ANN201
+    """The share of lambda a requested-sparsity L0 run applies (a proportional controller):
+    0 while the open gates are at or below the schedule's remaining fraction ``target`` (the
+    penalty would close gates the Top-v keeps), 1 from ``(1 + band) * target`` up, linear in
+    between. ``open_fraction`` may be a float or a device tensor (no read back)."""
+    x = (open_fraction / target - 1.0) / band
+    return x.clamp(0.0, 1.0) if hasattr(x, "clamp") else min(1.0, max(0.0, x))

@@ -49,12 +49,37 @@ def test_soft_movement_and_l0_reach_the_requested_remaining_fraction(method):
         remaining.append(sparsity_report(model).remaining)
     assert remaining[0] == 1.0 and all(a >= b - 1e-9 for a, b in zip(remaining, remaining[1:]))
     report = sparsity_report(model)
-    total = report.total
-    if method == "soft_movement":  # a global Top-v: exactly round(v * n)
-        assert report.kept == round(0.15 * total)
-    else:  # kept by the Top-v, and with an open evaluation gate
-        assert round(0.15 * total) * 0.97 <= report.kept <= round(0.15 * total)
-    assert opt.pruner.penalty_lambda > 0  # lambda still shapes the scores
+    # a global Top-v: exactly round(v * n) (L0: every gate of the Top-v open, by the projection)
+    assert report.kept == round(0.15 * report.total)
+
+
+@pytest.mark.parametrize("final_lambda", [50.0, 5000.0])
+def test_l0_at_a_requested_fraction_follows_the_schedule_whatever_lambda(final_lambda):
+    # A fixed lambda closed gates the Top-v kept (3.5% left at a requested 10%): the controller
+    # switches the penalty off at or below v(t), and the cool-down's projection reopens the
+    # Top-v's closed gates, so the run ends at exactly v_f.
+    policy = PruningPolicy(method="l0", final_remaining=0.15, warmup_steps=2, cooldown_steps=3,
+                           total_steps=14, final_lambda=final_lambda, score_lr=0.5)
+    model = tiny_bert()
+    opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), policy, model=model)
+    pruner = opt.pruner
+    lambdas, below = [], []
+    for step in range(14):
+        model(**bert_batch(seed=step)).loss.backward()
+        lambdas.append(pruner.penalty_lambda)
+        opt.step()
+        opt.zero_grad()
+        target = pruner.target
+        below.append(sparsity_report(model).remaining < target - 0.05)
+    assert lambdas[0] == 0.0  # warm-up: nothing is pruned yet, the penalty is off
+    assert max(lambdas) > 0.0  # and it shapes the scores once gates are above v(t)
+    assert all(lam <= final_lambda for lam in lambdas)
+    if final_lambda == 50.0:
+        assert not any(below)
+    report = sparsity_report(model)
+    assert report.kept == round(0.15 * report.total)
+    layer = pruner.layers[0]
+    assert torch.all(layer.scores[layer.mask] >= pruner.method._log_alpha_at(0.1) - 1e-6)
 
 
 def test_l0_gates_outside_the_requested_top_v_are_closed_in_training_too():

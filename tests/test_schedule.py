@@ -1,6 +1,9 @@
 import pytest
 
-from prune_plugin.schedule import cubic_progress, cubic_schedule, lambda_at
+import torch
+
+from prune_plugin.schedule import (controlled_lambda_factor, cubic_progress, cubic_schedule,
+                                     lambda_at)
 
 S = dict(warmup_steps=10, cooldown_steps=20, total_steps=100)
 
@@ -52,3 +55,10 @@ def test_lambda_cubic_follows_threshold_ratio_and_constant_is_flat():
             400.0 * tau / 0.1)
         assert lambda_at(t, final_lambda=125.0, schedule="constant", **S) == 125.0
     assert cubic_progress(0, **S) == 0.0 and cubic_progress(100, **S) == 1.0
+
+
+def test_the_l0_controller_is_off_at_or_below_the_target_and_full_above_the_band():
+    f = [controlled_lambda_factor(x, 0.2, 0.25) for x in (0.1, 0.2, 0.225, 0.25, 0.9)]
+    assert f == pytest.approx([0.0, 0.0, 0.5, 1.0, 1.0])
+    t = controlled_lambda_factor(torch.tensor(0.225), 0.2, 0.25)  # device tensors stay tensors
+    assert isinstance(t, torch.Tensor) and float(t) == pytest.approx(0.5)
