@@ -53,7 +53,7 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
 # Defaults that depend on the method: the original code's settings (its README, Sec. "How to
 # fine-prune?"). L0 starts its log-alpha scores at logit(0.9) = 2.197 so ~90% of gates are open.
 # One exception, on evidence (benchmarks/collapse.py, RESULTS.md): hard movement (and soft
-# movement with a requested final_remaining, a Top-v of the scores too) starts its scores from
+# movement and L0 with a requested final_remaining, a Top-v of the scores too) starts its scores from
 # the normalised |W| so that its first masks are magnitude masks; with the paper's zero scores
 # it collapses to the majority class at short budgets. score_init: constant is the paper's.
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -137,11 +137,11 @@ class PruningPolicy(BaseModel):
     score_lr: float = Field(1e-2, gt=0.0, description="Learning rate of the scores.")
     score_init: ScoreInit = Field("constant", description="constant (score_init_value) | uniform "
                                   "(U(-value, value)) | kaiming | magnitude (|W| / mean |W| of "
-                                  "the layer, times score_init_value, default 1: the first "
-                                  "masks are magnitude masks; beyond the paper). Default: "
-                                  "magnitude for movement and for soft movement with "
-                                  "final_remaining, constant otherwise; constant with value 0 "
-                                  "is the paper's.")
+                                  "the layer, times score_init_value, default 1 (L0: 2.197): the "
+                                  "first masks are magnitude masks; beyond the paper). Default: "
+                                  "magnitude for movement and for soft movement and L0 with "
+                                  "final_remaining, constant otherwise; constant is the "
+                                  "paper's.")
     score_init_value: float = Field(0.0, allow_inf_nan=False)
     initial_threshold: float = Field(0.0, ge=0.0, lt=1.0, description="tau_i, on sigmoid(S).")
     final_threshold: float = Field(0.1, ge=0.0, lt=1.0, description="tau_f: mask = sigmoid(S) > "
@@ -207,12 +207,15 @@ class PruningPolicy(BaseModel):
     def _method_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("method"), str):
             defaults = dict(_METHOD_DEFAULTS.get(data["method"], {}))
-            if data["method"] == "soft_movement" and data.get("final_remaining") is not None:
+            if data["method"] in ("soft_movement", "l0") \
+                    and data.get("final_remaining") is not None:
                 # the requested-sparsity mode is a global Top-v of the scores, like hard
-                # movement: from zero scores it collapses the same way (RESULTS.md)
+                # movement: from constant scores it collapses the same way (RESULTS.md)
                 defaults["score_init"] = "magnitude"
             if data.get("score_init", defaults.get("score_init")) == "magnitude":
-                defaults["score_init_value"] = 1.0  # the scale of the normalised |W|
+                # the scale of the normalised |W|; L0's log-alpha keeps the paper's mean 2.197
+                # (gates mostly open before pruning starts)
+                defaults["score_init_value"] = 2.197 if data["method"] == "l0" else 1.0
             data = {**defaults, **data}
         return data
 
