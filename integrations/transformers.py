@@ -75,8 +75,9 @@ def pruning_logs(optimizer: PruningOptimizer | None) -> dict[str, float]:
     logs = {"remaining": round(sparsity_report(pruner.model).remaining, 5)}
     if pruner.method.schedule_name is not None:
         logs[pruner.method.schedule_name] = round(pruner.target, 5)
-    if pruner.penalty_lambda:
-        logs["lambda"] = pruner.penalty_lambda
+    lam = pruner.penalty_lambda  # (read once: for L0 at a requested fraction, a collective)
+    if lam:
+        logs["lambda"] = lam
     return logs
 
 

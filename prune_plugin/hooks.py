@@ -159,11 +159,14 @@ class PrunedLayer:
             p = self.pruner.policy
             noise = l0_noise(m.weight.shape, m.weight.device)
             mask = method.sampling_mask(self)
+            floor = method.gate_floor(self.pruner.step_count)
             if torch.is_grad_enabled():
                 return l0_linear(input, m.weight, m.bias, self.scores, noise, beta=p.l0_beta,
-                                 left=p.l0_left, right=p.l0_right, mask=mask)
-            gate = hard_concrete_gate(self.scores.detach(), beta=p.l0_beta, left=p.l0_left,
-                                      right=p.l0_right, noise=noise)
+                                 left=p.l0_left, right=p.l0_right, mask=mask, floor=floor)
+            scores = self.scores.detach()
+            gate = hard_concrete_gate(scores if floor is None else scores.clamp_min(floor),
+                                      beta=p.l0_beta, left=p.l0_left, right=p.l0_right,
+                                      noise=noise)
             return F.linear(input, effective_weight(effective_weight(m.weight, gate), mask),
                             m.bias)
         if not torch.is_grad_enabled():

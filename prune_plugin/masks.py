@@ -147,25 +147,26 @@ class _L0Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor,
                 noise: Tensor, mask: Tensor | None, beta: float, left: float,
-                right: float) -> Tensor:
+                right: float, floor: float | None) -> Tensor:
         with torch.no_grad():
-            gate = hard_concrete_gate(scores.detach(), beta=beta, left=left, right=right,
-                                      noise=noise)
+            gate = hard_concrete_gate(_floor(scores.detach(), floor), beta=beta, left=left,
+                                      right=right, noise=noise)
             if mask is not None:
                 gate.mul_(mask)
             out = F.linear(x, effective_weight(weight, gate), bias)
         ctx.save_for_backward(x, weight, scores, noise, mask)
         ctx.has_bias = bias is not None
-        ctx.params = (beta, left, right)
+        ctx.params = (beta, left, right, floor)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, scores, noise, mask = ctx.saved_tensors
-        beta, left, right = ctx.params
+        beta, left, right, floor = ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_s = None
-        s = _concrete(scores.detach(), noise, beta)
+        # (a floored score gets the gradient at the floor: straight-through, so it can rise)
+        s = _concrete(_floor(scores.detach(), floor), noise, beta)
         stretched = s * (right - left) + left
         gate = stretched.clamp(0.0, 1.0)
         if mask is not None:
@@ -184,15 +185,28 @@ class _L0Linear(torch.autograd.Function):
                 grad_w = grad_gated.mul_(gate.to(grad_gated.dtype))
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None
 
 
 def l0_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor, noise: Tensor,
-              *, beta: float, left: float, right: float, mask: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight * hard_concrete_gate(scores, noise) * mask, bias)``,
-    differentiable in x, weight, bias and scores (Eq. 3), keeping only ``noise`` (and the
-    1-byte ``mask``, if any) for backward."""
-    return _L0Linear.apply(x, weight, bias, scores, noise, mask, beta, left, right)
+              *, beta: float, left: float, right: float, mask: Tensor | None = None,
+              floor: float | None = None) -> Tensor:
+    """``F.linear(x, weight * hard_concrete_gate(max(scores, floor), noise) * mask, bias)``,
+    differentiable in x, weight, bias and scores (Eq. 3; through the floor straight-through),
+    keeping only ``noise`` (and the 1-byte ``mask``, if any) for backward."""
+    return _L0Linear.apply(x, weight, bias, scores, noise, mask, beta, left, right, floor)
+
+
+def _floor(scores: Tensor, floor: float | None) -> Tensor:
+    return scores if floor is None else scores.clamp_min(floor)
+
+
+def floored(scores: Tensor, floor: float | None) -> Tensor:
+    """max(scores, floor) in the forward, the identity in the backward (straight-through), so
+    a score held up by the floor still learns; ``floor`` None: the scores."""
+    if floor is None:
+        return scores
+    return scores + (scores.clamp_min(floor) - scores).detach()
 
 
 # -- regularizers ------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
-from prune_plugin.masks import (expected_l0_grad, hard_concrete_gate, l0_eval_gate, l0_noise,
-                                logit, sigmoid_penalty_grad, threshold_mask)
+from prune_plugin.masks import (expected_l0_grad, floored, hard_concrete_gate, l0_eval_gate,
+                                l0_noise, logit, sigmoid_penalty_grad, threshold_mask)
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.schedule import controlled_lambda_factor, cubic_schedule, lambda_at
 from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_count, topv_masks,
@@ -94,6 +94,10 @@ class PruningMethod:
     def penalty_factor(self, pruner: Pruner) -> Tensor | None:
         """A multiplier of the scheduled lambda measured from the current scores (a 0-dim
         tensor on their device), or None: lambda as scheduled."""
+        return None
+
+    def gate_floor(self, step: int) -> float | None:
+        """L0: a floor under the log-alpha of the gates in use after ``step`` steps (None)."""
         return None
 
     # -- masks --------------------------------------------------------------------------------
@@ -273,11 +277,13 @@ class L0(_Regularized):
         return expected_l0_grad(scores, beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
 
     def gate(self, layer: PrunedLayer) -> Tensor:
-        gate = self.gate_of(self.importance(layer))
+        gate = self.gate_of(self.importance(layer), self.gate_floor(layer.pruner.step_count))
         return gate if layer.layout is None else layer.layout.expand(gate)
 
-    def gate_of(self, scores: Tensor) -> Tensor:
-        """The evaluation gate of ``scores`` (any shard of them)."""
+    def gate_of(self, scores: Tensor, floor: float | None = None) -> Tensor:
+        """The evaluation gate of ``scores`` (any shard of them), held at ``floor`` or above."""
+        if floor is not None:
+            scores = scores.clamp_min(floor)
         return l0_eval_gate(scores, left=self.policy.l0_left, right=self.policy.l0_right)
 
     def sampled_unit_gate(self, layer: PrunedLayer) -> Tensor:
@@ -286,7 +292,8 @@ class L0(_Regularized):
         weight; differentiable in the scores."""
         p, group = self.policy, layer.group
         noise = l0_noise(group.shape, group.weight.device)
-        gate = hard_concrete_gate(group.scores, beta=p.l0_beta, left=p.l0_left,
+        scores = floored(group.scores, self.gate_floor(layer.pruner.step_count))
+        gate = hard_concrete_gate(scores, beta=p.l0_beta, left=p.l0_left,
                                   right=p.l0_right, noise=noise)
         mask = group.mask if self.samples_with_mask else None
         if mask is not None:
@@ -317,17 +324,18 @@ class L0ToTarget(_ToTarget, L0):
     Two additions make the run end at exactly v_f (a fixed lambda alone closed gates the Top-v
     kept: 3.5% remaining at a requested 10%, RESULTS.md):
     - lambda follows the schedule: it is scaled by :func:`controlled_lambda_factor` of the
-      fraction of open evaluation gates, so the penalty stops closing gates once they are down
-      to v(t), and is off while nothing is pruned yet (warm-up);
-    - from the cool-down on, each refresh projects the kept weights' log-alpha up to at least
-      ``PROJECTED_GATE``'s (a Top-v weight whose gate had closed reopens slightly and trains),
-      so every weight of the final Top-v is open."""
+      fraction of open evaluation gates (per kind of unit, the least), so the penalty stops
+      pushing once the open gates are down to v(t), and is off during the warm-up;
+    - from the cool-down on, the gates are computed from max(S, floor), the floor being the
+      log-alpha of an evaluation gate of ``PROJECTED_GATE``: a Top-v weight whose gate had
+      closed reopens slightly, and learns (straight-through). A function of the scores, not
+      a change to them, so sharded and mixed-precision optimizers hold nothing to fix."""
 
     samples_with_mask = True
     #: The controller's band: full lambda from (1 + CONTROL_BAND) x v(t) open gates up.
     CONTROL_BAND: ClassVar[float] = 0.25
-    #: The evaluation gate a kept weight is projected up to in the cool-down (small: the
-    #: function barely changes, but the gate is open and its sampled gates pass gradients).
+    #: The evaluation gate a kept weight is held at in the cool-down (small: the function
+    #: barely changes, but the gate is open and its sampled gates pass gradients).
     PROJECTED_GATE: ClassVar[float] = 0.1
 
     def _log_alpha_at(self, gate: float) -> float:
@@ -335,33 +343,28 @@ class L0ToTarget(_ToTarget, L0):
         p = self.policy
         return logit((gate - p.l0_left) / (p.l0_right - p.l0_left))
 
-    def penalty_factor(self, pruner: Pruner) -> Tensor:
-        edge = self._log_alpha_at(0.0)
-        parts = [pruner.sharding.local_importance(sel) if pruner.sharding is not None
-                 else self.importance(sel) for sel in pruner.selectables]
-        n_open = torch.stack([(part > edge).sum(dtype=torch.float32) for part in parts]).sum()
-        if pruner.sharding is not None:
-            pruner.sharding.all_reduce(n_open)
-        total = sum(sel.numel for sel in pruner.selectables)  # over all ranks
-        target = self.schedule_value(pruner.step_count)
-        return controlled_lambda_factor(n_open / total, target, self.CONTROL_BAND)
-
-    def refresh(self, pruner: Pruner) -> None:
-        super().refresh(pruner)
+    def gate_floor(self, step: int) -> float | None:
         p = self.policy
-        if pruner.step_count < p.total_steps - p.cooldown_steps:
-            return
-        floor = self._log_alpha_at(self.PROJECTED_GATE)
+        if step < p.total_steps - p.cooldown_steps:
+            return None
+        return self._log_alpha_at(self.PROJECTED_GATE)
+
+    def penalty_factor(self, pruner: Pruner) -> Tensor:
+        # heads and neurons (structured) are separate Top-vs: each must stay open to v(t)
+        edge, target = self._log_alpha_at(0.0), self.schedule_value(pruner.step_count)
+        kinds: dict[str, list] = defaultdict(list)
         for sel in pruner.selectables:
-            if pruner.sharding is not None:  # the local shard, kept by the agreed threshold
-                scores = pruner.sharding.local_importance(sel)
-                kept = None if sel.threshold is None else scores > sel.threshold.value
-            else:
-                scores, kept = sel.scores.data, sel.mask
-            if kept is None:
-                scores.clamp_(min=floor)
-            else:
-                torch.where(kept, scores.clamp(min=floor), scores, out=scores)
+            kinds[getattr(sel, "kind", "")].append(sel)
+        counts = torch.stack([
+            torch.stack([(part > edge).sum(dtype=torch.float32) for part in (
+                pruner.sharding.local_importance(sel) if pruner.sharding is not None
+                else self.importance(sel) for sel in sels)]).sum()
+            for sels in kinds.values()])
+        if pruner.sharding is not None:
+            pruner.sharding.all_reduce(counts)
+        totals = torch.tensor([float(sum(sel.numel for sel in sels)) for sels in kinds.values()],
+                              device=counts.device)  # over all ranks
+        return controlled_lambda_factor(counts / totals, target, self.CONTROL_BAND).min()
 
     def gate(self, layer: PrunedLayer) -> Tensor:
         gate = L0.gate(self, layer)

@@ -111,7 +111,7 @@ class Pruner:
     @property
     def penalty_lambda(self) -> float:
         """lambda as applied now (a requested-sparsity L0 run scales it by what it measures:
-        reading that factor reads back from the device)."""
+        reading that factor reads back from the device, and under ZeRO-3 is a collective)."""
         lam = self.method.penalty_lambda(self.step_count)
         if lam == 0.0 or not self.selectables:
             return lam
@@ -225,21 +225,30 @@ class Pruner:
             return [layer.kept() for layer in self.layers]
         local = []
         with torch.no_grad():
+            floor = self.method.gate_floor(self.step_count)
+            ties = []  # the Top-v's ties at its threshold, counted once per tensor
             for layer in self.layers:
                 imp = self.sharding.local_importance(layer)
-                if layer.threshold is not None:
-                    imp = imp > layer.threshold.value.to(imp.device, imp.dtype)
+                t, tied = layer.threshold, 0
+                if t is not None:
+                    kept = imp > t.value.to(imp.device, imp.dtype)
+                    tied = int(t.ties_kept)
+                    if self.method.samples_gates:  # L0: and its evaluation gate open
+                        kept &= self.method.gate_of(imp, floor) > 0
+                        value = t.value.to(imp.device, imp.dtype).reshape(1)
+                        tied *= int(self.method.gate_of(value, floor).item() > 0)
+                    imp = kept
                 elif self.method.samples_gates:
-                    imp = self.method.gate_of(imp)
+                    imp = self.method.gate_of(imp, floor)
                 else:
                     local.append(imp.numel())
+                    ties.append(0)
                     continue
                 local.append(int(torch.count_nonzero(imp)))
+                ties.append(tied)
         counts = torch.tensor(local, dtype=torch.int64)
         self.sharding.all_reduce(counts)
-        # ties are counted once per tensor, not per shard
-        return [int(c) + (0 if layer.threshold is None else int(layer.threshold.ties_kept))
-                for c, layer in zip(counts.tolist(), self.layers)]
+        return [int(c) + tied for c, tied in zip(counts.tolist(), ties)]
 
     def unit_counts(self) -> list[int]:
         """Structured pruning: the units each group keeps (L0: open evaluation gates)."""
@@ -252,7 +261,8 @@ class Pruner:
         if not self.method.samples_gates:
             return group.mask
         with torch.no_grad():
-            kept = self.method.gate_of(group.scores.detach()) > 0
+            kept = self.method.gate_of(group.scores.detach(),
+                                       self.method.gate_floor(self.step_count)) > 0
         return kept if group.mask is None else kept & group.mask
 
     # -- state ----------------------------------------------------------------------------------

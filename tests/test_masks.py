@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prune_plugin.masks import (expected_l0, expected_l0_grad, hard_concrete_gate, l0_eval_gate,
-                                l0_linear, l0_noise, masked_linear, noise_to_uniform,
-                                sigmoid_penalty, sigmoid_penalty_grad, threshold_mask)
+from prune_plugin.masks import (expected_l0, expected_l0_grad, floored, hard_concrete_gate,
+                                l0_eval_gate, l0_linear, l0_noise, masked_linear,
+                                noise_to_uniform, sigmoid_penalty, sigmoid_penalty_grad,
+                                threshold_mask)
 
 
 def _inputs(seed=0):
@@ -94,11 +95,16 @@ def test_l0_noise_is_uniform_on_a_fine_grid():
     assert len(torch.unique(u)) > 60_000  # 65,536 levels, not a coarse one
 
 
-def test_l0_linear_matches_autograd_through_the_sampled_gate():
+@pytest.mark.parametrize("floor", [None, 0.3])
+def test_l0_linear_matches_autograd_through_the_sampled_gate(floor):
+    # floor: L0 at a requested fraction holds kept gates at max(S, floor) in the cool-down,
+    # straight-through (the reference: floored(), autograd through it)
     x, w, b, s, _ = _inputs(3)
     noise = l0_noise(s.shape, s.device, torch.Generator().manual_seed(5))
-    out = l0_linear(x, w, b, s, noise, beta=2 / 3, left=-0.1, right=1.1)
-    gate = hard_concrete_gate(s, beta=2 / 3, left=-0.1, right=1.1, noise=noise)
+    out = l0_linear(x, w, b, s, noise, beta=2 / 3, left=-0.1, right=1.1, floor=floor)
+    gate = hard_concrete_gate(floored(s, floor), beta=2 / 3, left=-0.1, right=1.1, noise=noise)
+    if floor is not None:
+        assert bool((s < floor).any())  # some scores are held up
     ref = F.linear(x, w * gate, b)
     assert torch.allclose(out, ref)
     g_out = torch.randn_like(out)

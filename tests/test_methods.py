@@ -78,8 +78,32 @@ def test_l0_at_a_requested_fraction_follows_the_schedule_whatever_lambda(final_l
         assert not any(below)
     report = sparsity_report(model)
     assert report.kept == round(0.15 * report.total)
+    assert all(bool((layer.gate()[layer.mask] >= 0.1 - 1e-6).all()) for layer in pruner.layers)
+    # the floor is in the gate, not in the scores: a kept weight whose log-alpha is below the
+    # edge of closed has its gate held at 0.1 in the cool-down (closed before it)
     layer = pruner.layers[0]
-    assert torch.all(layer.scores[layer.mask] >= pruner.method._log_alpha_at(0.1) - 1e-6)
+    i = int(layer.mask.reshape(-1).nonzero()[0])
+    with torch.no_grad():
+        layer.scores.view(-1)[i] = pruner.method._log_alpha_at(0.0) - 1.0
+    assert float(layer.gate().view(-1)[i]) == pytest.approx(0.1, abs=1e-5)
+    assert sparsity_report(model).kept == round(0.15 * report.total)
+    pruner.step_count = 8  # before the cool-down
+    assert float(layer.gate().view(-1)[i]) == 0.0
+
+
+def test_the_l0_controller_scales_the_penalty_the_optimizer_adds():
+    policy = PruningPolicy(method="l0", final_remaining=0.15, warmup_steps=2, cooldown_steps=3,
+                           total_steps=14, final_lambda=50.0)
+    model = tiny_bert()
+    opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), policy, model=model)
+    for p in opt.pruner.scores:
+        p.grad = None
+    opt.add_penalty_grads()  # warm-up: every gate is open, but nothing is pruned yet
+    assert all(p.grad is None or not bool(p.grad.any()) for p in opt.pruner.scores)
+    opt.pruner.step_count = 5  # pruning: v(t) < 1 and ~all gates open, so full lambda
+    assert opt.pruner.target < 0.8
+    opt.add_penalty_grads()
+    assert all(bool(p.grad.abs().sum() > 0) for p in opt.pruner.scores)
 
 
 def test_l0_gates_outside_the_requested_top_v_are_closed_in_training_too():
