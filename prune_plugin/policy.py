@@ -53,9 +53,10 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
 # Defaults that depend on the method: the original code's settings (its README, Sec. "How to
 # fine-prune?"). L0 starts its log-alpha scores at logit(0.9) = 2.197 so ~90% of gates are open.
 # One exception, on evidence (benchmarks/collapse.py, RESULTS.md): hard movement (and soft
-# movement and L0 with a requested final_remaining, a Top-v of the scores too) starts its scores from
-# the normalised |W| so that its first masks are magnitude masks; with the paper's zero scores
-# it collapses to the majority class at short budgets. score_init: constant is the paper's.
+# movement and L0 with a requested final_remaining, a Top-v of the scores too) starts its
+# scores from the normalised |W| so that its first masks are magnitude masks; from the paper's
+# constant scores it collapses to the majority class at short budgets. score_init: constant is
+# the paper's.
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "magnitude": {"final_remaining": 0.1},
     "movement": {"score_init": "magnitude", "score_init_value": 0.0, "final_remaining": 0.1},
