@@ -226,17 +226,18 @@ def seeded(args: argparse.Namespace) -> None:
                 plan += [(label, s, pruning, distil) for s in args.seeds]
     names = [f"{label}-s{seed}" for label, seed, _, _ in plan]
     while True:  # until every run is finished, here or in another process
-        for label, seed, pruning, distil in plan:
+        for label, seed, pruning, distil in plan if not args.table_only else ():
             teacher = str(out_root / f"dense-s{seed}" / "model") if distil else None
             run(f"{label}-s{seed}", seed, pruning, teacher)
         rows = finished()
-        if all(n in rows for n in names):
+        if args.table_only or all(n in rows for n in names):
             break
         time.sleep(20)
 
     cells: dict[str, list[dict]] = {}
     for (label, *_), name in zip(plan, names):
-        cells.setdefault(label, []).append(rows[name])
+        if name in rows:  # (--table-only: the runs finished so far)
+            cells.setdefault(label, []).append(rows[name])
     majority = _majority_rate(task) if metric == "accuracy" else None
     dense_mean = statistics.mean(r["value"] for r in cells["dense"])
     print(f"\n{args.task}: {steps} steps x 32, seeds {args.seeds}; {metric} on the full "
@@ -282,6 +283,8 @@ def main() -> None:
                         default=list(SEEDED_METHODS))
     parser.add_argument("--targets", nargs="+", type=float, default=[0.10, 0.03])
     parser.add_argument("--no-distil", action="store_true")
+    parser.add_argument("--table-only", action="store_true",
+                        help="seeds variant: print the table of the runs finished, run nothing")
     parser.add_argument("--distil-methods", nargs="+", choices=list(SEEDED_METHODS),
                         help="the methods run with a teacher too (default: --methods)")
     args = parser.parse_args()
