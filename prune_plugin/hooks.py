@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from prune_plugin.masks import (effective_weight, hard_concrete_gate, l0_linear, l0_noise,
-                                masked_linear)
+from prune_plugin.masks import (effective_weight, floor_scores, hard_concrete_gate, l0_linear,
+                                l0_noise, masked_linear)
 from prune_plugin.selection import TopVThreshold
 
 if TYPE_CHECKING:
@@ -163,8 +163,7 @@ class PrunedLayer:
             if torch.is_grad_enabled():
                 return l0_linear(input, m.weight, m.bias, self.scores, noise, beta=p.l0_beta,
                                  left=p.l0_left, right=p.l0_right, mask=mask, floor=floor)
-            scores = self.scores.detach()
-            gate = hard_concrete_gate(scores if floor is None else scores.clamp_min(floor),
+            gate = hard_concrete_gate(floor_scores(self.scores.detach(), floor),
                                       beta=p.l0_beta, left=p.l0_left, right=p.l0_right,
                                       noise=noise)
             return F.linear(input, effective_weight(effective_weight(m.weight, gate), mask),

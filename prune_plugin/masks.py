@@ -149,7 +149,7 @@ class _L0Linear(torch.autograd.Function):
                 noise: Tensor, mask: Tensor | None, beta: float, left: float,
                 right: float, floor: float | None) -> Tensor:
         with torch.no_grad():
-            gate = hard_concrete_gate(_floor(scores.detach(), floor), beta=beta, left=left,
+            gate = hard_concrete_gate(floor_scores(scores.detach(), floor), beta=beta, left=left,
                                       right=right, noise=noise)
             if mask is not None:
                 gate.mul_(mask)
@@ -166,7 +166,7 @@ class _L0Linear(torch.autograd.Function):
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_s = None
         # (a floored score gets the gradient at the floor: straight-through, so it can rise)
-        s = _concrete(_floor(scores.detach(), floor), noise, beta)
+        s = _concrete(floor_scores(scores.detach(), floor), noise, beta)
         stretched = s * (right - left) + left
         gate = stretched.clamp(0.0, 1.0)
         if mask is not None:
@@ -197,7 +197,8 @@ def l0_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor, no
     return _L0Linear.apply(x, weight, bias, scores, noise, mask, beta, left, right, floor)
 
 
-def _floor(scores: Tensor, floor: float | None) -> Tensor:
+def floor_scores(scores: Tensor, floor: float | None) -> Tensor:
+    """max(scores, floor) (no gradient through the floor); ``floor`` None: the scores."""
     return scores if floor is None else scores.clamp_min(floor)
 
 

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
-from prune_plugin.masks import (expected_l0_grad, floored, hard_concrete_gate, l0_eval_gate,
-                                l0_noise, logit, sigmoid_penalty_grad, threshold_mask)
+from prune_plugin.masks import (expected_l0_grad, floor_scores, floored, hard_concrete_gate,
+                                l0_eval_gate, l0_noise, logit, sigmoid_penalty_grad,
+                                threshold_mask)
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.schedule import controlled_lambda_factor, cubic_schedule, lambda_at
 from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_count, topv_masks,
@@ -282,9 +283,8 @@ class L0(_Regularized):
 
     def gate_of(self, scores: Tensor, floor: float | None = None) -> Tensor:
         """The evaluation gate of ``scores`` (any shard of them), held at ``floor`` or above."""
-        if floor is not None:
-            scores = scores.clamp_min(floor)
-        return l0_eval_gate(scores, left=self.policy.l0_left, right=self.policy.l0_right)
+        return l0_eval_gate(floor_scores(scores, floor), left=self.policy.l0_left,
+                            right=self.policy.l0_right)
 
     def sampled_unit_gate(self, layer: PrunedLayer) -> Tensor:
         """Structured L0: a hard-concrete gate per unit, sampled for this forward (each member
