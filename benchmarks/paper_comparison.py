@@ -11,7 +11,8 @@ and with distillation from the dense run of the same seed. Soft movement and L0 
 requested fraction (``final_remaining``: no lambda calibration); ``movement-paper`` is hard
 movement as the paper's code runs it (scores start at 0). It prints mean +- std over seeds and
 how many runs fell to the majority class. ``--methods``/``--targets``/``--no-distil`` run a
-part of it; rows go to ``benchmarks/results/paper_comparison.seeds-<task>.jsonl`` (resumable).
+part of it; ``--pruning KEY=VALUE --suffix NAME`` probes another policy setting under its own
+run names. Rows go to ``benchmarks/results/paper_comparison.seeds-<task>.jsonl`` (resumable).
 
 all-MiniLM-L6-v2 on GLUE SST-2 (a fixed training subset, the full validation split), the same
 step budget for every method: dense fine-tuning, then magnitude, movement, soft movement and
@@ -171,6 +172,9 @@ def seeded(args: argparse.Namespace) -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     log = Path(__file__).with_name("results") / f"paper_comparison.seeds-{args.task}.jsonl"
     reused = _collapse_rows(steps) if args.task == "sst2" else {}
+    overrides = dict(_parse_override(o) for o in args.pruning)
+    if overrides and not args.suffix:
+        raise SystemExit("--pruning changes the runs: name them with --suffix (e.g. lr3)")
 
     def finished() -> dict[str, dict]:
         rows = dict(reused)
@@ -219,10 +223,11 @@ def seeded(args: argparse.Namespace) -> None:
             for method in args.distil_methods or args.methods if distil else args.methods:
                 if distil and method == "movement-paper":
                     continue  # the paper's setting is shown once, without a teacher
-                label = f"{method}-{round(100 * target)}{'-distil' if distil else ''}"
+                name = f"{method}-{args.suffix}" if args.suffix else method
+                label = f"{name}-{round(100 * target)}{'-distil' if distil else ''}"
                 pruning = {**SEEDED_METHODS[method], "final_remaining": target,
                            "warmup_steps": round(0.3 * steps),
-                           "cooldown_steps": round(0.2 * steps)}
+                           "cooldown_steps": round(0.2 * steps), **overrides}
                 plan += [(label, s, pruning, distil) for s in args.seeds]
     names = [f"{label}-s{seed}" for label, seed, _, _ in plan]
     while True:  # until every run is finished, here or in another process
@@ -252,6 +257,16 @@ def seeded(args: argparse.Namespace) -> None:
         print(f"| {label} | {statistics.mean(vals):.1f} +- {std:.1f} | "
               f"{statistics.mean(vals) / (100 * dense_mean):.1%} | "
               f"{100 * statistics.mean(r['remaining'] for r in cell):.2f}% | {fell} |")
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` of ``--pruning``, the value read as YAML (``1.0``, ``true``, ``local``)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--pruning {text!r}: expected key=value, e.g. score_init_value=1.0")
+    return key, yaml.safe_load(value)
 
 
 def torch_threads() -> int:
@@ -285,6 +300,11 @@ def main() -> None:
     parser.add_argument("--no-distil", action="store_true")
     parser.add_argument("--table-only", action="store_true",
                         help="seeds variant: print the table of the runs finished, run nothing")
+    parser.add_argument("--pruning", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="seeds variant: a policy field for every pruned run (a probe of "
+                             "another setting); needs --suffix")
+    parser.add_argument("--suffix", default="",
+                        help="seeds variant: added to the method in the runs' names (l0-NAME-3-s42)")
     parser.add_argument("--distil-methods", nargs="+", choices=list(SEEDED_METHODS),
                         help="the methods run with a teacher too (default: --methods)")
     args = parser.parse_args()
