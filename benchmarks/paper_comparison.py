@@ -39,6 +39,7 @@ import math
 import time
 from pathlib import Path
 
+from prune_plugin.cli import parse_assignment
 from prune_plugin.integrations.job import load_job, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,7 +173,7 @@ def seeded(args: argparse.Namespace) -> None:
     out_root.mkdir(parents=True, exist_ok=True)
     log = Path(__file__).with_name("results") / f"paper_comparison.seeds-{args.task}.jsonl"
     reused = _collapse_rows(steps) if args.task == "sst2" else {}
-    overrides = dict(_parse_override(o) for o in args.pruning)
+    overrides = dict(parse_assignment(o, "--pruning") for o in args.pruning)
     if overrides and not args.suffix:
         raise SystemExit("--pruning changes the runs: name them with --suffix (e.g. lr3)")
 
@@ -257,16 +258,6 @@ def seeded(args: argparse.Namespace) -> None:
         print(f"| {label} | {statistics.mean(vals):.1f} +- {std:.1f} | "
               f"{statistics.mean(vals) / (100 * dense_mean):.1%} | "
               f"{100 * statistics.mean(r['remaining'] for r in cell):.2f}% | {fell} |")
-
-
-def _parse_override(text: str) -> tuple[str, object]:
-    """``key=value`` of ``--pruning``, the value read as YAML (``1.0``, ``true``, ``local``)."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise SystemExit(f"--pruning {text!r}: expected key=value, e.g. score_init_value=1.0")
-    return key, yaml.safe_load(value)
 
 
 def torch_threads() -> int:

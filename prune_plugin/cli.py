@@ -16,18 +16,21 @@ from typing import Any
 from prune_plugin.errors import PruningError, StateError
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+def parse_assignment(item: str, option: str = "--set") -> tuple[str, Any]:
+    """``KEY=VALUE`` of a command-line option, the value read as JSON, else YAML."""
     import yaml
 
-    out: dict[str, Any] = {}
-    for item in args.set or []:
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:  # JSON first: YAML 1.1 reads 1e-4 as a string
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = yaml.safe_load(value)
+    if "=" not in item:
+        raise SystemExit(f"{option} expects KEY=VALUE, got {item!r}")
+    key, value = item.split("=", 1)
+    try:  # JSON first: YAML 1.1 reads 1e-4 as a string
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, yaml.safe_load(value)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = dict(parse_assignment(item) for item in args.set or [])
     flags = {"model": args.model, "data.path": args.dataset, "output_dir": args.output_dir,
              "training.max_steps": args.max_steps,
              "data.max_train_samples": args.max_train_samples}
