@@ -13,6 +13,9 @@ movement as the paper's code runs it (scores start at 0). It prints mean +- std 
 how many runs fell to the majority class. ``--methods``/``--targets``/``--no-distil`` run a
 part of it; ``--pruning KEY=VALUE --suffix NAME`` probes another policy setting under its own
 run names. Rows go to ``benchmarks/results/paper_comparison.seeds-<task>.jsonl`` (resumable).
+``--steps``/``--warmup``/``--group-by-length`` set another budget (e.g. STS-B, whose dense
+model is still learning at step 75: ``--steps 500 --warmup 0.4 --group-by-length``); its rows
+go to a file of their own, named after the budget.
 
 all-MiniLM-L6-v2 on GLUE SST-2 (a fixed training subset, the full validation split), the same
 step budget for every method: dense fine-tuning, then magnitude, movement, soft movement and
@@ -168,11 +171,16 @@ def seeded(args: argparse.Namespace) -> None:
     import statistics
 
     task = TASKS[args.task]
-    steps, metric = 250, task["metric"]
-    out_root = Path(args.out) / f"seeds-{args.task}"
+    steps, metric = args.steps, task["metric"]
+    # another budget is another table: its own folder and rows, the same run names
+    budget = "" if (steps, args.warmup, args.group_by_length) == (250, 0.3, False) else \
+        f"-{steps}steps-warmup{round(100 * args.warmup)}" + \
+        ("-grouped" if args.group_by_length else "")
+    out_root = Path(args.out) / f"seeds-{args.task}{budget}"
     out_root.mkdir(parents=True, exist_ok=True)
-    log = Path(__file__).with_name("results") / f"paper_comparison.seeds-{args.task}.jsonl"
-    reused = _collapse_rows(steps) if args.task == "sst2" else {}
+    log = Path(__file__).with_name("results") / \
+        f"paper_comparison.seeds-{args.task}{budget}.jsonl"
+    reused = _collapse_rows(steps) if args.task == "sst2" and not budget else {}
     overrides = dict(parse_assignment(o, "--pruning") for o in args.pruning)
     if overrides and not args.suffix:
         raise SystemExit("--pruning changes the runs: name them with --suffix (e.g. lr3)")
@@ -196,6 +204,7 @@ def seeded(args: argparse.Namespace) -> None:
         spec = {"model": "minilm", "data": task["data"],
                 "training": {"max_steps": steps, "batch_size": 32, "max_length": 64,
                              "learning_rate": 1.0e-4, "warmup_ratio": 0.1,
+                             "group_by_length": args.group_by_length,
                              "logging_steps": 50, "seed": seed},
                 "pruning": pruning,
                 "teacher": {"model": teacher, "alpha": 0.9, "temperature": 2.0}
@@ -210,7 +219,7 @@ def seeded(args: argparse.Namespace) -> None:
         row = {"run": name, "seed": seed, "metric": metric, "value": metrics["eval"][metric],
                "remaining": metrics["remaining"], "wall_s": round(time.time() - t0, 1),
                "threads": torch_threads(), "pruning": pruning, "teacher": bool(teacher),
-               "steps": steps, "batch": 32}
+               "steps": steps, "batch": 32, "group_by_length": args.group_by_length}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         claim.unlink()
@@ -227,7 +236,7 @@ def seeded(args: argparse.Namespace) -> None:
                 name = f"{method}-{args.suffix}" if args.suffix else method
                 label = f"{name}-{round(100 * target)}{'-distil' if distil else ''}"
                 pruning = {**SEEDED_METHODS[method], "final_remaining": target,
-                           "warmup_steps": round(0.3 * steps),
+                           "warmup_steps": round(args.warmup * steps),
                            "cooldown_steps": round(0.2 * steps), **overrides}
                 plan += [(label, s, pruning, distil) for s in args.seeds]
     names = [f"{label}-s{seed}" for label, seed, _, _ in plan]
@@ -244,9 +253,13 @@ def seeded(args: argparse.Namespace) -> None:
     for (label, *_), name in zip(plan, names):
         if name in rows:  # (--table-only: the runs finished so far)
             cells.setdefault(label, []).append(rows[name])
+    if "dense" not in cells:
+        raise SystemExit(f"no dense run finished yet in {log}: nothing to compare with")
     majority = _majority_rate(task) if metric == "accuracy" else None
     dense_mean = statistics.mean(r["value"] for r in cells["dense"])
-    print(f"\n{args.task}: {steps} steps x 32, seeds {args.seeds}; {metric} on the full "
+    print(f"\n{args.task}: {steps} steps x 32, pruning warm-up {args.warmup:.0%} of them"
+          f"{', length-grouped batches' if args.group_by_length else ''}, seeds {args.seeds}; "
+          f"{metric} on the full "
           f"validation split, mean +- std over seeds; all runs in {log}"
           + (" and the collapse study's identical runs" if reused else ""))
     print(f"\n| run | {metric} | vs dense | remaining | collapsed |\n|---|---|---|---|---|")
@@ -285,6 +298,15 @@ def main() -> None:
     parser.add_argument("--tries", type=int, default=4, help="calibration runs per lambda")
     parser.add_argument("--task", choices=list(TASKS), default="sst2", help="seeds variant")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
+    parser.add_argument("--steps", type=int, default=250,
+                        help="seeds variant: training steps (x 32); another budget than 250, "
+                             "0.3 and ungrouped keeps its own rows and folder")
+    parser.add_argument("--warmup", type=float, default=0.3,
+                        help="seeds variant: pruning warm-up, a fraction of the steps "
+                             "(the cool-down is 0.2 of them)")
+    parser.add_argument("--group-by-length", action="store_true",
+                        help="seeds variant: length-grouped batches (less padding: faster on "
+                             "sentence pairs)")
     parser.add_argument("--methods", nargs="+", choices=list(SEEDED_METHODS),
                         default=list(SEEDED_METHODS))
     parser.add_argument("--targets", nargs="+", type=float, default=[0.10, 0.03])

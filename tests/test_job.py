@@ -128,3 +128,34 @@ def test_cli_overrides_and_one_line_errors(assets, tmp_path, capsys):
     assert "pruned layers (12)" in capsys.readouterr().out
     assert main(["compress", str(tmp_path / "cli"), "--int8", "--codec", "none"]) == 0
     assert (tmp_path / "cli" / "compressed-int8" / "model.compressed.safetensors").is_file()
+
+
+def test_group_by_length_batches_sentences_of_similar_length(tmp_path):
+    """training.group_by_length reaches the Trainer's sampler, in the spelling of the installed
+    transformers: batches of 8 drawn from lengths 1..64 span a few tokens instead of most."""
+    import statistics
+
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    from prune_plugin.integrations.job import _length_grouping
+
+    from .models import tiny_bert
+
+    lengths = [n for n in range(1, 65) for _ in range(16)]
+    data = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths],
+                                       "labels": [0] * len(lengths)})
+    spans = {}
+    for on in (False, True):
+        args = TrainingArguments(output_dir=str(tmp_path / str(on)), per_device_train_batch_size=8,
+                                 report_to=[], use_cpu=True, seed=0, **_length_grouping(on))
+        trainer = Trainer(model=tiny_bert(), args=args, train_dataset=data,
+                          data_collator=lambda rows: [len(r["input_ids"]) for r in rows])
+        batches = list(trainer.get_train_dataloader())
+        assert sorted(n for b in batches for n in b) == lengths  # every example once
+        spans[on] = statistics.median(max(b) - min(b) for b in batches)
+    assert spans[True] <= 4 and spans[False] >= 30
+    job = {"model": "minilm", "data": {"path": "x", "text_columns": ["sentence"]},
+           "training": {"max_steps": 1, "group_by_length": True}, "pruning": None,
+           "output_dir": str(tmp_path / "run")}
+    assert load_job(data=job).training.group_by_length
