@@ -8,7 +8,10 @@ large log-alpha: a weight whose sampled gates are almost always 1 gets almost no
 For all-MiniLM-L6-v2's encoder, this prints where a global Top-v at 10% and 3% cuts |W| / mean
 |W| (of its layer), the log-alpha there for a prior scale of 2.197 (the paper's mean) and of 1,
 the share of sampled gates clamped at 1 there and the expected d gate / dS (Monte Carlo over
-the noise, with the package's own gate function). ``--runs``: for run folders of the seeds
+the noise, with the package's own gate function); then how much one forward's sampled gates
+change the pretrained weights before any pruning (the warm-up), for each log-alpha start: the
+scale-1 prior perturbs them twice as much as 2.197, and STS-B does not learn through it
+(RESULTS.md). ``--runs``: for run folders of the seeds
 comparison (``model/`` exported), the share of each run's kept weights that the |W| prior's
 global Top-v also keeps.
 """
@@ -47,6 +50,21 @@ def gate_stats(log_alpha: float, samples: int = 200_000) -> tuple[float, float]:
     return float((gate >= 1.0).float().mean()), float(grad.mean())
 
 
+def start_perturbation(weights: dict[str, torch.Tensor],
+                       log_alpha: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """What one forward's sampled gates do to the pretrained encoder before any pruning (the
+    warm-up, v = 1): ||W (1 - gate)|| / ||W|| over all layers, and the share of gates at 0."""
+    generator = torch.Generator().manual_seed(0)
+    change = total = zero = count = 0.0
+    for k, w in weights.items():
+        gate = hard_concrete_gate(log_alpha[k], beta=PAPER_L0.l0_beta, left=PAPER_L0.l0_left,
+                                  right=PAPER_L0.l0_right, generator=generator)
+        change += float((w * (1 - gate)).pow(2).sum())
+        total += float(w.pow(2).sum())
+        zero, count = zero + float((gate == 0).sum()), count + w.numel()
+    return (change / total) ** 0.5, zero / count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", nargs="*", default=[], type=Path)
@@ -62,6 +80,16 @@ def main() -> None:
             clamped, dgate = gate_stats(edge * scale)
             print(f"| {v:.0%} | {edge:.2f} | {scale:g} | {edge * scale:.2f} | {clamped:.1%} | "
                   f"{dgate:.4f} |")
+    print("\n| log-alpha at the start | sampled gates perturb W by (rel. Frobenius) | "
+          "sampled gates at 0 |\n|---|---|---|")
+    for label, start in (("\\|W\\|/mean x 1 (default with final_remaining)", prior),
+                         (f"\\|W\\|/mean x {PAPER_L0.score_init_value:g}",
+                          {k: PAPER_L0.score_init_value * p for k, p in prior.items()}),
+                         (f"constant {PAPER_L0.score_init_value:g} (the paper)",
+                          {k: torch.full_like(p, PAPER_L0.score_init_value)
+                           for k, p in prior.items()})):
+        change, zero = start_perturbation(weights, start)
+        print(f"| {label} | {change:.3f} | {zero:.1%} |")
     for run in args.runs:
         model = load_file(run / "model" / "model.safetensors")
         kept = {k: model["bert." + k] != 0 for k in prior}
