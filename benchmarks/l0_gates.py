@@ -10,8 +10,8 @@ For all-MiniLM-L6-v2's encoder, this prints where a global Top-v at 10% and 3% c
 the share of sampled gates clamped at 1 there and the expected d gate / dS (Monte Carlo over
 the noise, with the package's own gate function); then how much one forward's sampled gates
 change the pretrained weights before any pruning (the warm-up), for each log-alpha start: the
-scale-1 prior perturbs them twice as much as 2.197, and STS-B does not learn through it
-(RESULTS.md). ``--runs``: for run folders of the seeds
+scale-1 prior perturbs them twice as much as 2.197, yet L0 fails to learn STS-B during the
+warm-up with either (RESULTS.md). ``--runs``: for run folders of the seeds
 comparison (``model/`` exported), the share of each run's kept weights that the |W| prior's
 global Top-v also keeps.
 """
