@@ -19,6 +19,7 @@ global Top-v also keeps.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +32,9 @@ from prune_plugin.policy import PruningPolicy
 #: The paper's L0 (the policy's defaults): hard-concrete b, l, r, and the constant log-alpha
 #: 2.197 that was the |W| prior's scale before issue 13.
 PAPER_L0 = PruningPolicy(method="l0", total_steps=1)
+#: The package's sampled gate with those b, l, r.
+sampled_gate = partial(hard_concrete_gate, beta=PAPER_L0.l0_beta, left=PAPER_L0.l0_left,
+                       right=PAPER_L0.l0_right)
 
 
 def pretrained() -> dict[str, torch.Tensor]:
@@ -44,8 +48,7 @@ def gate_stats(log_alpha: float, samples: int = 200_000) -> tuple[float, float]:
     """(share of sampled gates clamped at 1, E[d gate / dS]) at one log-alpha."""
     scores = torch.full((samples,), log_alpha, requires_grad=True)
     noise = l0_noise(scores.shape, scores.device, torch.Generator().manual_seed(0))
-    gate = hard_concrete_gate(scores, beta=PAPER_L0.l0_beta, left=PAPER_L0.l0_left,
-                              right=PAPER_L0.l0_right, noise=noise)
+    gate = sampled_gate(scores, noise=noise)
     (grad,) = torch.autograd.grad(gate.sum(), scores)
     return float((gate >= 1.0).float().mean()), float(grad.mean())
 
@@ -57,8 +60,7 @@ def start_perturbation(weights: dict[str, torch.Tensor],
     generator = torch.Generator().manual_seed(0)
     change = total = zero = count = 0.0
     for k, w in weights.items():
-        gate = hard_concrete_gate(log_alpha[k], beta=PAPER_L0.l0_beta, left=PAPER_L0.l0_left,
-                                  right=PAPER_L0.l0_right, generator=generator)
+        gate = sampled_gate(log_alpha[k], generator=generator)
         change += float((w * (1 - gate)).pow(2).sum())
         total += float(w.pow(2).sum())
         zero, count = zero + float((gate == 0).sum()), count + w.numel()

@@ -122,6 +122,9 @@ TASKS = {
                       "label_column": "label"},
              "metric": "pearson"},
 }
+#: The seeds variant's default budget (the main job's): steps x 32, pruning warm-up and
+#: cool-down as fractions of the steps. Another budget keeps its own rows and folder.
+SEEDED_STEPS, SEEDED_WARMUP, SEEDED_COOLDOWN = 250, 0.3, 0.2
 SEEDED_METHODS = {
     "magnitude": {"method": "magnitude"},
     "movement": {"method": "movement"},  # the plugin's default: scores start at |W|/mean|W|
@@ -173,7 +176,8 @@ def seeded(args: argparse.Namespace) -> None:
     task = TASKS[args.task]
     steps, metric = args.steps, task["metric"]
     # another budget is another table: its own folder and rows, the same run names
-    budget = "" if (steps, args.warmup, args.group_by_length) == (250, 0.3, False) else \
+    budget = "" if (steps, args.warmup, args.group_by_length) == (
+        SEEDED_STEPS, SEEDED_WARMUP, False) else \
         f"-{steps}steps-warmup{round(100 * args.warmup)}" + \
         ("-grouped" if args.group_by_length else "")
     out_root = Path(args.out) / f"seeds-{args.task}{budget}"
@@ -237,7 +241,7 @@ def seeded(args: argparse.Namespace) -> None:
                 label = f"{name}-{round(100 * target)}{'-distil' if distil else ''}"
                 pruning = {**SEEDED_METHODS[method], "final_remaining": target,
                            "warmup_steps": round(args.warmup * steps),
-                           "cooldown_steps": round(0.2 * steps), **overrides}
+                           "cooldown_steps": round(SEEDED_COOLDOWN * steps), **overrides}
                 plan += [(label, s, pruning, distil) for s in args.seeds]
     names = [f"{label}-s{seed}" for label, seed, _, _ in plan]
     while True:  # until every run is finished, here or in another process
@@ -298,12 +302,12 @@ def main() -> None:
     parser.add_argument("--tries", type=int, default=4, help="calibration runs per lambda")
     parser.add_argument("--task", choices=list(TASKS), default="sst2", help="seeds variant")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
-    parser.add_argument("--steps", type=int, default=250,
-                        help="seeds variant: training steps (x 32); another budget than 250, "
-                             "0.3 and ungrouped keeps its own rows and folder")
-    parser.add_argument("--warmup", type=float, default=0.3,
-                        help="seeds variant: pruning warm-up, a fraction of the steps "
-                             "(the cool-down is 0.2 of them)")
+    parser.add_argument("--steps", type=int, default=SEEDED_STEPS,
+                        help="seeds variant: training steps (x 32); another budget than the "
+                             "default keeps its own rows and folder")
+    parser.add_argument("--warmup", type=float, default=SEEDED_WARMUP,
+                        help="seeds variant: pruning warm-up, a fraction of the steps (the "
+                             f"cool-down is {SEEDED_COOLDOWN} of them)")
     parser.add_argument("--group-by-length", action="store_true",
                         help="seeds variant: length-grouped batches (less padding: faster on "
                              "sentence pairs)")
