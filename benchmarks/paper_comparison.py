@@ -232,7 +232,7 @@ def seeded(args: argparse.Namespace) -> None:
     # (label, seed, pruning, distilled) in priority order
     plan: list[tuple[str, int, dict | None, bool]] = [("dense", s, None, False)
                                                       for s in args.seeds]
-    for distil in (False, True) if not args.no_distil else (False,):
+    for distil in (True,) if args.distil_only else (False,) if args.no_distil else (False, True):
         for target in args.targets:
             for method in args.distil_methods or args.methods if distil else args.methods:
                 if distil and method == "movement-paper":
@@ -315,6 +315,8 @@ def main() -> None:
                         default=list(SEEDED_METHODS))
     parser.add_argument("--targets", nargs="+", type=float, default=[0.10, 0.03])
     parser.add_argument("--no-distil", action="store_true")
+    parser.add_argument("--distil-only", action="store_true",
+                        help="seeds variant: only the dense teachers and the distilled runs")
     parser.add_argument("--table-only", action="store_true",
                         help="seeds variant: print the table of the runs finished, run nothing")
     parser.add_argument("--pruning", nargs="+", default=[], metavar="KEY=VALUE",
@@ -325,6 +327,8 @@ def main() -> None:
     parser.add_argument("--distil-methods", nargs="+", choices=list(SEEDED_METHODS),
                         help="the methods run with a teacher too (default: --methods)")
     args = parser.parse_args()
+    if args.distil_only and args.no_distil:
+        parser.error("--distil-only and --no-distil exclude each other")
     if args.variant == "seeds":
         seeded(args)
         return
