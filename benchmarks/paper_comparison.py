@@ -115,6 +115,11 @@ TASKS = {
     "sst2": {"data": {"path": str(ROOT / "examples" / "data" / "sst2"),
                       "text_columns": ["sentence"], "label_column": "label"},
              "metric": "accuracy"},
+    # SST-2's whole training split (67k sentences): a run of 500 steps x 32 sees 16k of them
+    # once each, where the shipped 4,000 repeat four times
+    "sst2-glue": {"data": {"path": GLUE, "name": "sst2", "text_columns": ["sentence"],
+                           "label_column": "label"},
+                  "metric": "accuracy"},
     "mrpc": {"data": {"path": GLUE, "name": "mrpc", "text_columns": ["sentence1", "sentence2"],
                       "label_column": "label"},
              "metric": "accuracy"},
@@ -125,6 +130,7 @@ TASKS = {
 #: The seeds variant's default budget (the main job's): steps x 32, pruning warm-up and
 #: cool-down as fractions of the steps. Another budget keeps its own rows and folder.
 SEEDED_STEPS, SEEDED_WARMUP, SEEDED_COOLDOWN = 250, 0.3, 0.2
+SEEDED_LR = 1.0e-4  # the weights' peak learning rate (linear warm-up over 10%, then decay)
 SEEDED_METHODS = {
     "magnitude": {"method": "magnitude"},
     "movement": {"method": "movement"},  # the plugin's default: scores start at |W|/mean|W|
@@ -180,6 +186,7 @@ def seeded(args: argparse.Namespace) -> None:
         SEEDED_STEPS, SEEDED_WARMUP, False) else \
         f"-{steps}steps-warmup{round(100 * args.warmup)}" + \
         ("-grouped" if args.group_by_length else "")
+    budget += "" if args.lr == SEEDED_LR else f"-lr{args.lr:g}"
     out_root = Path(args.out) / f"seeds-{args.task}{budget}"
     out_root.mkdir(parents=True, exist_ok=True)
     log = Path(__file__).with_name("results") / \
@@ -207,7 +214,7 @@ def seeded(args: argparse.Namespace) -> None:
             return  # another process runs it
         spec = {"model": "minilm", "data": task["data"],
                 "training": {"max_steps": steps, "batch_size": 32, "max_length": 64,
-                             "learning_rate": 1.0e-4, "warmup_ratio": 0.1,
+                             "learning_rate": args.lr, "warmup_ratio": 0.1,
                              "group_by_length": args.group_by_length,
                              "logging_steps": 50, "seed": seed},
                 "pruning": pruning,
@@ -223,7 +230,8 @@ def seeded(args: argparse.Namespace) -> None:
         row = {"run": name, "seed": seed, "metric": metric, "value": metrics["eval"][metric],
                "remaining": metrics["remaining"], "wall_s": round(time.time() - t0, 1),
                "threads": torch_threads(), "pruning": pruning, "teacher": bool(teacher),
-               "steps": steps, "batch": 32, "group_by_length": args.group_by_length}
+               "steps": steps, "batch": 32, "group_by_length": args.group_by_length,
+               "lr": args.lr}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         claim.unlink()
@@ -308,6 +316,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=SEEDED_WARMUP,
                         help="seeds variant: pruning warm-up, a fraction of the steps (the "
                              f"cool-down is {SEEDED_COOLDOWN} of them)")
+    parser.add_argument("--lr", type=float, default=SEEDED_LR,
+                        help="seeds variant: the weights' peak learning rate; another than the "
+                             "default keeps its own rows and folder")
     parser.add_argument("--group-by-length", action="store_true",
                         help="seeds variant: length-grouped batches (less padding: faster on "
                              "sentence pairs)")
