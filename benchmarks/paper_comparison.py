@@ -193,8 +193,9 @@ def seeded(args: argparse.Namespace) -> None:
         f"paper_comparison.seeds-{args.task}{budget}.jsonl"
     reused = _collapse_rows(steps) if args.task == "sst2" and not budget else {}
     overrides = dict(parse_assignment(o, "--pruning") for o in args.pruning)
-    if overrides and not args.suffix:
-        raise SystemExit("--pruning changes the runs: name them with --suffix (e.g. lr3)")
+    if (overrides or args.from_dense) and not args.suffix:
+        raise SystemExit("--pruning and --from-dense change the runs: name them with --suffix "
+                         "(e.g. fromdense)")
 
     def finished() -> dict[str, dict]:
         rows = dict(reused)
@@ -206,13 +207,16 @@ def seeded(args: argparse.Namespace) -> None:
         claim = out_root / f"{name}.claim"
         if name in finished():
             return
-        if teacher and not (Path(teacher) / "config.json").exists():
-            return  # its dense run is still training elsewhere: come back to it
+        start = str(out_root / f"dense-s{seed}" / "model") if args.from_dense and pruning \
+            else "minilm"
+        for needed in (teacher, None if start == "minilm" else start):
+            if needed and not (Path(needed) / "config.json").exists():
+                return  # its dense run is still training elsewhere: come back to it
         try:
             os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             return  # another process runs it
-        spec = {"model": "minilm", "data": task["data"],
+        spec = {"model": start, "data": task["data"],
                 "training": {"max_steps": steps, "batch_size": 32, "max_length": 64,
                              "learning_rate": args.lr, "warmup_ratio": 0.1,
                              "group_by_length": args.group_by_length,
@@ -231,7 +235,7 @@ def seeded(args: argparse.Namespace) -> None:
                "remaining": metrics["remaining"], "wall_s": round(time.time() - t0, 1),
                "threads": torch_threads(), "pruning": pruning, "teacher": bool(teacher),
                "steps": steps, "batch": 32, "group_by_length": args.group_by_length,
-               "lr": args.lr}
+               "lr": args.lr, "from_dense": start != "minilm"}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         claim.unlink()
@@ -326,6 +330,10 @@ def main() -> None:
                         default=list(SEEDED_METHODS))
     parser.add_argument("--targets", nargs="+", type=float, default=[0.10, 0.03])
     parser.add_argument("--no-distil", action="store_true")
+    parser.add_argument("--from-dense", action="store_true",
+                        help="seeds variant: the pruned runs start from the dense run of their "
+                             "seed (fine-tuned on the task), not the pretrained model; needs "
+                             "--suffix")
     parser.add_argument("--distil-only", action="store_true",
                         help="seeds variant: only the dense teachers and the distilled runs")
     parser.add_argument("--table-only", action="store_true",
