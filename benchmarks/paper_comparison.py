@@ -130,6 +130,7 @@ TASKS = {
 #: The seeds variant's default budget (the main job's): steps x 32, pruning warm-up and
 #: cool-down as fractions of the steps. Another budget keeps its own rows and folder.
 SEEDED_STEPS, SEEDED_WARMUP, SEEDED_COOLDOWN = 250, 0.3, 0.2
+SEEDED_BATCH = 32
 SEEDED_LR = 1.0e-4  # the weights' peak learning rate (linear warm-up over 10%, then decay)
 SEEDED_METHODS = {
     "magnitude": {"method": "magnitude"},
@@ -187,6 +188,7 @@ def seeded(args: argparse.Namespace) -> None:
         f"-{steps}steps-warmup{round(100 * args.warmup)}" + \
         ("-grouped" if args.group_by_length else "")
     budget += "" if args.lr == SEEDED_LR else f"-lr{args.lr:g}"
+    budget += "" if args.batch == SEEDED_BATCH else f"-batch{args.batch}"
     out_root = Path(args.out) / f"seeds-{args.task}{budget}"
     out_root.mkdir(parents=True, exist_ok=True)
     log = Path(__file__).with_name("results") / \
@@ -217,7 +219,7 @@ def seeded(args: argparse.Namespace) -> None:
         except FileExistsError:
             return  # another process runs it
         spec = {"model": start, "data": task["data"],
-                "training": {"max_steps": steps, "batch_size": 32, "max_length": 64,
+                "training": {"max_steps": steps, "batch_size": args.batch, "max_length": 64,
                              "learning_rate": args.lr, "warmup_ratio": 0.1,
                              "group_by_length": args.group_by_length,
                              "logging_steps": 50, "seed": seed},
@@ -234,7 +236,7 @@ def seeded(args: argparse.Namespace) -> None:
         row = {"run": name, "seed": seed, "metric": metric, "value": metrics["eval"][metric],
                "remaining": metrics["remaining"], "wall_s": round(time.time() - t0, 1),
                "threads": torch_threads(), "pruning": pruning, "teacher": bool(teacher),
-               "steps": steps, "batch": 32, "group_by_length": args.group_by_length,
+               "steps": steps, "batch": args.batch, "group_by_length": args.group_by_length,
                "lr": args.lr, "from_dense": start != "minilm"}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -273,7 +275,7 @@ def seeded(args: argparse.Namespace) -> None:
         raise SystemExit(f"no dense run finished yet in {log}: nothing to compare with")
     majority = _majority_rate(task) if metric == "accuracy" else None
     dense_mean = statistics.mean(r["value"] for r in cells["dense"])
-    print(f"\n{args.task}: {steps} steps x 32, pruning warm-up {args.warmup:.0%} of them"
+    print(f"\n{args.task}: {steps} steps x {args.batch}, pruning warm-up {args.warmup:.0%} of them"
           f"{', length-grouped batches' if args.group_by_length else ''}, seeds {args.seeds}; "
           f"{metric} on the full "
           f"validation split, mean +- std over seeds; all runs in {log}"
@@ -320,6 +322,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=SEEDED_WARMUP,
                         help="seeds variant: pruning warm-up, a fraction of the steps (the "
                              f"cool-down is {SEEDED_COOLDOWN} of them)")
+    parser.add_argument("--batch", type=int, default=SEEDED_BATCH,
+                        help="seeds variant: sentences per step; another than the default keeps "
+                             "its own rows and folder")
     parser.add_argument("--lr", type=float, default=SEEDED_LR,
                         help="seeds variant: the weights' peak learning rate; another than the "
                              "default keeps its own rows and folder")

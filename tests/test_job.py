@@ -1,6 +1,7 @@
 """The fine-pruning job end to end on a tiny model and dataset, and its errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,12 @@ def test_group_by_length_batches_sentences_of_similar_length(tmp_path):
            "training": {"max_steps": 1, "group_by_length": True}, "pruning": None,
            "output_dir": str(tmp_path / "run")}
     assert load_job(data=job).training.group_by_length
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_job_validates(example):
+    job = load_job(example)  # raises on an unknown field or a policy that does not validate
+    assert (job.pruning is None) == ("dense" in example.name)
