@@ -13,9 +13,12 @@ movement as the paper's code runs it (scores start at 0). It prints mean +- std 
 how many runs fell to the majority class. ``--methods``/``--targets``/``--no-distil`` run a
 part of it; ``--pruning KEY=VALUE --suffix NAME`` probes another policy setting under its own
 run names. Rows go to ``benchmarks/results/paper_comparison.seeds-<task>.jsonl`` (resumable).
-``--steps``/``--warmup``/``--group-by-length`` set another budget (e.g. STS-B, whose dense
-model is still learning at step 75: ``--steps 500 --warmup 0.4 --group-by-length``); its rows
-go to a file of their own, named after the budget.
+``--steps``/``--warmup``/``--group-by-length``/``--batch``/``--lr`` set another budget (e.g.
+STS-B, whose dense model is still learning at step 75: ``--steps 500 --warmup 0.4
+--group-by-length``); its rows go to a file of their own, named after the budget.
+``--task sst2-glue`` trains on SST-2's whole training split instead of the shipped 4,000
+sentences; ``--from-dense`` starts the pruned runs from their seed's dense model;
+``--distil-only`` runs only the dense teachers and the distilled runs.
 
 all-MiniLM-L6-v2 on GLUE SST-2 (a fixed training subset, the full validation split), the same
 step budget for every method: dense fine-tuning, then magnitude, movement, soft movement and
@@ -127,8 +130,8 @@ TASKS = {
                       "label_column": "label"},
              "metric": "pearson"},
 }
-#: The seeds variant's default budget (the main job's): steps x 32, pruning warm-up and
-#: cool-down as fractions of the steps. Another budget keeps its own rows and folder.
+#: The seeds variant's default budget (the main job's): steps x batch, pruning warm-up and
+#: cool-down as fractions of the steps, the weights' peak lr. Another budget keeps its own rows and folder.
 SEEDED_STEPS, SEEDED_WARMUP, SEEDED_COOLDOWN = 250, 0.3, 0.2
 SEEDED_BATCH = 32
 SEEDED_LR = 1.0e-4  # the weights' peak learning rate (linear warm-up over 10%, then decay)
@@ -199,6 +202,10 @@ def seeded(args: argparse.Namespace) -> None:
         raise SystemExit("--pruning and --from-dense change the runs: name them with --suffix "
                          "(e.g. fromdense)")
 
+    def dense_model(seed: int) -> str:
+        """The fine-tuned dense model of ``seed``: the teacher, and --from-dense's start."""
+        return str(out_root / f"dense-s{seed}" / "model")
+
     def finished() -> dict[str, dict]:
         rows = dict(reused)
         if log.exists():
@@ -209,16 +216,15 @@ def seeded(args: argparse.Namespace) -> None:
         claim = out_root / f"{name}.claim"
         if name in finished():
             return
-        start = str(out_root / f"dense-s{seed}" / "model") if args.from_dense and pruning \
-            else "minilm"
-        for needed in (teacher, None if start == "minilm" else start):
+        start = dense_model(seed) if args.from_dense and pruning else None
+        for needed in (teacher, start):
             if needed and not (Path(needed) / "config.json").exists():
                 return  # its dense run is still training elsewhere: come back to it
         try:
             os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             return  # another process runs it
-        spec = {"model": start, "data": task["data"],
+        spec = {"model": start or "minilm", "data": task["data"],
                 "training": {"max_steps": steps, "batch_size": args.batch, "max_length": 64,
                              "learning_rate": args.lr, "warmup_ratio": 0.1,
                              "group_by_length": args.group_by_length,
@@ -237,7 +243,7 @@ def seeded(args: argparse.Namespace) -> None:
                "remaining": metrics["remaining"], "wall_s": round(time.time() - t0, 1),
                "threads": torch_threads(), "pruning": pruning, "teacher": bool(teacher),
                "steps": steps, "batch": args.batch, "group_by_length": args.group_by_length,
-               "lr": args.lr, "from_dense": start != "minilm"}
+               "lr": args.lr, "from_dense": start is not None}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         claim.unlink()
@@ -260,7 +266,7 @@ def seeded(args: argparse.Namespace) -> None:
     names = [f"{label}-s{seed}" for label, seed, _, _ in plan]
     while True:  # until every run is finished, here or in another process
         for label, seed, pruning, distil in plan if not args.table_only else ():
-            teacher = str(out_root / f"dense-s{seed}" / "model") if distil else None
+            teacher = dense_model(seed) if distil else None
             run(f"{label}-s{seed}", seed, pruning, teacher)
         rows = finished()
         if args.table_only or all(n in rows for n in names):
@@ -317,7 +323,7 @@ def main() -> None:
     parser.add_argument("--task", choices=list(TASKS), default="sst2", help="seeds variant")
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
     parser.add_argument("--steps", type=int, default=SEEDED_STEPS,
-                        help="seeds variant: training steps (x 32); another budget than the "
+                        help="seeds variant: training steps (x --batch); another budget than the "
                              "default keeps its own rows and folder")
     parser.add_argument("--warmup", type=float, default=SEEDED_WARMUP,
                         help="seeds variant: pruning warm-up, a fraction of the steps (the "

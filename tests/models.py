@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
+
+#: The project's example job files and their shipped data.
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0, vocab_size: int = 100) -> nn.Module:

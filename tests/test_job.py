@@ -1,7 +1,6 @@
 """The fine-pruning job end to end on a tiny model and dataset, and its errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ import torch
 from prune_plugin.cli import main
 from prune_plugin.integrations.job import JobError, load_job, prepare_job, run_job
 
-from .models import job_dict
+from .models import EXAMPLES, job_dict
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +159,6 @@ def test_group_by_length_batches_sentences_of_similar_length(tmp_path):
            "training": {"max_steps": 1, "group_by_length": True}, "pruning": None,
            "output_dir": str(tmp_path / "run")}
     assert load_job(data=job).training.group_by_length
-
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)

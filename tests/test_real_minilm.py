@@ -9,9 +9,10 @@ import torch
 
 from prune_plugin.cli import main
 
+from .models import EXAMPLES
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SQUAD = SHARED / "squad"
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.slow
 
 
