@@ -131,7 +131,8 @@ TASKS = {
              "metric": "pearson"},
 }
 #: The seeds variant's default budget (the main job's): steps x batch, pruning warm-up and
-#: cool-down as fractions of the steps, the weights' peak lr. Another budget keeps its own rows and folder.
+#: cool-down as fractions of the steps, the weights' peak lr. Another budget keeps its own rows
+#: and folder.
 SEEDED_STEPS, SEEDED_WARMUP, SEEDED_COOLDOWN = 250, 0.3, 0.2
 SEEDED_BATCH = 32
 SEEDED_LR = 1.0e-4  # the weights' peak learning rate (linear warm-up over 10%, then decay)
@@ -349,11 +350,13 @@ def main() -> None:
                         help="seeds variant: only the dense teachers and the distilled runs")
     parser.add_argument("--table-only", action="store_true",
                         help="seeds variant: print the table of the runs finished, run nothing")
-    parser.add_argument("--pruning", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="seeds variant: a policy field for every pruned run (a probe of "
-                             "another setting); needs --suffix")
+    parser.add_argument("--pruning", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="seeds variant: policy fields for every pruned run (a probe of "
+                             "another setting; repeatable, e.g. final_remaining=null "
+                             "final_lambda=634 for the paper's mode); needs --suffix")
     parser.add_argument("--suffix", default="",
-                        help="seeds variant: added to the method in the runs' names (l0-NAME-3-s42)")
+                        help="seeds variant: added to the method in the runs' names "
+                             "(l0-NAME-3-s42)")
     parser.add_argument("--distil-methods", nargs="+", choices=list(SEEDED_METHODS),
                         help="the methods run with a teacher too (default: --methods)")
     args = parser.parse_args()
