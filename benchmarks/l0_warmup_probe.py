@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
@@ -35,8 +35,10 @@ from prune_plugin import hooks
 from prune_plugin.hooks import PrunedLayer
 from prune_plugin.integrations.job import load_job, run_job
 
-ROOT = Path(__file__).resolve().parents[1]
-GLUE = str(ROOT.parent / "shared" / "data" / "glue")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paper_comparison import SEEDED_LR, TASKS, torch_threads  # noqa: E402
+
+#: The failing STS-B cell's budget (its run name: l0-10-s42 in the seeds comparison's folder).
 STEPS, WARMUP, COOLDOWN = 500, 200, 100
 
 
@@ -78,11 +80,10 @@ def main() -> None:
 
     transformers.Trainer.log = record  # type: ignore[method-assign]
     name = f"l0-10-{args.variant}-s{args.seed}"
-    spec = {"model": "minilm",
-            "data": {"path": GLUE, "name": "stsb", "text_columns": ["sentence1", "sentence2"],
-                     "label_column": "label"},
+    spec = {"model": "minilm", "data": TASKS["stsb"]["data"],
             "training": {"max_steps": STEPS, "batch_size": 32, "max_length": 64,
-                         "learning_rate": 1e-4, "warmup_ratio": 0.1, "group_by_length": True,
+                         "learning_rate": SEEDED_LR, "warmup_ratio": 0.1,
+                         "group_by_length": True,
                          "logging_steps": 50, "seed": args.seed},
             "pruning": {"method": "l0", "final_remaining": 0.10, "warmup_steps": WARMUP,
                         "cooldown_steps": COOLDOWN},
@@ -92,7 +93,7 @@ def main() -> None:
     row = {"run": name, "variant": args.variant, "seed": args.seed,
            "pearson": metrics["eval"]["pearson"], "remaining": metrics["remaining"],
            "loss_every_50": losses, "wall_s": round(time.time() - t0, 1),
-           "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()}
+           "threads": torch_threads()}
     out = Path(__file__).with_name("results") / "l0_warmup_probe.jsonl"
     with out.open("a") as f:
         f.write(json.dumps(row) + "\n")
