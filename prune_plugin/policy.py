@@ -27,6 +27,9 @@ UnitKind = Literal["neurons", "heads"]
 Scope = Literal["local", "global"]
 ScoreInit = Literal["constant", "uniform", "kaiming", "magnitude"]
 LambdaSchedule = Literal["cubic", "constant"]
+RemainingControl = Literal["lambda", "topv"]
+#: How soft movement follows a requested final_remaining (see ``remaining_control``).
+DEFAULT_REMAINING_CONTROL: RemainingControl = "topv"
 
 #: Output heads left dense by default: the paper prunes the encoder, not the task head.
 DEFAULT_EXCLUDE: tuple[str, ...] = (
@@ -45,6 +48,7 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
     "final_threshold": ("soft_movement",),
     "final_lambda": ("soft_movement", "l0"),
     "lambda_schedule": ("soft_movement", "l0"),
+    "remaining_control": ("soft_movement",),
     "l0_beta": ("l0",),
     "l0_left": ("l0",),
     "l0_right": ("l0",),
@@ -152,6 +156,12 @@ class PruningPolicy(BaseModel):
     lambda_schedule: LambdaSchedule = Field(
         "cubic", description="cubic: lambda follows the threshold schedule to final_lambda "
                              "(soft movement); constant: final_lambda from step 0 (L0).")
+    remaining_control: RemainingControl = Field(
+        DEFAULT_REMAINING_CONTROL, description="Soft movement with final_remaining, how the run follows v(t) "
+        "(both beyond the paper): topv: the masks are a global Top-v of the scores, which "
+        "start from |W| / mean |W|; lambda: the paper's mask sigmoid(S) > tau and zero "
+        "scores, lambda scaled by a controller so that the remaining fraction follows v(t), "
+        "never below it, and a global Top-v to exactly v_f from the cool-down on.")
     l0_beta: float = Field(2.0 / 3.0, gt=0.0, description="Hard-concrete temperature b.")
     l0_left: float = Field(-0.1, lt=0.0, description="Hard-concrete stretch l < 0.")
     l0_right: float = Field(1.1, gt=1.0, description="Hard-concrete stretch r > 1.")
@@ -209,7 +219,8 @@ class PruningPolicy(BaseModel):
         if isinstance(data, dict) and isinstance(data.get("method"), str):
             defaults = dict(_METHOD_DEFAULTS.get(data["method"], {}))
             if data["method"] in ("soft_movement", "l0") \
-                    and data.get("final_remaining") is not None:
+                    and data.get("final_remaining") is not None \
+                    and data.get("remaining_control", DEFAULT_REMAINING_CONTROL) == "topv":
                 # the requested-sparsity mode is a global Top-v of the scores, like hard
                 # movement: from constant scores it collapses the same way (RESULTS.md)
                 defaults["score_init"] = "magnitude"
@@ -275,12 +286,19 @@ class PruningPolicy(BaseModel):
             raise ValueError("initial_remaining applies to soft movement and L0 only with "
                              "final_remaining (a requested sparsity). Fix: set final_remaining "
                              "too, or remove initial_remaining.")
-        if self.targets_remaining and self.method == "soft_movement":
+        if self.method == "soft_movement" and not self.targets_remaining \
+                and "remaining_control" in self.model_fields_set:
+            raise ValueError(f"remaining_control (= {self.remaining_control!r}) says how soft "
+                             "movement follows a requested final_remaining, and none is set. "
+                             "Fix: set final_remaining too, or remove remaining_control.")
+        if self.targets_remaining and self.method == "soft_movement" \
+                and self.remaining_control == "topv":
             chosen = sorted({"initial_threshold", "final_threshold"} & self.model_fields_set)
             if chosen:
-                raise ValueError(f"{', '.join(chosen)} and final_remaining exclude each other: "
-                                 "with final_remaining the threshold moves so that exactly that "
-                                 "fraction remains. Fix: remove one of them.")
+                raise ValueError(f"{', '.join(chosen)} and final_remaining exclude each other "
+                                 "with remaining_control 'topv': the threshold moves so that "
+                                 "exactly that fraction remains. Fix: remove one of them, or "
+                                 "set remaining_control: lambda (the paper's threshold).")
         if self.method == "soft_movement" and not self.targets_remaining \
                 and self.lambda_schedule == "cubic" and self.final_threshold == 0.0:
             raise ValueError("final_threshold is 0 with lambda_schedule 'cubic': lambda would "
@@ -312,9 +330,10 @@ class PruningPolicy(BaseModel):
         """Dumps hold only the fields that apply to the method, so they validate back."""
         data = handler(self)
         if self.targets_remaining:
-            unused = {"initial_threshold", "final_threshold"}
+            unused = {"initial_threshold", "final_threshold"} \
+                if self.remaining_control == "topv" else set()
         elif self.method in ("soft_movement", "l0"):  # lambda sets the sparsity
-            unused = {"initial_remaining", "final_remaining"}
+            unused = {"initial_remaining", "final_remaining", "remaining_control"}
         else:
             unused = set()
         return {k: v for k, v in data.items() if k not in unused

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--structure", default="unstructured")
     parser.add_argument("--target", type=float, default=None,
                         help="soft movement / L0: a requested remaining fraction")
+    parser.add_argument("--control", default=None, help="soft movement's remaining_control")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--accumulation", type=int, default=1)
@@ -61,6 +62,8 @@ def main() -> None:
     if args.target is not None:  # the requested-sparsity mode: a global Top-v of the scores
         policy.pop("final_threshold", None)
         policy.update(final_remaining=args.target)
+        if args.control is not None:
+            policy.update(remaining_control=args.control)
     config = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": args.accumulation,

@@ -8,7 +8,7 @@ import torch
 
 from prune_plugin import PolicyError, PruningOptimizer, PruningPolicy, sparsity_report
 from prune_plugin.methods import (L0, L0ToTarget, Magnitude, Movement, SoftMovement,
-                                  SoftMovementToTarget, method_for)
+                                  SoftMovementControlled, SoftMovementToTarget, method_for)
 
 from .models import bert_batch, tiny_bert
 
@@ -169,3 +169,102 @@ def test_movement_starts_from_the_magnitude_masks_by_default_and_the_paper_is_on
     assert all(float(s.mean()) == pytest.approx(1.0, rel=1e-4) for s in pruner.scores)
     layer = pruner.layers[0]
     assert torch.equal(layer.scores.argsort(), layer.weight.abs().argsort())
+
+
+def _controlled(**fields) -> PruningPolicy:
+    base = dict(method="soft_movement", final_remaining=0.15, remaining_control="lambda",
+                warmup_steps=2, cooldown_steps=3, total_steps=16, score_lr=0.5)
+    return PruningPolicy(**{**base, **fields})
+
+
+def test_remaining_control_validates_and_round_trips():
+    policy = _controlled(final_threshold=0.2)  # the paper's threshold applies to this mode
+    assert type(method_for(policy)) is SoftMovementControlled
+    assert (policy.score_init, policy.score_init_value) == ("constant", 0.0)  # the paper's
+    assert PruningPolicy.model_validate_json(policy.to_json()) == policy
+    assert PruningPolicy.model_validate(policy.model_dump()) == policy
+    with pytest.raises(PolicyError, match="remaining_control .* none is set"):
+        PruningPolicy(method="soft_movement", remaining_control="lambda", total_steps=10)
+    with pytest.raises(PolicyError, match="'remaining_control' .* does not apply to method 'l0'"):
+        PruningPolicy(method="l0", final_remaining=0.1, remaining_control="lambda",
+                      total_steps=10)
+    with pytest.raises(PolicyError, match="remaining_control: got 'threshold'"):
+        _controlled(remaining_control="threshold")
+    with pytest.raises(PolicyError, match="exclude each other with remaining_control 'topv'"):
+        _controlled(remaining_control="topv", final_threshold=0.2)
+
+
+@pytest.mark.parametrize("final_lambda", [50.0, 5000.0])
+def test_controlled_soft_movement_follows_the_schedule_from_above_and_ends_exact(final_lambda):
+    policy = _controlled(final_lambda=final_lambda)
+    model = tiny_bert()
+    opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), policy, model=model)
+    pruner, method = opt.pruner, opt.pruner.method
+    factors, pruned_by_threshold = [], False
+    for step in range(policy.total_steps):
+        model(**bert_batch(seed=step)).loss.backward()
+        factors.append(float(method.penalty_factor(pruner)))
+        opt.step()
+        opt.zero_grad()
+        report = sparsity_report(model)
+        assert report.kept >= round(pruner.target * report.total)  # never below v(t)
+        tau = method.threshold_at(pruner.step_count)
+        if not method.in_cooldown(pruner.step_count) and tau > 0:
+            for layer in pruner.layers:  # the threshold's weights are all kept
+                above = layer.scores.detach() > torch.logit(torch.tensor(tau))
+                assert bool(layer.gate()[above].all())
+                pruned_by_threshold |= bool((~above).any())
+    assert pruned_by_threshold  # the threshold did prune, not the Top-v floor alone
+    assert max(factors) == 1.0 and min(factors[3:]) == 0.0  # all of lambda, then none
+    report = sparsity_report(model)
+    assert report.kept == round(0.15 * report.total)  # the cool-down's projection: exact
+    kept = torch.cat([layer.gate().reshape(-1) for layer in pruner.layers])
+    scores = torch.cat([layer.scores.detach().reshape(-1) for layer in pruner.layers])
+    assert scores[kept].min() >= scores[~kept].max()  # a global Top-v of the scores
+
+
+def test_the_soft_movement_controller_is_a_band_above_the_schedule():
+    policy = _controlled(final_lambda=100.0)
+    model = tiny_bert()
+    opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), policy, model=model)
+    pruner, method = opt.pruner, opt.pruner.method
+    pruner.step_count = 6
+    v, edge = pruner.target, float(torch.logit(torch.tensor(method.threshold_at(6))))
+    scores = torch.cat([s.detach().reshape(-1) for s in pruner.scores])
+    for share, factor in [(v, 0.0), (v * (1 + method.CONTROL_BAND / 2), 0.5),
+                          (v * (1 + method.CONTROL_BAND), 1.0), (1.0, 1.0)]:
+        with torch.no_grad():  # put `share` of the scores above the threshold
+            order = torch.randperm(scores.numel(), generator=torch.Generator().manual_seed(0))
+            above = torch.zeros(scores.numel(), dtype=torch.bool)
+            above[order[:round(share * scores.numel())]] = True
+            flat = torch.where(above, edge + 1.0, edge - 1.0)
+            for s in pruner.scores:
+                s.copy_(flat[:s.numel()].view_as(s))
+                flat = flat[s.numel():]
+        assert float(method.penalty_factor(pruner)) == pytest.approx(factor, abs=1e-3)
+
+
+def test_controlled_soft_movement_sharded_masks_equal_the_whole_ones():
+    """The ZeRO-3 path (each forward rebuilds the mask from a threshold: here one rank holding
+    every score) keeps the same weights as the whole-tensor masks, at every step."""
+    from prune_plugin.pruner import Sharding
+
+    runs = []
+    for sharded in (False, True):
+        model = tiny_bert()
+        opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                               _controlled(final_lambda=500.0), model=model)
+        if sharded:
+            opt.pruner.sharding = Sharding(lambda layer: layer.scores.detach().reshape(-1),
+                                           lambda t: None)
+        gates = []
+        for step in range(16):
+            model(**bert_batch(seed=step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            gates.append([torch.ones(layer.shape, dtype=torch.bool) if layer.gate() is None
+                          else layer.gate().clone() for layer in opt.pruner.layers])
+        assert sharded == all(layer.threshold is not None for layer in opt.pruner.layers)
+        runs.append(gates)
+    for whole, shard in zip(*runs):
+        assert all(torch.equal(a, b) for a, b in zip(whole, shard))
