@@ -10,6 +10,11 @@ of comparing method names:
 | soft_movement | S, straight-through | sigmoid(S) > tau | tau on the cubic schedule | lambda * mean sigmoid(S) |
 | l0 | log-alpha S, through the gate | hard-concrete gate, sampled per forward | - | lambda * mean E[L0] |
 
+With ``final_remaining`` (beyond the paper) soft movement keeps its threshold and a controller
+scales lambda so the kept fraction follows v(t) (:class:`SoftMovementControlled`, or a global
+Top-v of the scores, :class:`SoftMovementToTarget`), and L0 closes the gates outside a global
+Top-v (:class:`L0ToTarget`).
+
 A method is stateless: the masks it computes are written to the layers
 (:class:`~prune_plugin.hooks.PrunedLayer`), the step count is the pruner's.
 """
@@ -419,16 +424,19 @@ class SoftMovementControlled(_ToTarget, SoftMovement):
         if self.in_cooldown(step) or tau <= 0.0:
             return
         edge = logit(tau)
-        for layer in (pruner.layers if pruner.sharding is not None else pruner.selectables):
-            if layer.threshold is not None:  # sharded: keep S above the lower threshold
-                t = layer.threshold
+        if pruner.sharding is None:
+            for sel in pruner.selectables:
+                if sel.mask is not None:
+                    sel.mask.logical_or_(self.importance(sel) > edge)
+            return
+        for layer in pruner.layers:  # sharded: keep S above the lower of the two thresholds
+            t = layer.threshold
+            if t is not None:
                 lower = t.value > edge
                 layer.set_threshold(TopVThreshold(
                     torch.where(lower, torch.tensor(edge, dtype=t.value.dtype,
                                                     device=t.value.device), t.value),
                     torch.where(lower, torch.zeros_like(t.ties_kept), t.ties_kept), t.k))
-            elif layer.mask is not None:
-                layer.mask.logical_or_(self.importance(layer) > edge)
 
 
 METHODS: dict[str, type[PruningMethod]] = {

@@ -23,14 +23,18 @@ from .models import bert_batch, tiny_bert
 
 CASES = [("magnitude", "local"), ("magnitude", "global"), ("movement", "local"),
          ("movement", "global"), ("soft_movement", None), ("l0", None),
-         ("soft_movement", "target"), ("l0", "target"), ("movement", "hybrid"),
+         ("soft_movement", "target"), ("soft_movement", "target-topv"), ("l0", "target"),
+         ("movement", "hybrid"),
          ("l0", "hybrid")]
 
 
 def _policy(method: str, scope: str | None) -> PruningPolicy:
     fields = dict(method=method, total_steps=6, warmup_steps=0, cooldown_steps=1)
-    if scope == "target":  # a requested sparsity: a global Top-v from the first refresh on
+    if scope in ("target", "target-topv"):  # a requested sparsity: a global Top-v from the
+        # first refresh on (soft movement's default: with its threshold)
         fields.update(initial_remaining=0.6, final_remaining=0.25, final_lambda=100.0)
+        if scope == "target-topv":
+            fields.update(remaining_control="topv")
     elif scope == "hybrid":  # structured: heads and neurons
         fields.update(structure="hybrid", score_init="uniform", score_init_value=1.0)
         fields.update(initial_remaining=0.6, final_remaining=0.25) if method == "movement" \

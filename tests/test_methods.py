@@ -16,7 +16,9 @@ from .models import bert_batch, tiny_bert
 @pytest.mark.parametrize("fields,cls", [
     (dict(method="magnitude"), Magnitude), (dict(method="movement"), Movement),
     (dict(method="soft_movement"), SoftMovement), (dict(method="l0"), L0),
-    (dict(method="soft_movement", final_remaining=0.2), SoftMovementToTarget),
+    (dict(method="soft_movement", final_remaining=0.2), SoftMovementControlled),
+    (dict(method="soft_movement", final_remaining=0.2, remaining_control="topv"),
+     SoftMovementToTarget),
     (dict(method="l0", final_remaining=0.2), L0ToTarget)])
 def test_each_policy_gets_its_strategy(fields, cls):
     assert type(method_for(PruningPolicy(total_steps=10, **fields))) is cls
@@ -25,20 +27,24 @@ def test_each_policy_gets_its_strategy(fields, cls):
 def test_the_requested_sparsity_mode_validates():
     with pytest.raises(PolicyError, match="final_threshold and final_remaining exclude each other"):
         PruningPolicy(method="soft_movement", final_remaining=0.1, final_threshold=0.2,
-                      total_steps=10)
+                      remaining_control="topv", total_steps=10)
     with pytest.raises(PolicyError, match="initial_remaining applies .* only with final_remaining"):
         PruningPolicy(method="l0", initial_remaining=0.5, total_steps=10)
-    policy = PruningPolicy(method="soft_movement", final_remaining=0.1, total_steps=10)
-    assert PruningPolicy.model_validate_json(policy.to_json()) == policy
+    for control in ("lambda", "topv"):
+        policy = PruningPolicy(method="soft_movement", final_remaining=0.1, total_steps=10,
+                               remaining_control=control)
+        assert PruningPolicy.model_validate_json(policy.to_json()) == policy
     paper = PruningPolicy(method="soft_movement", total_steps=10)  # lambda sets the sparsity
     assert paper.final_remaining is None and not paper.targets_remaining
     assert PruningPolicy.model_validate_json(paper.to_json()) == paper
 
 
-@pytest.mark.parametrize("method", ["soft_movement", "l0"])
-def test_soft_movement_and_l0_reach_the_requested_remaining_fraction(method):
+@pytest.mark.parametrize("method,control", [("soft_movement", "lambda"),
+                                            ("soft_movement", "topv"), ("l0", None)])
+def test_soft_movement_and_l0_reach_the_requested_remaining_fraction(method, control):
+    extra = {} if control is None else {"remaining_control": control}
     policy = PruningPolicy(method=method, final_remaining=0.15, warmup_steps=2,
-                           cooldown_steps=3, total_steps=12, final_lambda=50.0)
+                           cooldown_steps=3, total_steps=12, final_lambda=50.0, **extra)
     model = tiny_bert()
     opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), policy, model=model)
     remaining = []
@@ -151,12 +157,18 @@ def test_movement_starts_from_the_magnitude_masks_by_default_and_the_paper_is_on
     explicit = PruningPolicy(method="movement", score_init="magnitude", score_init_value=0.3,
                              total_steps=10)
     assert explicit.score_init_value == 0.3
-    # soft movement: the paper's mode keeps zero scores; the requested-fraction mode (a Top-v
-    # of the scores, like hard movement) starts from |W| too
+    # soft movement: the paper's mode and the requested fraction's default (lambda control)
+    # keep zero scores; the requested fraction as a Top-v of the scores (like hard movement)
+    # starts from |W| too
     soft = PruningPolicy(method="soft_movement", total_steps=10)
     assert (soft.score_init, soft.score_init_value) == ("constant", 0.0)
     target = PruningPolicy(method="soft_movement", final_remaining=0.1, total_steps=10)
-    assert (target.score_init, target.score_init_value) == ("magnitude", 1.0)
+    assert (target.score_init, target.score_init_value, target.final_lambda) == (
+        "constant", 0.0, 3000.0)
+    topv = PruningPolicy(method="soft_movement", final_remaining=0.1, remaining_control="topv",
+                         total_steps=10)
+    assert (topv.score_init, topv.score_init_value, topv.final_lambda) == (
+        "magnitude", 1.0, 400.0)
     # L0 likewise: the paper's mode keeps its constant log-alpha 2.197 (gates ~90% open); the
     # requested-fraction mode starts from |W| / mean |W| at scale 1 like the others, so the
     # scores competing at a small Top-v's edge are where the sampled gates still pass gradient

@@ -100,11 +100,14 @@ def test_each_family_prunes_whole_heads_and_neurons_and_shrinks_exactly(family, 
     assert torch.allclose(logits(loaded, batch), masked, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "movement", "soft_movement", "l0", "l0-target"])
+@pytest.mark.parametrize("method", ["magnitude", "movement", "soft_movement", "soft-target",
+                                    "l0", "l0-target"])
 def test_every_method_prunes_units_and_finalize_equals_the_masked_model(method):
     kw = {"final_lambda": 200.0, "score_lr": 0.5} if method.startswith(("soft", "l0")) else {}
     if method == "soft_movement":
         kw["final_threshold"] = 0.5
+    if method == "soft-target":  # soft movement with a requested fraction (lambda control)
+        method, kw = "soft_movement", {**kw, "final_remaining": 0.5}
     if method == "l0-target":  # L0 with a requested fraction: gates closed outside the Top-v
         # (a weak penalty: the gates stay open, so only the Top-v closes units)
         method, kw = "l0", {"final_lambda": 1.0, "final_remaining": 0.5}
