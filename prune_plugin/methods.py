@@ -316,6 +316,31 @@ class _ToTarget(_TopV):
 
     scope = "global"  # type: ignore[assignment]
 
+    def in_cooldown(self, step: int) -> bool:
+        """Whether ``step`` is in the cool-down, where the masks are the Top-v at v_f."""
+        return step >= self.policy.total_steps - self.policy.cooldown_steps
+
+
+def _controlled_factor(pruner: Pruner, edge: float, target: float, band: float) -> Tensor:
+    """:func:`controlled_lambda_factor` of the fraction of scores above ``edge`` (open gates,
+    kept weights), the least over the kinds of unit: heads and neurons (structured) are
+    separate Top-vs, each must stay at v(t). Device operations, and one all-reduce when the
+    scores are sharded."""
+    method = pruner.method
+    kinds: dict[str, list] = defaultdict(list)
+    for sel in pruner.selectables:
+        kinds[getattr(sel, "kind", "")].append(sel)
+    counts = torch.stack([
+        torch.stack([(part > edge).sum(dtype=torch.float32) for part in (
+            pruner.sharding.local_importance(sel) if pruner.sharding is not None
+            else method.importance(sel) for sel in sels)]).sum()
+        for sels in kinds.values()])
+    if pruner.sharding is not None:
+        pruner.sharding.all_reduce(counts)
+    totals = torch.tensor([float(sum(sel.numel for sel in sels)) for sels in kinds.values()],
+                          device=counts.device)  # over all ranks
+    return controlled_lambda_factor(counts / totals, target, band).min()
+
 
 class SoftMovementToTarget(_ToTarget, SoftMovement):
     """Soft movement with ``final_remaining``: the threshold on sigmoid(S) moves so that v(t)
@@ -349,10 +374,7 @@ class L0ToTarget(_ToTarget, L0):
         return logit((gate - p.l0_left) / (p.l0_right - p.l0_left))
 
     def gate_floor(self, step: int) -> float | None:
-        p = self.policy
-        if step < p.total_steps - p.cooldown_steps:
-            return None
-        return self._log_alpha_at(self.PROJECTED_GATE)
+        return self._log_alpha_at(self.PROJECTED_GATE) if self.in_cooldown(step) else None
 
     def penalty_factor(self, pruner: Pruner) -> Tensor:
         return _controlled_factor(pruner, self._log_alpha_at(0.0),
@@ -365,27 +387,6 @@ class L0ToTarget(_ToTarget, L0):
 
     def sampling_mask(self, layer: PrunedLayer) -> Tensor | None:
         return _TopV.gate(self, layer)
-
-
-def _controlled_factor(pruner: Pruner, edge: float, target: float, band: float) -> Tensor:
-    """:func:`controlled_lambda_factor` of the fraction of scores above ``edge`` (open gates,
-    kept weights), the least over the kinds of unit: heads and neurons (structured) are
-    separate Top-vs, each must stay at v(t). Device operations, and one all-reduce when the
-    scores are sharded."""
-    method = pruner.method
-    kinds: dict[str, list] = defaultdict(list)
-    for sel in pruner.selectables:
-        kinds[getattr(sel, "kind", "")].append(sel)
-    counts = torch.stack([
-        torch.stack([(part > edge).sum(dtype=torch.float32) for part in (
-            pruner.sharding.local_importance(sel) if pruner.sharding is not None
-            else method.importance(sel) for sel in sels)]).sum()
-        for sels in kinds.values()])
-    if pruner.sharding is not None:
-        pruner.sharding.all_reduce(counts)
-    totals = torch.tensor([float(sum(sel.numel for sel in sels)) for sels in kinds.values()],
-                          device=counts.device)  # over all ranks
-    return controlled_lambda_factor(counts / totals, target, band).min()
 
 
 class SoftMovementControlled(_ToTarget, SoftMovement):
@@ -403,9 +404,6 @@ class SoftMovementControlled(_ToTarget, SoftMovement):
 
     #: The controller's band: full lambda from (1 + CONTROL_BAND) x v(t) kept.
     CONTROL_BAND: ClassVar[float] = 0.1
-
-    def in_cooldown(self, step: int) -> bool:
-        return step >= self.policy.total_steps - self.policy.cooldown_steps
 
     def threshold_at(self, step: int) -> float:
         """tau(t): the paper's threshold on sigmoid(S), on its cubic schedule."""
