@@ -140,7 +140,10 @@ SEEDED_METHODS = {
     "magnitude": {"method": "magnitude"},
     "movement": {"method": "movement"},  # the plugin's default: scores start at |W|/mean|W|
     "movement-paper": {"method": "movement", "score_init": "constant"},
-    "soft_movement": {"method": "soft_movement"},
+    "soft_movement": {"method": "soft_movement"},  # remaining_control: lambda, the default
+    # the requested fraction as a global Top-v of |W|-started scores (the default until
+    # 2026-11-30: the rows of the tables before then)
+    "soft_movement-topv": {"method": "soft_movement", "remaining_control": "topv"},
     "l0": {"method": "l0"},
 }
 
@@ -150,7 +153,7 @@ SEEDED_METHODS = {
 #: seeds table reuses them instead of training them again.
 COLLAPSE_CELLS = {"magnitude": "magnitude-10", "movement-magprior": "movement-10",
                   "movement": "movement-paper-10",
-                  "soft_movement-target-magprior": "soft_movement-10"}
+                  "soft_movement-target-magprior": "soft_movement-topv-10"}
 
 
 def _collapse_rows(steps: int) -> dict[str, dict]:
