@@ -140,10 +140,14 @@ SEEDED_METHODS = {
     "magnitude": {"method": "magnitude"},
     "movement": {"method": "movement"},  # the plugin's default: scores start at |W|/mean|W|
     "movement-paper": {"method": "movement", "score_init": "constant"},
-    "soft_movement": {"method": "soft_movement"},  # remaining_control: lambda, the default
-    # the requested fraction as a global Top-v of |W|-started scores (the default until
-    # 2026-11-30: the rows of the tables before then)
+    # remaining_control by the policy's default: lambda where the scores can reach the
+    # threshold in the pruning window (SST-2 at 1,000 steps and up), topv otherwise
+    "soft_movement": {"method": "soft_movement"},
+    # the requested fraction as a global Top-v of |W|-started scores (the only mode until
+    # 2026-11-30: the soft movement rows of the tables before then)
     "soft_movement-topv": {"method": "soft_movement", "remaining_control": "topv"},
+    # the paper's threshold with the lambda controller, whatever the window
+    "soft_movement-lambda": {"method": "soft_movement", "remaining_control": "lambda"},
     "l0": {"method": "l0"},
 }
 

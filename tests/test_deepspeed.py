@@ -238,13 +238,14 @@ def test_regularised_methods_under_zero(tmp_path: Path, method: str) -> None:
 @pytest.mark.slow
 @pytest.mark.deepspeed
 @pytest.mark.parametrize("method,options", [
-    ("soft_movement", []), ("soft_movement", ["--control", "topv"]), ("l0", []),
+    ("soft_movement", ["--control", "lambda"]), ("soft_movement", ["--control", "topv"]),
+    ("l0", []),
     ("l0", ["--bf16"])])
 def test_requested_sparsity_under_zero3_is_the_exact_gathered_topv(
         tmp_path: Path, method: str, options: list[str]) -> None:
     """Soft movement and L0 with final_remaining under ZeRO-3 on 2 ranks: the masks are
     bitwise the global Top-v of the gathered scores, round(v * n) of the weights (soft
-    movement, default lambda control: by the cool-down's projection; L0: every gate of the Top-v
+    movement's lambda control: by the cool-down's projection; L0: every gate of the Top-v
     open, held by the cool-down's floor, in bf16 too, where the optimizer's fp32 master copy
     is not the model's scores)."""
     run = launch(tmp_path, "s3", "--stage", "3", "--method", method, "--target", "0.25",

@@ -31,10 +31,10 @@ CASES = [("magnitude", "local"), ("magnitude", "global"), ("movement", "local"),
 def _policy(method: str, scope: str | None) -> PruningPolicy:
     fields = dict(method=method, total_steps=6, warmup_steps=0, cooldown_steps=1)
     if scope in ("target", "target-topv"):  # a requested sparsity: a global Top-v from the
-        # first refresh on (soft movement's default: with its threshold)
+        # first refresh on (soft movement's lambda control: with its threshold)
         fields.update(initial_remaining=0.6, final_remaining=0.25, final_lambda=100.0)
-        if scope == "target-topv":
-            fields.update(remaining_control="topv")
+        if method == "soft_movement":
+            fields.update(remaining_control="topv" if scope == "target-topv" else "lambda")
     elif scope == "hybrid":  # structured: heads and neurons
         fields.update(structure="hybrid", score_init="uniform", score_init_value=1.0)
         fields.update(initial_remaining=0.6, final_remaining=0.25) if method == "movement" \

@@ -16,7 +16,8 @@ from .models import bert_batch, tiny_bert
 @pytest.mark.parametrize("fields,cls", [
     (dict(method="magnitude"), Magnitude), (dict(method="movement"), Movement),
     (dict(method="soft_movement"), SoftMovement), (dict(method="l0"), L0),
-    (dict(method="soft_movement", final_remaining=0.2), SoftMovementControlled),
+    (dict(method="soft_movement", final_remaining=0.2, remaining_control="lambda"),
+     SoftMovementControlled),
     (dict(method="soft_movement", final_remaining=0.2, remaining_control="topv"),
      SoftMovementToTarget),
     (dict(method="l0", final_remaining=0.2), L0ToTarget)])
@@ -162,9 +163,9 @@ def test_movement_starts_from_the_magnitude_masks_by_default_and_the_paper_is_on
     # starts from |W| too
     soft = PruningPolicy(method="soft_movement", total_steps=10)
     assert (soft.score_init, soft.score_init_value) == ("constant", 0.0)
-    target = PruningPolicy(method="soft_movement", final_remaining=0.1, total_steps=10)
-    assert (target.score_init, target.score_init_value, target.final_lambda) == (
-        "constant", 0.0, 3000.0)
+    target = PruningPolicy(method="soft_movement", final_remaining=0.1, total_steps=1000)
+    assert (target.remaining_control, target.score_init, target.score_init_value,
+            target.final_lambda) == ("lambda", "constant", 0.0, 3000.0)
     topv = PruningPolicy(method="soft_movement", final_remaining=0.1, remaining_control="topv",
                          total_steps=10)
     assert (topv.score_init, topv.score_init_value, topv.final_lambda) == (
@@ -187,6 +188,23 @@ def _controlled(**fields) -> PruningPolicy:
     base = dict(method="soft_movement", final_remaining=0.15, remaining_control="lambda",
                 warmup_steps=2, cooldown_steps=3, total_steps=16, score_lr=0.5)
     return PruningPolicy(**{**base, **fields})
+
+
+@pytest.mark.parametrize("fields,control", [
+    (dict(total_steps=1000, warmup_steps=100, cooldown_steps=200), "lambda"),  # 700 x 1e-2
+    (dict(total_steps=250, warmup_steps=75, cooldown_steps=50), "topv"),  # 125 x 1e-2 < 4.4
+    (dict(total_steps=250, warmup_steps=75, cooldown_steps=50, score_lr=0.05), "lambda"),
+    (dict(total_steps=1000, score_lr=1e-3), "topv"),  # 1,000 x 1e-3 < 4.4
+    (dict(total_steps=250, final_threshold=0.05), "lambda"),  # a threshold asks for one
+    (dict(total_steps=250, remaining_control="lambda"), "lambda")])  # the user's choice stands
+def test_remaining_control_defaults_to_lambda_where_the_threshold_is_reachable(fields, control):
+    policy = PruningPolicy(method="soft_movement", final_remaining=0.1, **fields)
+    assert policy.remaining_control == control
+    assert type(method_for(policy)) is {"lambda": SoftMovementControlled,
+                                        "topv": SoftMovementToTarget}[control]
+    # the dump names the mode, so the policy validates back to the same run
+    assert PruningPolicy.model_validate_json(policy.to_json()) == policy
+    assert policy.model_dump()["remaining_control"] == control
 
 
 def test_remaining_control_validates_and_round_trips():

@@ -107,7 +107,7 @@ def test_every_method_prunes_units_and_finalize_equals_the_masked_model(method):
     if method == "soft_movement":
         kw["final_threshold"] = 0.5
     if method == "soft-target":  # soft movement with a requested fraction (lambda control)
-        method, kw = "soft_movement", {**kw, "final_remaining": 0.5}
+        method, kw = "soft_movement", {**kw, "final_remaining": 0.5, "remaining_control": "lambda"}
     if method == "l0-target":  # L0 with a requested fraction: gates closed outside the Top-v
         # (a weak penalty: the gates stay open, so only the Top-v closes units)
         method, kw = "l0", {"final_lambda": 1.0, "final_remaining": 0.5}
