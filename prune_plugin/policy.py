@@ -59,10 +59,9 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
 # fine-prune?"). L0 starts its log-alpha scores at logit(0.9) = 2.197 so ~90% of gates are open.
 # One exception, on evidence (benchmarks/collapse.py, RESULTS.md): hard movement (and L0 with
 # a requested final_remaining, and soft movement's remaining_control topv: Top-vs of the
-# scores too) starts its
-# scores from the normalised |W| so that its first masks are magnitude masks; from the paper's
-# constant scores it collapses to the majority class at short budgets. score_init: constant is
-# the paper's.
+# scores too) starts its scores from the normalised |W| so that its first masks are magnitude
+# masks; from the paper's constant scores it collapses to the majority class at short
+# budgets. score_init: constant is the paper's.
 _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "magnitude": {"final_remaining": 0.1},
     "movement": {"score_init": "magnitude", "score_init_value": 0.0, "final_remaining": 0.1},
@@ -228,7 +227,8 @@ class PruningPolicy(BaseModel):
             defaults = dict(_METHOD_DEFAULTS.get(data["method"], {}))
             control = "topv"
             if data["method"] == "soft_movement" and data.get("final_remaining") is not None:
-                control = data.get("remaining_control") or default_remaining_control(data)
+                control = data["remaining_control"] if "remaining_control" in data \
+                    else default_remaining_control(data)
                 defaults["remaining_control"] = control  # (shown in dumps: chosen by the run)
             if data["method"] in ("soft_movement", "l0") \
                     and data.get("final_remaining") is not None:
