@@ -425,12 +425,12 @@ class SoftMovementControlled(_ToTarget, SoftMovement):
         tau = self.threshold_at(step)
         if self.in_cooldown(step) or tau <= 0.0:
             return
-        edge = logit(tau)
         if pruner.sharding is None:
             for sel in pruner.selectables:
                 if sel.mask is not None:
-                    sel.mask.logical_or_(self.importance(sel) > edge)
+                    sel.mask.logical_or_(threshold_mask(self.importance(sel), tau))
             return
+        edge = logit(tau)
         for layer in pruner.layers:  # sharded: keep S above the lower of the two thresholds
             t = layer.threshold
             if t is not None:
