@@ -119,15 +119,19 @@ def _l0_stretch(s: Tensor, left: float, right: float) -> Tensor:
 
 def hard_concrete_gate(scores: Tensor, *, beta: float, left: float, right: float,
                        noise: Tensor | None = None,
-                       generator: torch.Generator | None = None) -> Tensor:
+                       generator: torch.Generator | None = None,
+                       through_top: bool = False) -> Tensor:
     """Training-time L0 gate, sampled per forward:
     u ~ U(0, 1); s = sigmoid((log u - log(1 - u) + S) / b); M = min(1, relu((r - l) s + l)).
     Differentiable in ``scores`` (gives Eq. 3's gradient through autograd). ``noise`` (from
-    :func:`l0_noise`) fixes u; by default it is drawn here."""
+    :func:`l0_noise`) fixes u; by default it is drawn here. ``through_top``: the gradient
+    passes the clamp at 1 as if unclamped (straight-through; the value is the same)."""
     if noise is None:
         noise = l0_noise(scores.shape, scores.device, generator)
-    s = _concrete(scores, noise, beta)
-    return (s * (right - left) + left).clamp(0.0, 1.0)
+    stretched = (_concrete(scores, noise, beta) * (right - left) + left).clamp(min=0.0)
+    if through_top:
+        return stretched - (stretched - 1.0).clamp(min=0.0).detach()
+    return stretched.clamp(max=1.0)
 
 
 def _concrete(scores: Tensor, noise: Tensor, beta: float) -> Tensor:
@@ -147,7 +151,7 @@ class _L0Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor,
                 noise: Tensor, mask: Tensor | None, beta: float, left: float,
-                right: float, floor: float | None) -> Tensor:
+                right: float, floor: float | None, through_top: bool) -> Tensor:
         with torch.no_grad():
             gate = hard_concrete_gate(floor_scores(scores.detach(), floor), beta=beta, left=left,
                                       right=right, noise=noise)
@@ -156,13 +160,13 @@ class _L0Linear(torch.autograd.Function):
             out = F.linear(x, effective_weight(weight, gate), bias)
         ctx.save_for_backward(x, weight, scores, noise, mask)
         ctx.has_bias = bias is not None
-        ctx.params = (beta, left, right, floor)
+        ctx.params = (beta, left, right, floor, through_top)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, scores, noise, mask = ctx.saved_tensors
-        beta, left, right, floor = ctx.params
+        beta, left, right, floor, through_top = ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_s = None
         # (a floored score gets the gradient at the floor: straight-through, so it can rise)
@@ -176,7 +180,7 @@ class _L0Linear(torch.autograd.Function):
         if need_w or need_s:
             grad_gated = _weight_grad(grad_out, x).to(weight.dtype)  # dL/d(W * gate)
             if need_s:  # d gate / dS = (r - l) s (1 - s) / b inside the clamp, 0 outside
-                inside = (stretched > 0.0) & (stretched < 1.0)
+                inside = stretched > 0.0 if through_top else (stretched > 0.0) & (stretched < 1.0)
                 if mask is not None:
                     inside &= mask
                 dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(inside)
@@ -185,16 +189,18 @@ class _L0Linear(torch.autograd.Function):
                 grad_w = grad_gated.mul_(gate.to(grad_gated.dtype))
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None, None
 
 
 def l0_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor, noise: Tensor,
               *, beta: float, left: float, right: float, mask: Tensor | None = None,
-              floor: float | None = None) -> Tensor:
+              floor: float | None = None, through_top: bool = False) -> Tensor:
     """``F.linear(x, weight * hard_concrete_gate(max(scores, floor), noise) * mask, bias)``,
-    differentiable in x, weight, bias and scores (Eq. 3; through the floor straight-through),
-    keeping only ``noise`` (and the 1-byte ``mask``, if any) for backward."""
-    return _L0Linear.apply(x, weight, bias, scores, noise, mask, beta, left, right, floor)
+    differentiable in x, weight, bias and scores (Eq. 3; through the floor straight-through,
+    and through the clamp at 1 with ``through_top``), keeping only ``noise`` (and the 1-byte
+    ``mask``, if any) for backward."""
+    return _L0Linear.apply(x, weight, bias, scores, noise, mask, beta, left, right, floor,
+                           through_top)
 
 
 def floor_scores(scores: Tensor, floor: float | None) -> Tensor:

@@ -71,16 +71,18 @@ class PruningMethod:
         like = selectable.magnitudes().detach()
         kind, value = self.policy.score_init, self.policy.score_init_value
         if kind == "constant":
-            return torch.full_like(like, value)
-        if kind == "uniform":
-            return torch.empty_like(like).uniform_(-value, value)
-        if kind == "kaiming":
-            s = torch.empty_like(like)
-            nn.init.kaiming_uniform_(s, a=math.sqrt(5))
-            return s
-        # magnitude: |W| (or unit norms) normalised per layer, so that one scale fits every
-        # layer and model (a layer's |W| is ~1e-2 while score updates are ~score_lr per step)
-        return like.div_(like.mean().clamp_min(1e-12)).mul_(value)
+            scores = torch.full_like(like, value)
+        elif kind == "uniform":
+            scores = torch.empty_like(like).uniform_(-value, value)
+        elif kind == "kaiming":
+            scores = torch.empty_like(like)
+            nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
+        else:
+            # magnitude: |W| (or unit norms) normalised per layer, so that one scale fits every
+            # layer and model (a layer's |W| is ~1e-2 while score updates are ~score_lr a step)
+            scores = like.div_(like.mean().clamp_min(1e-12)).mul_(value)
+        return scores.add_(self.policy.score_init_offset) if self.policy.score_init_offset \
+            else scores
 
     # -- the schedule -------------------------------------------------------------------------
 
@@ -299,7 +301,8 @@ class L0(_Regularized):
         noise = l0_noise(group.shape, group.weight.device)
         scores = floored(group.scores, self.gate_floor(layer.pruner.step_count))
         gate = hard_concrete_gate(scores, beta=p.l0_beta, left=p.l0_left,
-                                  right=p.l0_right, noise=noise)
+                                  right=p.l0_right, noise=noise,
+                                  through_top=p.l0_gate_gradient == "straight_through")
         mask = group.mask if self.samples_with_mask else None
         if mask is not None:
             gate = gate * mask

@@ -29,6 +29,7 @@ Scope = Literal["local", "global"]
 ScoreInit = Literal["constant", "uniform", "kaiming", "magnitude"]
 LambdaSchedule = Literal["cubic", "constant"]
 RemainingControl = Literal["lambda", "topv"]
+L0GateGradient = Literal["clamped", "straight_through"]
 #: final_lambda's default under remaining_control 'lambda': the most the controller applies.
 CONTROLLED_MAX_LAMBDA = 3000.0
 
@@ -45,6 +46,7 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
     "score_lr": ("movement", "soft_movement", "l0"),
     "score_init": ("movement", "soft_movement", "l0"),
     "score_init_value": ("movement", "soft_movement", "l0"),
+    "score_init_offset": ("movement", "soft_movement", "l0"),
     "initial_threshold": ("soft_movement",),
     "final_threshold": ("soft_movement",),
     "final_lambda": ("soft_movement", "l0"),
@@ -53,6 +55,7 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
     "l0_beta": ("l0",),
     "l0_left": ("l0",),
     "l0_right": ("l0",),
+    "l0_gate_gradient": ("l0",),
 }
 
 # Defaults that depend on the method: the original code's settings (its README, Sec. "How to
@@ -151,6 +154,10 @@ class PruningPolicy(BaseModel):
                                   "for soft movement's remaining_control topv, constant "
                                   "otherwise; constant is the paper's.")
     score_init_value: float = Field(0.0, allow_inf_nan=False)
+    score_init_offset: float = Field(0.0, allow_inf_nan=False,
+                                     description="Added to every initial score (beyond the "
+                                     "paper): e.g. L0's log-alpha ranked by |W| with every "
+                                     "gate starting open.")
     initial_threshold: float = Field(0.0, ge=0.0, lt=1.0, description="tau_i, on sigmoid(S).")
     final_threshold: float = Field(0.1, ge=0.0, lt=1.0, description="tau_f: mask = sigmoid(S) > "
                                    "tau, as in the original code (sigmoied_threshold).")
@@ -172,6 +179,10 @@ class PruningPolicy(BaseModel):
     l0_beta: float = Field(2.0 / 3.0, gt=0.0, description="Hard-concrete temperature b.")
     l0_left: float = Field(-0.1, lt=0.0, description="Hard-concrete stretch l < 0.")
     l0_right: float = Field(1.1, gt=1.0, description="Hard-concrete stretch r > 1.")
+    l0_gate_gradient: L0GateGradient = Field(
+        "clamped", description="clamped (the paper's): a sampled gate clamped at 1 passes no "
+        "gradient to its score. straight_through (beyond the paper): the score gradient passes "
+        "the clamp at 1 as if unclamped, so open gates' scores still learn.")
 
     schema_version: ClassVar[int] = 1
 

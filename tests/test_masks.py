@@ -95,14 +95,17 @@ def test_l0_noise_is_uniform_on_a_fine_grid():
     assert len(torch.unique(u)) > 60_000  # 65,536 levels, not a coarse one
 
 
-@pytest.mark.parametrize("floor", [None, 0.3])
-def test_l0_linear_matches_autograd_through_the_sampled_gate(floor):
+@pytest.mark.parametrize("floor,through_top", [(None, False), (0.3, False), (None, True)])
+def test_l0_linear_matches_autograd_through_the_sampled_gate(floor, through_top):
     # floor: L0 at a requested fraction holds kept gates at max(S, floor) in the cool-down,
-    # straight-through (the reference: floored(), autograd through it)
+    # straight-through (the reference: floored(), autograd through it); through_top: the
+    # gradient passes the clamp at 1
     x, w, b, s, _ = _inputs(3)
     noise = l0_noise(s.shape, s.device, torch.Generator().manual_seed(5))
-    out = l0_linear(x, w, b, s, noise, beta=2 / 3, left=-0.1, right=1.1, floor=floor)
-    gate = hard_concrete_gate(floored(s, floor), beta=2 / 3, left=-0.1, right=1.1, noise=noise)
+    out = l0_linear(x, w, b, s, noise, beta=2 / 3, left=-0.1, right=1.1, floor=floor,
+                    through_top=through_top)
+    gate = hard_concrete_gate(floored(s, floor), beta=2 / 3, left=-0.1, right=1.1, noise=noise,
+                              through_top=through_top)
     if floor is not None:
         assert bool((s < floor).any())  # some scores are held up
     ref = F.linear(x, w * gate, b)
@@ -113,6 +116,22 @@ def test_l0_linear_matches_autograd_through_the_sampled_gate(floor):
     assert any(float(g.abs().sum()) > 0 for g in got)
     for a, r in zip(got, want):
         assert torch.allclose(a, r)
+
+
+def test_l0_gate_through_top_keeps_the_value_and_lets_open_gates_learn():
+    s = torch.full((4000,), 4.0, dtype=torch.float64, requires_grad=True)
+    noise = l0_noise(s.shape, s.device, torch.Generator().manual_seed(2))
+    clamped = hard_concrete_gate(s, beta=2 / 3, left=-0.1, right=1.1, noise=noise)
+    through = hard_concrete_gate(s, beta=2 / 3, left=-0.1, right=1.1, noise=noise,
+                                 through_top=True)
+    assert torch.equal(clamped, through)
+    at_one = clamped.detach() == 1.0
+    assert float(at_one.double().mean()) > 0.9  # log-alpha 4: nearly every gate is open
+    (g_clamped,) = torch.autograd.grad(clamped.sum(), (s,))
+    (g_through,) = torch.autograd.grad(through.sum(), (s,))
+    assert bool((g_clamped[at_one] == 0).all())
+    assert bool((g_through[at_one] > 0).all())
+    assert torch.equal(g_clamped[~at_one], g_through[~at_one])
 
 
 @pytest.mark.parametrize("penalty,grad", [

@@ -133,6 +133,29 @@ def test_l0_gates_outside_the_requested_top_v_are_closed_in_training_too():
         assert torch.equal(layer.module(x), out.detach())
 
 
+@pytest.mark.parametrize("gradient", ["clamped", "straight_through"])
+def test_l0_gates_started_open_learn_only_straight_through(gradient):
+    # score_init_offset lifts L0's |W|-ranked log-alpha so every gate starts open (the weights
+    # as pretrained); a sampled gate clamped at 1 passes its score no gradient unless
+    # l0_gate_gradient is straight_through
+    from prune_plugin import attach
+
+    model = tiny_bert()
+    pruner = attach(model, PruningPolicy(method="l0", final_remaining=0.2, total_steps=10,
+                                         score_init_offset=6.0, l0_gate_gradient=gradient))
+    for layer, scores in zip(pruner.layers, pruner.scores):
+        magnitude = layer.module.weight.detach().abs()
+        assert torch.allclose(scores.detach(), magnitude / magnitude.mean() + 6.0)
+    model.train()
+    model(**bert_batch(seed=0)).loss.backward()
+    grads = [s.grad for s in pruner.scores]
+    moved = sum(int(torch.count_nonzero(g)) for g in grads if g is not None)
+    if gradient == "clamped":  # log-alpha >= 6: (nearly) every sampled gate is clamped at 1
+        assert moved <= 0.01 * sum(s.numel() for s in pruner.scores)
+    else:  # (all but the few whose sigmoid saturates in float32)
+        assert moved >= 0.9 * sum(s.numel() for s in pruner.scores)
+
+
 def test_movement_starts_from_the_magnitude_masks_by_default_and_the_paper_is_one_field_away():
     # Issue 13: the default scores are |W| / mean |W| per layer, so the first local masks are
     # the magnitude masks (global ones rank |W| relative to each layer's mean); score_init:

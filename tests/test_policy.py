@@ -73,10 +73,20 @@ def test_final_above_initial_is_refused():
     ("scope", "global", "l0"),
     ("l0_beta", 0.5, "soft_movement"),
     ("score_lr", 0.1, "magnitude"),
+    ("l0_gate_gradient", "straight_through", "movement"),
+    ("score_init_offset", 1.0, "magnitude"),
 ])
 def test_method_specific_fields_only_with_their_method(field, value, method):
     with pytest.raises(PolicyError, match=f"field '{field}'.*does not apply to method '{method}'"):
         PruningPolicy(method=method, total_steps=10, **{field: value})
+
+
+def test_l0_options_validate_and_round_trip():
+    p = PruningPolicy(method="l0", total_steps=50, final_remaining=0.1,
+                      score_init_offset=2.197, l0_gate_gradient="straight_through")
+    assert PruningPolicy.model_validate_json(p.to_json()) == p
+    with pytest.raises(PolicyError, match="l0_gate_gradient.*'clamped'.*'straight_through'"):
+        PruningPolicy(method="l0", total_steps=50, l0_gate_gradient="through")
 
 
 def test_invalid_regex_is_refused():
