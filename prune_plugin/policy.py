@@ -30,6 +30,10 @@ ScoreInit = Literal["constant", "uniform", "kaiming", "magnitude"]
 LambdaSchedule = Literal["cubic", "constant"]
 RemainingControl = Literal["lambda", "topv"]
 L0GateGradient = Literal["clamped", "straight_through"]
+#: L0's log-alpha start in the paper's code (logit(0.9)): the offset under the |W| ranking of
+#: L0 at a requested fraction, so that its gates start open.
+L0_OPEN_LOG_ALPHA = 2.197
+
 #: final_lambda's default under remaining_control 'lambda': the most the controller applies.
 CONTROLLED_MAX_LAMBDA = 3000.0
 
@@ -69,8 +73,8 @@ _METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "magnitude": {"final_remaining": 0.1},
     "movement": {"score_init": "magnitude", "score_init_value": 0.0, "final_remaining": 0.1},
     "soft_movement": {"score_init_value": 0.0, "final_lambda": 400.0, "lambda_schedule": "cubic"},
-    "l0": {"score_init_value": 2.197, "final_lambda": 125.0, "lambda_schedule": "constant",
-           "score_lr": 1e-1},
+    "l0": {"score_init_value": L0_OPEN_LOG_ALPHA, "final_lambda": 125.0,
+           "lambda_schedule": "constant", "score_lr": 1e-1},
 }
 
 
@@ -156,8 +160,9 @@ class PruningPolicy(BaseModel):
     score_init_value: float = Field(0.0, allow_inf_nan=False)
     score_init_offset: float = Field(0.0, allow_inf_nan=False,
                                      description="Added to every initial score (beyond the "
-                                     "paper): e.g. L0's log-alpha ranked by |W| with every "
-                                     "gate starting open.")
+                                     "paper). Default 0; 2.197 (the paper's L0 start) for L0 "
+                                     "with final_remaining, whose log-alpha is then ranked by "
+                                     "|W| with every gate starting open.")
     initial_threshold: float = Field(0.0, ge=0.0, lt=1.0, description="tau_i, on sigmoid(S).")
     final_threshold: float = Field(0.1, ge=0.0, lt=1.0, description="tau_f: mask = sigmoid(S) > "
                                    "tau, as in the original code (sigmoied_threshold).")
@@ -182,7 +187,8 @@ class PruningPolicy(BaseModel):
     l0_gate_gradient: L0GateGradient = Field(
         "clamped", description="clamped (the paper's): a sampled gate clamped at 1 passes no "
         "gradient to its score. straight_through (beyond the paper): the score gradient passes "
-        "the clamp at 1 as if unclamped, so open gates' scores still learn.")
+        "the clamp at 1 as if unclamped, so open gates' scores still learn. Default: "
+        "straight_through for L0 with final_remaining, clamped otherwise.")
 
     schema_version: ClassVar[int] = 1
 
@@ -247,6 +253,9 @@ class PruningPolicy(BaseModel):
                     # a global Top-v of the scores, like hard movement: from constant scores
                     # it collapses the same way (RESULTS.md)
                     defaults["score_init"] = "magnitude"
+                    if data["method"] == "l0":
+                        # gates that start open learn through the clamp at 1 (RESULTS.md)
+                        defaults["l0_gate_gradient"] = "straight_through"
                 else:
                     # the controller's ceiling: enough to follow v(t) down to a few percent
                     # (3,000 tracked the schedule where the paper's mode needed 634 for 10%
@@ -257,6 +266,11 @@ class PruningPolicy(BaseModel):
                 # Top-v's edge sit at log-alpha ~6.5, where 99% of sampled gates clamp at 1 and
                 # their scores learn nothing; the ranking stays |W|'s and collapses (RESULTS.md)
                 defaults["score_init_value"] = 1.0
+                if data["method"] == "l0" and data.get("final_remaining") is not None:
+                    # ... on top of the paper's start, so every gate starts open: gates below 1
+                    # shrink the pretrained weights, which stopped STS-B (RESULTS.md); the
+                    # straight-through clamp above keeps their scores learning
+                    defaults["score_init_offset"] = L0_OPEN_LOG_ALPHA
             data = {**defaults, **data}
         return data
 

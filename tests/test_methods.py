@@ -193,16 +193,21 @@ def test_movement_starts_from_the_magnitude_masks_by_default_and_the_paper_is_on
                          total_steps=10)
     assert (topv.score_init, topv.score_init_value, topv.final_lambda) == (
         "magnitude", 1.0, 400.0)
-    # L0 likewise: the paper's mode keeps its constant log-alpha 2.197 (gates ~90% open); the
-    # requested-fraction mode starts from |W| / mean |W| at scale 1 like the others, so the
-    # scores competing at a small Top-v's edge are where the sampled gates still pass gradient
+    # L0 likewise: the paper's mode keeps its constant log-alpha 2.197 (gates ~90% open) and
+    # its clamped gate; the requested-fraction mode ranks by |W| / mean |W| at scale 1 on top
+    # of the paper's 2.197, so every gate starts open, and the clamp at 1 passes the scores'
+    # gradient (straight-through)
     l0 = PruningPolicy(method="l0", total_steps=10)
-    assert (l0.score_init, l0.score_init_value) == ("constant", 2.197)
+    assert (l0.score_init, l0.score_init_value, l0.score_init_offset,
+            l0.l0_gate_gradient) == ("constant", 2.197, 0.0, "clamped")
     l0_target = PruningPolicy(method="l0", final_remaining=0.1, total_steps=10)
-    assert (l0_target.score_init, l0_target.score_init_value) == ("magnitude", 1.0)
+    assert (l0_target.score_init, l0_target.score_init_value, l0_target.score_init_offset,
+            l0_target.l0_gate_gradient) == ("magnitude", 1.0, 2.197, "straight_through")
     model = tiny_bert()
     pruner = attach(model, l0_target)
-    assert all(float(s.mean()) == pytest.approx(1.0, rel=1e-4) for s in pruner.scores)
+    assert all(float(s.detach().mean()) == pytest.approx(3.197, rel=1e-4)
+               for s in pruner.scores)
+    assert all(float(s.detach().min()) >= 2.197 for s in pruner.scores)
     layer = pruner.layers[0]
     assert torch.equal(layer.scores.argsort(), layer.weight.abs().argsort())
 
