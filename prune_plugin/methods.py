@@ -81,8 +81,7 @@ class PruningMethod:
             # magnitude: |W| (or unit norms) normalised per layer, so that one scale fits every
             # layer and model (a layer's |W| is ~1e-2 while score updates are ~score_lr a step)
             scores = like.div_(like.mean().clamp_min(1e-12)).mul_(value)
-        return scores.add_(self.policy.score_init_offset) if self.policy.score_init_offset \
-            else scores
+        return scores.add_(self.policy.score_init_offset)
 
     # -- the schedule -------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ ScoreInit = Literal["constant", "uniform", "kaiming", "magnitude"]
 LambdaSchedule = Literal["cubic", "constant"]
 RemainingControl = Literal["lambda", "topv"]
 L0GateGradient = Literal["clamped", "straight_through"]
+
 #: L0's log-alpha start in the paper's code (logit(0.9)): the offset under the |W| ranking of
 #: L0 at a requested fraction, so that its gates start open.
 L0_OPEN_LOG_ALPHA = 2.197
@@ -61,6 +62,10 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
     "l0_right": ("l0",),
     "l0_gate_gradient": ("l0",),
 }
+
+# Fields added after the first saved runs, with the behaviour of a saved policy that lacks them.
+_BEHAVIOUR_BEFORE: dict[str, Any] = {
+    "remaining_control": "topv", "score_init_offset": 0.0, "l0_gate_gradient": "clamped"}
 
 # Defaults that depend on the method: the original code's settings (its README, Sec. "How to
 # fine-prune?"). L0 starts its log-alpha scores at logit(0.9) = 2.197 so ~90% of gates are open.
@@ -394,6 +399,20 @@ class PruningPolicy(BaseModel):
     def to_json(self) -> str:
         """The full policy as JSON; ``PruningPolicy.model_validate_json`` reads it back."""
         return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_saved_json(cls, text: str | bytes) -> PruningPolicy:
+        """A policy that a run saved (:meth:`to_json`), maybe with an earlier version: a field
+        added since then takes the behaviour the run had, not today's default, so that a
+        changed default cannot change a resumed run."""
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get("method"), str):
+            for field, before in _BEHAVIOUR_BEFORE.items():
+                applies = data["method"] in _FIELD_METHODS[field] and (
+                    field != "remaining_control" or data.get("final_remaining") is not None)
+                if field not in data and applies:
+                    data[field] = before
+        return cls.model_validate_json(json.dumps(data))
 
 
 def default_remaining_control(fields: dict[str, Any]) -> RemainingControl:

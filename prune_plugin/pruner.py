@@ -528,7 +528,7 @@ def finalize(model: nn.Module, *, shrink: bool = False) -> nn.Module:
 
 def check_saved_policy(saved_json: str, policy: PruningPolicy) -> None:
     """Refuse pruning state saved with another policy, naming the fields that differ."""
-    saved = PruningPolicy.model_validate_json(saved_json)
+    saved = PruningPolicy.from_saved_json(saved_json)
     if saved != policy:
         diff = [f"{k}: saved {getattr(saved, k)!r} vs current {getattr(policy, k)!r}"
                 for k in PruningPolicy.model_fields if getattr(saved, k) != getattr(policy, k)]

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -66,6 +68,30 @@ def test_refuses_another_policy_and_changes_nothing(tmp_path):
     with pytest.raises(StateError, match="another policy.*final_remaining"):
         load_pruning_state(other, path)
     assert torch.equal(model.fc1.pruning_scores, before) and other.step_count == 1
+
+
+@pytest.mark.parametrize("fields,before", [
+    (dict(method="l0", final_remaining=0.1),
+     dict(score_init_offset=0.0, l0_gate_gradient="clamped")),
+    (dict(method="soft_movement", final_remaining=0.1, total_steps=2000),
+     dict(remaining_control="topv"))])
+def test_a_policy_saved_before_a_field_existed_keeps_its_behaviour(fields, before):
+    # a run saved by a version without these fields ran with `before`; absent from its saved
+    # policy, they read as that, so resuming under today's other default is refused (with the
+    # fix), not silently changed
+    from prune_plugin.pruner import check_saved_policy
+
+    fields = {"total_steps": 10, **fields}
+    old = PruningPolicy(**fields, **before)
+    saved = {k: v for k, v in json.loads(old.to_json()).items() if k not in before}
+    assert PruningPolicy.from_saved_json(json.dumps(saved)) == old
+    current = PruningPolicy(**fields)
+    assert all(getattr(current, f) != v for f, v in before.items())  # a changed default
+    with pytest.raises(StateError, match=f"another policy.*{next(iter(before))}.*Fix: attach "
+                                         "with the saved policy"):
+        check_saved_policy(json.dumps(saved), current)
+    check_saved_policy(json.dumps(saved), old)  # the saved run's own policy resumes
+    check_saved_policy(current.to_json(), current)
 
 
 def test_refuses_another_shape_and_changes_nothing(tmp_path):
