@@ -405,7 +405,10 @@ class PruningPolicy(BaseModel):
         """A policy that a run saved (:meth:`to_json`), maybe with an earlier version: a field
         added since then takes the behaviour the run had, not today's default, so that a
         changed default cannot change a resumed run."""
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return cls.model_validate_json(text)  # (raises the PolicyError naming the problem)
         if isinstance(data, dict) and isinstance(data.get("method"), str):
             for field, before in _BEHAVIOUR_BEFORE.items():
                 applies = data["method"] in _FIELD_METHODS[field] and (

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from prune_plugin import (PruningOptimizer, PruningPolicy, StateError, load_pruning_state,
-                          save_pruning_state)
+from prune_plugin import (PolicyError, PruningOptimizer, PruningPolicy, StateError,
+                          load_pruning_state, save_pruning_state)
 from prune_plugin.state import read_pruning_state, read_safetensors, write_safetensors
 
 from .models import MLP, mlp_batch
@@ -92,6 +92,8 @@ def test_a_policy_saved_before_a_field_existed_keeps_its_behaviour(fields, befor
         check_saved_policy(json.dumps(saved), current)
     check_saved_policy(json.dumps(saved), old)  # the saved run's own policy resumes
     check_saved_policy(current.to_json(), current)
+    with pytest.raises(PolicyError, match="invalid pruning policy"):
+        PruningPolicy.from_saved_json(current.to_json()[:-3])  # cut short
 
 
 def test_refuses_another_shape_and_changes_nothing(tmp_path):
