@@ -247,13 +247,13 @@ class PruningPolicy(BaseModel):
     def _method_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict) and isinstance(data.get("method"), str):
             defaults = dict(_METHOD_DEFAULTS.get(data["method"], {}))
+            requested = data.get("final_remaining") is not None
             control = "topv"
-            if data["method"] == "soft_movement" and data.get("final_remaining") is not None:
+            if data["method"] == "soft_movement" and requested:
                 control = data["remaining_control"] if "remaining_control" in data \
                     else default_remaining_control(data)
                 defaults["remaining_control"] = control  # (shown in dumps: chosen by the run)
-            if data["method"] in ("soft_movement", "l0") \
-                    and data.get("final_remaining") is not None:
+            if data["method"] in ("soft_movement", "l0") and requested:
                 if control == "topv":
                     # a global Top-v of the scores, like hard movement: from constant scores
                     # it collapses the same way (RESULTS.md)
@@ -271,7 +271,7 @@ class PruningPolicy(BaseModel):
                 # Top-v's edge sit at log-alpha ~6.5, where 99% of sampled gates clamp at 1 and
                 # their scores learn nothing; the ranking stays |W|'s and collapses (RESULTS.md)
                 defaults["score_init_value"] = 1.0
-                if data["method"] == "l0" and data.get("final_remaining") is not None:
+                if data["method"] == "l0" and requested:
                     # ... on top of the paper's start, so every gate starts open: gates below 1
                     # shrink the pretrained weights, which stopped STS-B (RESULTS.md); the
                     # straight-through clamp above keeps their scores learning
@@ -425,8 +425,8 @@ def default_remaining_control(fields: dict[str, Any]) -> RemainingControl:
     ``score_lr`` a step, so the threshold logit(tau_f) (-2.2 at tau_f = 0.1) is ~220 steps away:
     ``lambda`` when the pruning window could cover that twice, ``topv`` otherwise. In shorter
     windows the threshold prunes little and the cool-down's projection does most of it at
-    once (250 steps on SST-2 at 10%: 70.0 +- 6.3 against topv's 78.2 +- 0.5; RESULTS.md). A threshold
-    the user sets asks for the threshold: ``lambda``."""
+    once (250 steps on SST-2 at 10%: 70.0 +- 6.3 against topv's 78.2 +- 0.5; RESULTS.md). A
+    threshold the user sets asks for the threshold: ``lambda``."""
     if "initial_threshold" in fields or "final_threshold" in fields:
         return "lambda"
     defaults = PruningPolicy.model_fields

@@ -51,6 +51,7 @@ def controlled_lambda_factor(open_fraction, target: float, band: float):  # noqa
     """The share of lambda a requested-sparsity run applies (a proportional controller): 0
     while the open fraction (L0's open gates, soft movement's weights above the threshold) is
     at or below the schedule's remaining fraction ``target`` (the penalty would prune below
-    the schedule), 1 from ``(1 + band) * target`` up, linear in between. ``open_fraction`` may be a float or a device tensor (no read back)."""
+    the schedule), 1 from ``(1 + band) * target`` up, linear in between. ``open_fraction``
+    may be a float or a device tensor (no read back)."""
     x = (open_fraction / target - 1.0) / band
     return x.clamp(0.0, 1.0) if hasattr(x, "clamp") else min(1.0, max(0.0, x))
