@@ -220,14 +220,20 @@ def seeded(args: argparse.Namespace) -> None:
             rows.update({r["run"]: r for r in map(json.loads, log.read_text().splitlines())})
         return rows
 
-    def run(name: str, seed: int, pruning: dict | None, teacher: str | None) -> None:
+    def run(name: str, seed: int, pruning: dict | None, teacher: str | None,
+            output_dir: Path | None = None) -> None:
+        """Train ``name`` unless finished or claimed; ``output_dir`` retrains into another
+        run's folder (a dense model whose row is logged but whose folder was deleted)."""
         claim = out_root / f"{name}.claim"
-        if name in finished():
+        if name in finished() and output_dir is None:
             return
         start = dense_model(seed) if args.from_dense and pruning else None
         for needed in (teacher, start):
             if needed and not (Path(needed) / "config.json").exists():
-                return  # its dense run is still training elsewhere: come back to it
+                if f"dense-s{seed}" in finished():
+                    # its row stays the table's; the rerun's row shows how closely it repeats
+                    run(f"dense-s{seed}-rerun", seed, None, None, Path(needed).parent)
+                return  # its dense run is training (here just now, or elsewhere): come back
         try:
             os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
@@ -240,7 +246,7 @@ def seeded(args: argparse.Namespace) -> None:
                 "pruning": pruning,
                 "teacher": {"model": teacher, "alpha": 0.9, "temperature": 2.0}
                 if teacher else None,
-                "output_dir": str(out_root / name)}
+                "output_dir": str(output_dir or out_root / name)}
         t0 = time.time()
         try:
             metrics = run_job(load_job(data=spec), overwrite=True, progress=False)

@@ -163,7 +163,7 @@ class PrunedLayer:
             if torch.is_grad_enabled():
                 return l0_linear(input, m.weight, m.bias, self.scores, noise, beta=p.l0_beta,
                                  left=p.l0_left, right=p.l0_right, mask=mask, floor=floor,
-                                 through_top=p.l0_gate_gradient == "straight_through")
+                                 through_top=p.l0_straight_through)
             gate = hard_concrete_gate(floor_scores(self.scores.detach(), floor),
                                       beta=p.l0_beta, left=p.l0_left, right=p.l0_right,
                                       noise=noise)

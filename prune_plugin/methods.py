@@ -301,7 +301,7 @@ class L0(_Regularized):
         scores = floored(group.scores, self.gate_floor(layer.pruner.step_count))
         gate = hard_concrete_gate(scores, beta=p.l0_beta, left=p.l0_left,
                                   right=p.l0_right, noise=noise,
-                                  through_top=p.l0_gate_gradient == "straight_through")
+                                  through_top=p.l0_straight_through)
         mask = group.mask if self.samples_with_mask else None
         if mask is not None:
             gate = gate * mask

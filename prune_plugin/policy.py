@@ -394,6 +394,11 @@ class PruningPolicy(BaseModel):
         lambda-set sparsity)."""
         return self.method in ("soft_movement", "l0") and self.final_remaining is not None
 
+    @property
+    def l0_straight_through(self) -> bool:
+        """Whether an L0 gate clamped at 1 still passes its score the gradient."""
+        return self.l0_gate_gradient == "straight_through"
+
     # -- serialisation ------------------------------------------------------------------------
 
     def to_json(self) -> str:
