@@ -160,10 +160,13 @@ class PrunedLayer:
             noise = l0_noise(m.weight.shape, m.weight.device)
             mask = method.sampling_mask(self)
             floor = method.gate_floor(self.pruner.step_count)
+            gates_open = method.gates_open(self.pruner.step_count)
             if torch.is_grad_enabled():
                 return l0_linear(input, m.weight, m.bias, self.scores, noise, beta=p.l0_beta,
                                  left=p.l0_left, right=p.l0_right, mask=mask, floor=floor,
-                                 through_top=p.l0_straight_through)
+                                 through_top=p.l0_straight_through, open_gates=gates_open)
+            if gates_open:
+                return F.linear(input, effective_weight(m.weight, mask), m.bias)
             gate = hard_concrete_gate(floor_scores(self.scores.detach(), floor),
                                       beta=p.l0_beta, left=p.l0_left, right=p.l0_right,
                                       noise=noise)

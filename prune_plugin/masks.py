@@ -151,30 +151,36 @@ class _L0Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor,
                 noise: Tensor, mask: Tensor | None, beta: float, left: float,
-                right: float, floor: float | None, through_top: bool) -> Tensor:
+                right: float, floor: float | None, through_top: bool, open_: bool) -> Tensor:
         with torch.no_grad():
-            gate = hard_concrete_gate(floor_scores(scores.detach(), floor), beta=beta, left=left,
-                                      right=right, noise=noise)
-            if mask is not None:
-                gate.mul_(mask)
+            if open_:  # the value is 1 (times the mask); the scores learn from the sample
+                gate = mask
+            else:
+                gate = hard_concrete_gate(floor_scores(scores.detach(), floor), beta=beta,
+                                          left=left, right=right, noise=noise)
+                if mask is not None:
+                    gate.mul_(mask)
             out = F.linear(x, effective_weight(weight, gate), bias)
         ctx.save_for_backward(x, weight, scores, noise, mask)
         ctx.has_bias = bias is not None
-        ctx.params = (beta, left, right, floor, through_top)
+        ctx.params = (beta, left, right, floor, through_top, open_)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, weight, scores, noise, mask = ctx.saved_tensors
-        beta, left, right, floor, through_top = ctx.params
+        beta, left, right, floor, through_top, open_ = ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_s = None
         # (a floored score gets the gradient at the floor: straight-through, so it can rise)
         s = _concrete(floor_scores(scores.detach(), floor), noise, beta)
         stretched = s * (right - left) + left
-        gate = stretched.clamp(0.0, 1.0)
-        if mask is not None:
-            gate.mul_(mask)
+        if open_:
+            gate = mask
+        else:
+            gate = stretched.clamp(0.0, 1.0)
+            if mask is not None:
+                gate.mul_(mask)
         if need_x:
             grad_x = (grad_out @ effective_weight(weight, gate).to(grad_out.dtype)).to(x.dtype)
         if need_w or need_s:
@@ -186,21 +192,24 @@ class _L0Linear(torch.autograd.Function):
                 dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(inside)
                 grad_s = (grad_gated * weight).mul_(dgate).to(scores.dtype)
             if need_w:
-                grad_w = grad_gated.mul_(gate.to(grad_gated.dtype))
+                grad_w = grad_gated if gate is None else grad_gated.mul_(gate.to(grad_gated.dtype))
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None, None, None
 
 
 def l0_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor, noise: Tensor,
               *, beta: float, left: float, right: float, mask: Tensor | None = None,
-              floor: float | None = None, through_top: bool = False) -> Tensor:
+              floor: float | None = None, through_top: bool = False,
+              open_gates: bool = False) -> Tensor:
     """``F.linear(x, weight * hard_concrete_gate(max(scores, floor), noise) * mask, bias)``,
     differentiable in x, weight, bias and scores (Eq. 3; through the floor straight-through,
     and through the clamp at 1 with ``through_top``), keeping only ``noise`` (and the 1-byte
-    ``mask``, if any) for backward."""
+    ``mask``, if any) for backward. ``open_gates``: the gate's value is 1 (the product is
+    ``F.linear(x, weight * mask, bias)``) while the scores get the sampled gate's gradient,
+    straight-through."""
     return _L0Linear.apply(x, weight, bias, scores, noise, mask, beta, left, right, floor,
-                           through_top)
+                           through_top, open_gates)
 
 
 def floor_scores(scores: Tensor, floor: float | None) -> Tensor:

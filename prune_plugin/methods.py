@@ -287,6 +287,11 @@ class L0(_Regularized):
         gate = self.gate_of(self.importance(layer), self.gate_floor(layer.pruner.step_count))
         return gate if layer.layout is None else layer.layout.expand(gate)
 
+    def gates_open(self, step: int) -> bool:
+        """Whether the training forwards after ``step`` steps use gates of value 1 while the
+        scores learn from the sampled ones (``l0_warmup_gates: open``, in the warm-up)."""
+        return self.policy.l0_warmup_gates == "open" and step < self.policy.warmup_steps
+
     def gate_of(self, scores: Tensor, floor: float | None = None) -> Tensor:
         """The evaluation gate of ``scores`` (any shard of them), held at ``floor`` or above."""
         return l0_eval_gate(floor_scores(scores, floor), left=self.policy.l0_left,
@@ -302,6 +307,8 @@ class L0(_Regularized):
         gate = hard_concrete_gate(scores, beta=p.l0_beta, left=p.l0_left,
                                   right=p.l0_right, noise=noise,
                                   through_top=p.l0_straight_through)
+        if self.gates_open(layer.pruner.step_count):  # 1, with the sampled gate's gradient
+            gate = gate + (1.0 - gate).detach()
         mask = group.mask if self.samples_with_mask else None
         if mask is not None:
             gate = gate * mask

@@ -30,6 +30,7 @@ ScoreInit = Literal["constant", "uniform", "kaiming", "magnitude"]
 LambdaSchedule = Literal["cubic", "constant"]
 RemainingControl = Literal["lambda", "topv"]
 L0GateGradient = Literal["clamped", "straight_through"]
+L0WarmupGates = Literal["sampled", "open"]
 
 #: L0's log-alpha start in the paper's code (logit(0.9)): the offset under the |W| ranking of
 #: L0 at a requested fraction, so that its gates start open.
@@ -61,6 +62,7 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
     "l0_left": ("l0",),
     "l0_right": ("l0",),
     "l0_gate_gradient": ("l0",),
+    "l0_warmup_gates": ("l0",),
 }
 
 # Fields added after the first saved runs, with the behaviour of a saved policy that lacks them.
@@ -194,6 +196,11 @@ class PruningPolicy(BaseModel):
         "gradient to its score. straight_through (beyond the paper): the score gradient passes "
         "the clamp at 1 as if unclamped, so open gates' scores still learn. Default: "
         "straight_through for L0 with final_remaining, clamped otherwise.")
+    l0_warmup_gates: L0WarmupGates = Field(
+        "sampled", description="The gates of the warm-up's training forwards (the first "
+        "warmup_steps steps). sampled (the paper's): hard-concrete samples, as in the rest of "
+        "the run. open (beyond the paper): gates of value 1, so the warm-up trains the dense "
+        "model, while the scores learn from the sampled gates' gradient (straight-through).")
 
     schema_version: ClassVar[int] = 1
 

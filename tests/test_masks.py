@@ -95,17 +95,22 @@ def test_l0_noise_is_uniform_on_a_fine_grid():
     assert len(torch.unique(u)) > 60_000  # 65,536 levels, not a coarse one
 
 
-@pytest.mark.parametrize("floor,through_top", [(None, False), (0.3, False), (None, True)])
-def test_l0_linear_matches_autograd_through_the_sampled_gate(floor, through_top):
+@pytest.mark.parametrize("floor,through_top,open_gates", [
+    (None, False, False), (0.3, False, False), (None, True, False), (None, False, True),
+    (None, True, True)])
+def test_l0_linear_matches_autograd_through_the_sampled_gate(floor, through_top, open_gates):
     # floor: L0 at a requested fraction holds kept gates at max(S, floor) in the cool-down,
     # straight-through (the reference: floored(), autograd through it); through_top: the
-    # gradient passes the clamp at 1
+    # gradient passes the clamp at 1; open_gates (an open warm-up): the value is 1, the
+    # gradient the sampled gate's
     x, w, b, s, _ = _inputs(3)
     noise = l0_noise(s.shape, s.device, torch.Generator().manual_seed(5))
     out = l0_linear(x, w, b, s, noise, beta=2 / 3, left=-0.1, right=1.1, floor=floor,
-                    through_top=through_top)
+                    through_top=through_top, open_gates=open_gates)
     gate = hard_concrete_gate(floored(s, floor), beta=2 / 3, left=-0.1, right=1.1, noise=noise,
                               through_top=through_top)
+    if open_gates:
+        gate = gate + (1.0 - gate).detach()
     if floor is not None:
         assert bool((s < floor).any())  # some scores are held up
     ref = F.linear(x, w * gate, b)

@@ -156,6 +156,40 @@ def test_l0_gates_started_open_learn_only_straight_through(gradient):
         assert moved >= 0.9 * sum(s.numel() for s in pruner.scores)
 
 
+@pytest.mark.parametrize("structure", ["unstructured", "hybrid"])
+@pytest.mark.parametrize("warmup_gates", ["sampled", "open"])
+def test_l0_open_warmup_trains_the_dense_model_while_the_scores_learn(warmup_gates, structure):
+    # l0_warmup_gates: open -- the warm-up's training forwards are the dense model's (gates of
+    # 1), its scores still get the sampled gates' gradient; from the warm-up's end the gates
+    # are sampled. (score_init_offset 0: sampled gates are far from 1, so the two differ.)
+    model = tiny_bert()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = bert_batch(seed=0)
+    model.train()
+    with torch.no_grad():
+        dense = model(**batch).logits
+    policy = PruningPolicy(method="l0", final_remaining=0.5, total_steps=6, warmup_steps=2,
+                           cooldown_steps=1, score_init_offset=0.0, structure=structure,
+                           l0_warmup_gates=warmup_gates)
+    # lr 0: the weights stay as they are, only the scores move
+    opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), policy, model=model)
+    for step in range(3):
+        with torch.no_grad():
+            unrecorded = model(**batch).logits
+        out = model(**batch)
+        out.loss.backward()
+        in_warmup = step < 2
+        same = torch.allclose(out.logits, dense, atol=1e-6)
+        assert same == (in_warmup and warmup_gates == "open")
+        assert torch.allclose(unrecorded, dense, atol=1e-6) == same
+        grads = [s.grad for s in opt.pruner.scores]
+        assert all(g is not None and float(g.abs().sum()) > 0 for g in grads)
+        opt.step()
+        opt.zero_grad()
+
+
 def test_movement_starts_from_the_magnitude_masks_by_default_and_the_paper_is_one_field_away():
     # Issue 13: the default scores are |W| / mean |W| per layer, so the first local masks are
     # the magnitude masks (global ones rank |W| relative to each layer's mean); score_init:

@@ -74,6 +74,7 @@ def test_final_above_initial_is_refused():
     ("l0_beta", 0.5, "soft_movement"),
     ("score_lr", 0.1, "magnitude"),
     ("l0_gate_gradient", "straight_through", "movement"),
+    ("l0_warmup_gates", "open", "soft_movement"),
     ("score_init_offset", 1.0, "magnitude"),
 ])
 def test_method_specific_fields_only_with_their_method(field, value, method):
@@ -83,10 +84,13 @@ def test_method_specific_fields_only_with_their_method(field, value, method):
 
 def test_l0_options_validate_and_round_trip():
     p = PruningPolicy(method="l0", total_steps=50, final_remaining=0.1,
-                      score_init_offset=2.197, l0_gate_gradient="straight_through")
+                      score_init_offset=2.197, l0_gate_gradient="straight_through",
+                      l0_warmup_gates="open")
     assert PruningPolicy.model_validate_json(p.to_json()) == p
     with pytest.raises(PolicyError, match="l0_gate_gradient.*'clamped'.*'straight_through'"):
         PruningPolicy(method="l0", total_steps=50, l0_gate_gradient="through")
+    with pytest.raises(PolicyError, match="l0_warmup_gates.*'sampled'.*'open'"):
+        PruningPolicy(method="l0", total_steps=50, l0_warmup_gates="dense")
 
 
 def test_invalid_regex_is_refused():
