@@ -292,6 +292,16 @@ class L0(_Regularized):
         scores learn from the sampled ones (``l0_warmup_gates: open``, in the warm-up)."""
         return self.policy.l0_warmup_gates == "open" and step < self.policy.warmup_steps
 
+    def gate_floor(self, step: int) -> float | None:
+        # an open warm-up evaluates the model it trains: every evaluation gate 1 (a log-alpha
+        # one above the edge of 1; training forwards take their gates' value 1 directly)
+        return self._log_alpha_at(1.0) + 1.0 if self.gates_open(step) else None
+
+    def _log_alpha_at(self, gate: float) -> float:
+        """The log-alpha whose evaluation gate is ``gate`` (0: the edge of closed)."""
+        p = self.policy
+        return logit((gate - p.l0_left) / (p.l0_right - p.l0_left))
+
     def gate_of(self, scores: Tensor, floor: float | None = None) -> Tensor:
         """The evaluation gate of ``scores`` (any shard of them), held at ``floor`` or above."""
         return l0_eval_gate(floor_scores(scores, floor), left=self.policy.l0_left,
@@ -301,13 +311,14 @@ class L0(_Regularized):
         """Structured L0: a hard-concrete gate per unit, sampled for this forward (each member
         of a group samples its own; all follow the same distribution), spread over the
         weight; differentiable in the scores."""
-        p, group = self.policy, layer.group
+        p, group, step = self.policy, layer.group, layer.pruner.step_count
         noise = l0_noise(group.shape, group.weight.device)
-        scores = floored(group.scores, self.gate_floor(layer.pruner.step_count))
+        gates_open = self.gates_open(step)
+        scores = group.scores if gates_open else floored(group.scores, self.gate_floor(step))
         gate = hard_concrete_gate(scores, beta=p.l0_beta, left=p.l0_left,
                                   right=p.l0_right, noise=noise,
                                   through_top=p.l0_straight_through)
-        if self.gates_open(layer.pruner.step_count):  # 1, with the sampled gate's gradient
+        if gates_open:  # 1, with the sampled gate's gradient
             gate = gate + (1.0 - gate).detach()
         mask = group.mask if self.samples_with_mask else None
         if mask is not None:
@@ -377,13 +388,10 @@ class L0ToTarget(_ToTarget, L0):
     #: barely changes, but the gate is open and its sampled gates pass gradients).
     PROJECTED_GATE: ClassVar[float] = 0.1
 
-    def _log_alpha_at(self, gate: float) -> float:
-        """The log-alpha whose evaluation gate is ``gate`` (0: the edge of closed)."""
-        p = self.policy
-        return logit((gate - p.l0_left) / (p.l0_right - p.l0_left))
-
     def gate_floor(self, step: int) -> float | None:
-        return self._log_alpha_at(self.PROJECTED_GATE) if self.in_cooldown(step) else None
+        if self.in_cooldown(step):
+            return self._log_alpha_at(self.PROJECTED_GATE)
+        return L0.gate_floor(self, step)
 
     def penalty_factor(self, pruner: Pruner) -> Tensor:
         return _controlled_factor(pruner, self._log_alpha_at(0.0),

@@ -178,12 +178,16 @@ def test_l0_open_warmup_trains_the_dense_model_while_the_scores_learn(warmup_gat
     for step in range(3):
         with torch.no_grad():
             unrecorded = model(**batch).logits
+            model.eval()  # evaluation gates: 1 too, the model that trains
+            evaluated = model(**batch).logits
+            model.train()
         out = model(**batch)
         out.loss.backward()
         in_warmup = step < 2
         same = torch.allclose(out.logits, dense, atol=1e-6)
         assert same == (in_warmup and warmup_gates == "open")
         assert torch.allclose(unrecorded, dense, atol=1e-6) == same
+        assert torch.allclose(evaluated, dense, atol=1e-6) == same
         grads = [s.grad for s in opt.pruner.scores]
         assert all(g is not None and float(g.abs().sum()) > 0 for g in grads)
         opt.step()
