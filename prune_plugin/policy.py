@@ -65,6 +65,22 @@ _FIELD_METHODS: dict[str, tuple[str, ...]] = {
     "l0_warmup_gates": ("l0",),
 }
 
+# Fields that soft movement and L0 use only with a requested final_remaining (without one, their
+# lambda sets the sparsity), by method; read by validation, dumps and saved-policy loading.
+_REQUESTED_ONLY: dict[str, tuple[str, ...]] = {
+    "initial_remaining": ("soft_movement", "l0"),
+    "remaining_control": ("soft_movement",),
+}
+
+
+def _applies(field: str, method: str, requested: bool) -> bool:
+    """Whether ``field`` means something to ``method``, with (``requested``) or without a
+    requested final_remaining."""
+    if method not in _FIELD_METHODS.get(field, (method,)):
+        return False
+    return requested or method not in _REQUESTED_ONLY.get(field, ())
+
+
 # Fields added after the first saved runs, with the behaviour of a saved policy that lacks them.
 _BEHAVIOUR_BEFORE: dict[str, Any] = {
     "remaining_control": "topv", "score_init_offset": 0.0, "l0_gate_gradient": "clamped"}
@@ -335,16 +351,12 @@ class PruningPolicy(BaseModel):
             raise ValueError(
                 f"final_threshold ({self.final_threshold}) is below initial_threshold "
                 f"({self.initial_threshold}); the threshold only rises. Fix: swap them.")
-        if self.method in ("soft_movement", "l0") and not self.targets_remaining \
-                and "initial_remaining" in self.model_fields_set:
-            raise ValueError("initial_remaining applies to soft movement and L0 only with "
-                             "final_remaining (a requested sparsity). Fix: set final_remaining "
-                             "too, or remove initial_remaining.")
-        if self.method == "soft_movement" and not self.targets_remaining \
-                and "remaining_control" in self.model_fields_set:
-            raise ValueError(f"remaining_control (= {self.remaining_control!r}) says how soft "
-                             "movement follows a requested final_remaining, and none is set. "
-                             "Fix: set final_remaining too, or remove remaining_control.")
+        for name in sorted(self.model_fields_set & _REQUESTED_ONLY.keys()):
+            if not _applies(name, self.method, self.targets_remaining):
+                raise ValueError(f"{name} (= {getattr(self, name)!r}) applies to {self.method} "
+                                 "only with final_remaining (a requested sparsity), and none "
+                                 "is set: lambda sets the sparsity. Fix: set final_remaining "
+                                 f"too, or remove {name}.")
         if self.targets_remaining and self.method == "soft_movement" \
                 and self.remaining_control == "topv":
             chosen = sorted({"initial_threshold", "final_threshold"} & self.model_fields_set)
@@ -383,15 +395,13 @@ class PruningPolicy(BaseModel):
     def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         """Dumps hold only the fields that apply to the method, so they validate back."""
         data = handler(self)
-        if self.targets_remaining:
-            unused = {"initial_threshold", "final_threshold"} \
-                if self.remaining_control == "topv" else set()
-        elif self.method in ("soft_movement", "l0"):  # lambda sets the sparsity
-            unused = {"initial_remaining", "final_remaining", "remaining_control"}
-        else:
-            unused = set()
-        return {k: v for k, v in data.items() if k not in unused
-                and (k not in _FIELD_METHODS or self.method in _FIELD_METHODS[k])}
+        requested = self.targets_remaining
+        unused = {"initial_threshold", "final_threshold"} \
+            if requested and self.remaining_control == "topv" else set()
+        if self.method in ("soft_movement", "l0") and not requested:
+            unused.add("final_remaining")  # (None: lambda sets the sparsity)
+        return {k: v for k, v in data.items()
+                if k not in unused and _applies(k, self.method, requested)}
 
     # -- derived --------------------------------------------------------------------------------
 
@@ -422,10 +432,9 @@ class PruningPolicy(BaseModel):
         except ValueError:
             return cls.model_validate_json(text)  # (raises the PolicyError naming the problem)
         if isinstance(data, dict) and isinstance(data.get("method"), str):
+            requested = data.get("final_remaining") is not None
             for field, before in _BEHAVIOUR_BEFORE.items():
-                applies = data["method"] in _FIELD_METHODS[field] and (
-                    field != "remaining_control" or data.get("final_remaining") is not None)
-                if field not in data and applies:
+                if field not in data and _applies(field, data["method"], requested):
                     data[field] = before
         return cls.model_validate_json(json.dumps(data))
 
