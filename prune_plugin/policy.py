@@ -83,7 +83,8 @@ def _applies(field: str, method: str, requested: bool) -> bool:
 
 # Fields added after the first saved runs, with the behaviour of a saved policy that lacks them.
 _BEHAVIOUR_BEFORE: dict[str, Any] = {
-    "remaining_control": "topv", "score_init_offset": 0.0, "l0_gate_gradient": "clamped"}
+    "remaining_control": "topv", "score_init_offset": 0.0, "l0_gate_gradient": "clamped",
+    "l0_warmup_gates": "sampled"}
 
 # Defaults that depend on the method: the original code's settings (its README, Sec. "How to
 # fine-prune?"). L0 starts its log-alpha scores at logit(0.9) = 2.197 so ~90% of gates are open.
