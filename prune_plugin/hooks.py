@@ -159,8 +159,8 @@ class PrunedLayer:
             p = self.pruner.policy
             noise = l0_noise(m.weight.shape, m.weight.device)
             mask = method.sampling_mask(self)
-            gates_open = method.gates_open(self.pruner.step_count)
-            floor = None if gates_open else method.gate_floor(self.pruner.step_count)
+            gates_open = self.pruner.gates_open
+            floor = None if gates_open else self.pruner.gate_floor
             if torch.is_grad_enabled():
                 return l0_linear(input, m.weight, m.bias, self.scores, noise, beta=p.l0_beta,
                                  left=p.l0_left, right=p.l0_right, mask=mask, floor=floor,

@@ -107,6 +107,10 @@ class PruningMethod:
         """L0: a floor under the log-alpha of the gates in use after ``step`` steps (None)."""
         return None
 
+    def gates_open(self, step: int) -> bool:
+        """L0: whether the training forwards after ``step`` steps use gates of value 1."""
+        return False
+
     # -- masks --------------------------------------------------------------------------------
 
     def refresh(self, pruner: Pruner) -> None:
@@ -284,7 +288,7 @@ class L0(_Regularized):
         return expected_l0_grad(scores, beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
 
     def gate(self, layer: PrunedLayer) -> Tensor:
-        gate = self.gate_of(self.importance(layer), self.gate_floor(layer.pruner.step_count))
+        gate = self.gate_of(self.importance(layer), layer.pruner.gate_floor)
         return gate if layer.layout is None else layer.layout.expand(gate)
 
     def gates_open(self, step: int) -> bool:
@@ -311,10 +315,10 @@ class L0(_Regularized):
         """Structured L0: a hard-concrete gate per unit, sampled for this forward (each member
         of a group samples its own; all follow the same distribution), spread over the
         weight; differentiable in the scores."""
-        p, group, step = self.policy, layer.group, layer.pruner.step_count
+        p, group, pruner = self.policy, layer.group, layer.pruner
         noise = l0_noise(group.shape, group.weight.device)
-        gates_open = self.gates_open(step)
-        scores = group.scores if gates_open else floored(group.scores, self.gate_floor(step))
+        gates_open = pruner.gates_open
+        scores = group.scores if gates_open else floored(group.scores, pruner.gate_floor)
         gate = hard_concrete_gate(scores, beta=p.l0_beta, left=p.l0_left,
                                   right=p.l0_right, noise=noise,
                                   through_top=p.l0_straight_through)

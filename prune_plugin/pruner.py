@@ -67,8 +67,7 @@ class Pruner:
         self.layers: list[PrunedLayer] = []
         #: Structured pruning: the unit groups (heads, neurons, blocks) the layers belong to.
         self.units: list[UnitGroup] = []
-        #: Completed optimizer steps; the masks in use are those for this step.
-        self.step_count = 0
+        self.step_count = 0  # (sets gates_open and gate_floor too)
         #: Set by a ZeRO-3 integration: masks become thresholds agreed across ranks.
         self.sharding: Sharding | None = None
         #: Bumped whenever masks change (invalidates the layers' cached W * M).
@@ -86,6 +85,22 @@ class Pruner:
                 f"layers={len(self.layers)})")
 
     # -- what it holds ------------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """Completed optimizer steps; the masks in use are those for this step."""
+        return self._step_count
+
+    @step_count.setter
+    def step_count(self, step: int) -> None:
+        self._step_count = step
+        # What the forwards read of the step, kept here: they change only at the schedule's
+        # phase boundaries, so torch.compile guards on them and recompiles once a phase,
+        # where reading the step itself recompiled every step (and fell back to eager).
+        #: L0: whether the training forwards' gates are 1 (an open warm-up).
+        self.gates_open: bool = self.method.gates_open(step)
+        #: L0: the floor under the log-alpha of the gates in use (None: none).
+        self.gate_floor: float | None = self.method.gate_floor(step)
 
     @property
     def scores(self) -> list[nn.Parameter]:
@@ -225,7 +240,7 @@ class Pruner:
             return [layer.kept() for layer in self.layers]
         local = []
         with torch.no_grad():
-            floor = self.method.gate_floor(self.step_count)
+            floor = self.gate_floor
             ties = []  # the Top-v's ties at its threshold, counted once per tensor
             for layer in self.layers:
                 imp = self.sharding.local_importance(layer)
@@ -262,7 +277,7 @@ class Pruner:
             return group.mask
         with torch.no_grad():
             kept = self.method.gate_of(group.scores.detach(),
-                                       self.method.gate_floor(self.step_count)) > 0
+                                       self.gate_floor) > 0
         return kept if group.mask is None else kept & group.mask
 
     # -- state ----------------------------------------------------------------------------------
