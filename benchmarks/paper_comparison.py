@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -238,6 +239,11 @@ def seeded(args: argparse.Namespace) -> None:
             os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
         except FileExistsError:
             return  # another process runs it
+        running = [c.stem for c in out_root.glob("*.claim") if c != claim]
+        if running and torch_threads() > 1:  # (two runs of 2 threads on 2 cores: half speed)
+            print(f"warning: {name} runs beside {', '.join(sorted(running))} with "
+                  f"{torch_threads()} torch threads each; start every process with "
+                  "OMP_NUM_THREADS=1 unless the cores allow it", file=sys.stderr)
         spec = {"model": start or "minilm", "data": task["data"],
                 "training": {"max_steps": steps, "batch_size": args.batch, "max_length": 64,
                              "learning_rate": args.lr, "warmup_ratio": 0.1,
