@@ -29,7 +29,8 @@ def test_the_requested_sparsity_mode_validates():
     with pytest.raises(PolicyError, match="final_threshold and final_remaining exclude each other"):
         PruningPolicy(method="soft_movement", final_remaining=0.1, final_threshold=0.2,
                       remaining_control="topv", total_steps=10)
-    with pytest.raises(PolicyError, match="initial_remaining .* applies to l0 only with final_remaining"):
+    with pytest.raises(PolicyError,
+                       match="initial_remaining .* applies to l0 only with final_remaining"):
         PruningPolicy(method="l0", initial_remaining=0.5, total_steps=10)
     for control in ("lambda", "topv"):
         policy = PruningPolicy(method="soft_movement", final_remaining=0.1, total_steps=10,
@@ -279,7 +280,8 @@ def test_remaining_control_validates_and_round_trips():
     assert (policy.score_init, policy.score_init_value) == ("constant", 0.0)  # the paper's
     assert PruningPolicy.model_validate_json(policy.to_json()) == policy
     assert PruningPolicy.model_validate(policy.model_dump()) == policy
-    with pytest.raises(PolicyError, match="remaining_control .* only with final_remaining.*none is set"):
+    with pytest.raises(PolicyError,
+                       match="remaining_control .* only with final_remaining.*none is set"):
         PruningPolicy(method="soft_movement", remaining_control="lambda", total_steps=10)
     with pytest.raises(PolicyError, match="'remaining_control' .* does not apply to method 'l0'"):
         PruningPolicy(method="l0", final_remaining=0.1, remaining_control="lambda",
