@@ -276,8 +276,7 @@ class Pruner:
         if not self.method.samples_gates:
             return group.mask
         with torch.no_grad():
-            kept = self.method.gate_of(group.scores.detach(),
-                                       self.gate_floor) > 0
+            kept = self.method.gate_of(group.scores.detach(), self.gate_floor) > 0
         return kept if group.mask is None else kept & group.mask
 
     # -- state ----------------------------------------------------------------------------------

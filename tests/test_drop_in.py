@@ -205,7 +205,7 @@ def _train_compiled_or_not(policy: PruningPolicy, compiled: bool, steps: int):
 def test_training_through_torch_compile_is_training_without_it():
     # the one line also works under torch.compile: same losses, same masks, every step
     policy = movement(total_steps=6, warmup_steps=1, cooldown_steps=1, final_remaining=0.3)
-    eager, eager_opt, eager_losses = _train_compiled_or_not(policy, compiled=False, steps=6)
+    _, eager_opt, eager_losses = _train_compiled_or_not(policy, compiled=False, steps=6)
     model, opt, losses = _train_compiled_or_not(policy, compiled=True, steps=6)
     assert losses == pytest.approx(eager_losses, rel=1e-4)
     assert sparsity_report(model).remaining == pytest.approx(0.3, abs=1e-3)
