@@ -45,7 +45,8 @@ from prune_plugin.masks import effective_weight
 from prune_plugin.hooks import SCORES_NAME, PrunedLayer
 from prune_plugin.optimizer import PruningOptimizer, find_pruning_optimizer
 from prune_plugin.policy import PruningPolicy
-from prune_plugin.pruner import Pruner, Sharding, attach, check_saved_policy, get_pruner
+from prune_plugin.distributed import Sharding
+from prune_plugin.pruner import Pruner, attach, check_saved_policy, get_pruner
 from prune_plugin.report import SparsityReport
 from prune_plugin.report import sparsity_report as core_sparsity_report
 
@@ -208,23 +209,33 @@ def _is_partitioned(p: Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def _local_importance(layer: PrunedLayer) -> Tensor:
-    """This rank's real elements of the layer's importance (scores, or |W| for magnitude)."""
-    import deepspeed.comm as dist
+class ZeroSharding(Sharding):
+    """ZeRO-3's partitions: each rank holds an equal flat slice of every parameter (the last
+    one padded), and sums run over ZeRO's data-parallel group."""
 
-    src = layer.scores if layer.scores is not None else layer.weight
-    shard = src.ds_tensor.detach().reshape(-1)
-    rank = dist.get_rank(group=src.ds_process_group)
-    start = rank * shard.numel()
-    valid = max(0, min(shard.numel(), src.ds_numel - start))
-    part = shard[:valid]
-    return part if layer.scores is not None else part.abs()
+    shards = True
+    name = "ZeRO-3"
+    refresh_after_load = False  # the engine's load_checkpoint refreshes (see bind)
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self._all_reduce = _all_reduce_for(group)
+
+    def local(self, t: Tensor) -> Tensor:
+        import deepspeed.comm as dist
+
+        shard = t.ds_tensor.detach().reshape(-1)
+        start = dist.get_rank(group=t.ds_process_group) * shard.numel()
+        return shard[:max(0, min(shard.numel(), t.ds_numel - start))]
+
+    def all_reduce(self, t: Tensor) -> None:
+        self._all_reduce(t)
 
 
-def _zero3_sharding(model: nn.Module) -> Sharding:
+def _zero3_sharding(model: nn.Module) -> ZeroSharding:
     """How the core reaches this rank's shards and sums across ZeRO-3's data-parallel group."""
-    group = next(p.ds_process_group for p in model.parameters() if _is_partitioned(p))
-    return Sharding(_local_importance, _all_reduce_for(group))
+    return ZeroSharding(next(p.ds_process_group for p in model.parameters()
+                             if _is_partitioned(p)))
 
 
 def _all_reduce_for(group: Any):
@@ -303,12 +314,7 @@ def bind(engine: Any) -> PruningSchedule:
                 "DeepSpeed config's 'scheduler' block and use a torch scheduler.")
     optimizer.counts_steps = False  # ZeRO steps it once per param group
     if engine.zero_optimization_stage() == 3:
-        if pruner.units:
-            raise DeepSpeedConfigError("structured pruning (structure "
-                                       f"{pruner.policy.structure!r}) under ZeRO-3 is not "
-                                       "supported yet. Fix: use ZeRO stage 0-2, or structure "
-                                       "'unstructured'.")
-        pruner.sharding = _zero3_sharding(engine.module)
+        pruner.use_sharding(_zero3_sharding(engine.module))
     schedule = PruningSchedule(scheduler, pruner, optimizer)
     engine.lr_scheduler = schedule
     load_checkpoint = engine.load_checkpoint

@@ -163,7 +163,7 @@ class _TopV(PruningMethod):
             kinds = dict.fromkeys(getattr(layer, "kind", "") for layer in layers)
             groups = [[layer for layer in layers if getattr(layer, "kind", "") == kind]
                       for kind in kinds]
-        if pruner.sharding is not None:
+        if pruner.sharding.shards:
             self._refresh_sharded(pruner, remaining, groups)
         elif pruner.sync_free(layers[0].weight):
             self._refresh_on_device(remaining, groups)
@@ -207,15 +207,15 @@ class _TopV(PruningMethod):
 
     def _refresh_sharded(self, pruner: Pruner, remaining: float,
                          groups: list[list[PrunedLayer]]) -> None:
-        """ZeRO-3: exact thresholds from the shards (radix select); each forward rebuilds its
-        layer's mask from the gathered scores."""
-        sharding = pruner.sharding
+        """Sharded scores (ZeRO-3, FSDP2): exact thresholds from the shards (radix select);
+        each forward rebuilds its layer's mask from the gathered scores."""
         index = {id(layer): i for i, layer in enumerate(pruner.layers)}
         totals = [sum(layer.numel for layer in group) for group in groups]  # over all ranks
-        parts = [sharding.local_importance(layer) for layer in pruner.layers]
+        parts = [pruner.local_importance(layer) for layer in pruner.layers]
         thresholds = topv_thresholds(
             parts, [[index[id(layer)] for layer in group] for group in groups],
-            [topv_count(remaining, n) for n in totals], sharding.all_reduce, totals=totals,
+            [topv_count(remaining, n) for n in totals], pruner.sharding.all_reduce,
+            totals=totals,
             sync_free=pruner.sync_free(parts[0]) if parts else None)
         for layer, threshold in zip(pruner.layers, thresholds):
             layer.set_threshold(threshold)
@@ -268,7 +268,7 @@ class SoftMovement(_Regularized):
     def refresh(self, pruner: Pruner) -> None:
         tau = self.schedule_value(pruner.step_count)
         for layer in pruner.selectables:
-            if pruner.sharding is not None:  # S > logit(tau): a threshold with no ties
+            if pruner.sharding.shards:  # S > logit(tau): a threshold with no ties
                 layer.set_threshold(None if tau <= 0.0 else TopVThreshold(
                     torch.tensor(logit(tau)), torch.tensor(0), 0))
             else:
@@ -354,13 +354,13 @@ def _controlled_factor(pruner: Pruner, edge: float, target: float, band: float) 
     kinds: dict[str, list] = defaultdict(list)
     for sel in pruner.selectables:
         kinds[getattr(sel, "kind", "")].append(sel)
+    sharded = pruner.sharding.shards
     counts = torch.stack([
         torch.stack([(part > edge).sum(dtype=torch.float32) for part in (
-            pruner.sharding.local_importance(sel) if pruner.sharding is not None
-            else method.importance(sel) for sel in sels)]).sum()
+            pruner.local_importance(sel) if sharded else method.importance(sel)
+            for sel in sels)]).sum()
         for sels in kinds.values()])
-    if pruner.sharding is not None:
-        pruner.sharding.all_reduce(counts)
+    pruner.sharding.all_reduce(counts)
     totals = torch.tensor([float(sum(sel.numel for sel in sels)) for sels in kinds.values()],
                           device=counts.device)  # over all ranks
     return controlled_lambda_factor(counts / totals, target, band).min()
@@ -446,7 +446,7 @@ class SoftMovementControlled(_ToTarget, SoftMovement):
         tau = self.threshold_at(step)
         if self.in_cooldown(step) or tau <= 0.0:
             return
-        if pruner.sharding is None:
+        if not pruner.sharding.shards:
             for sel in pruner.selectables:
                 if sel.mask is not None:
                     sel.mask.logical_or_(threshold_mask(self.importance(sel), tau))

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prune_plugin.distributed import unwrap_ddp
 from prune_plugin.errors import AttachError, StateError
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.pruner import Pruner, attach, get_pruner
@@ -121,6 +122,9 @@ class PruningOptimizer(torch.optim.Optimizer):
             pruner = attach(model, policy)
         self.pruner: Pruner = pruner
         try:
+            ddp = unwrap_ddp(model)[1]
+            if ddp is not None:  # attached before DDP was built, or after: both average
+                pruner.follow_ddp(ddp)
             self._add_score_group()
         except BaseException:
             if attached_here:

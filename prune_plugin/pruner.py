@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prune_plugin.distributed import (RANKS_DISAGREE, WHOLE, ScoreGradAverager, Sharding,
+                                     ddp_averages, dtensor_sharding, gathered, is_dtensor,
+                                     ranks_disagree, refuse_unsupported_engines, unwrap_ddp)
 from prune_plugin.errors import AttachError, NumericalError, StateError
 from prune_plugin.hooks import SCORES_NAME, PrunedLayer, layer_of
 from prune_plugin.methods import PruningMethod, method_for
@@ -39,18 +42,6 @@ PRUNER_ATTR = "_prune_plugin_pruner"
 #: State-dict key (after the root's prefix) of the step count.
 STEP_KEY = "pruning_step"
 STATE_FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Sharding:
-    """How to reach this rank's share of sharded scores (set by a ZeRO-3 integration).
-
-    ``local_importance(layer)`` returns this rank's flat shard of the layer's importance (its
-    real elements only); ``all_reduce`` sums a small tensor in place across ranks.
-    """
-
-    local_importance: Callable[[PrunedLayer], Tensor]
-    all_reduce: Callable[[Tensor], None]
 
 
 class Pruner:
@@ -68,8 +59,8 @@ class Pruner:
         #: Structured pruning: the unit groups (heads, neurons, blocks) the layers belong to.
         self.units: list[UnitGroup] = []
         self.step_count = 0  # (sets gates_open and gate_floor too)
-        #: Set by a ZeRO-3 integration: masks become thresholds agreed across ranks.
-        self.sharding: Sharding | None = None
+        self._sharding: Sharding | None = None  # an engine's (ZeRO-3); else found (FSDP2)
+        self._grad_sync: ScoreGradAverager | None = None  # DDP built before attaching
         #: Bumped whenever masks change (invalidates the layers' cached W * M).
         self.generation = 0
         self.closed = False
@@ -111,6 +102,34 @@ class Pruner:
         """What masks are chosen for: the layers, or (structured) the unit groups."""
         return self.units if self.units else self.layers
 
+    @property
+    def sharding(self) -> Sharding:
+        """How the scores lie across ranks: the engine's (:meth:`use_sharding`), FSDP2's once
+        the weights are DTensors (``fully_shard`` before or after attaching), else whole."""
+        if self._sharding is None and self.layers and is_dtensor(self.layers[0].weight):
+            self.use_sharding(dtensor_sharding(self.layers))
+        return WHOLE if self._sharding is None else self._sharding
+
+    def use_sharding(self, sharding: Sharding) -> None:
+        """An engine shards the scores (ZeRO-3): masks become thresholds agreed across ranks."""
+        if self.units and sharding.shards:
+            raise AttachError(f"structured pruning (structure {self.policy.structure!r}) under "
+                              f"{sharding.name} is not supported yet. Fix: use structure "
+                              "'unstructured', or DDP / ZeRO stage 0-2.")
+        self._sharding = sharding
+
+    def follow_ddp(self, ddp: Any) -> None:
+        """DDP wraps the model: if it was built before the scores existed, average their
+        gradients here (:class:`~prune_plugin.distributed.ScoreGradAverager`)."""
+        if self._grad_sync is None and self.scores and not ddp_averages(ddp, self.scores):
+            self._grad_sync = ScoreGradAverager(ddp, self.scores)
+
+    def local_importance(self, layer: PrunedLayer) -> Tensor:
+        """This rank's real elements of what the layer's masks rank: its scores, or |W|."""
+        if layer.scores is not None:
+            return self.sharding.local(layer.scores)
+        return self.sharding.local(layer.weight).abs()
+
     def named_layers(self) -> dict[str, PrunedLayer]:
         return {layer.name: layer for layer in self.layers}
 
@@ -145,6 +164,8 @@ class Pruner:
         self._check_numbers()
         if self.step_count % self.policy.mask_update_every == 0:
             self.refresh()
+        if self.step_count == 1 and ranks_disagree(self):
+            raise AttachError(RANKS_DISAGREE)
 
     def refresh(self) -> None:
         """Recompute every mask for the current step."""
@@ -156,9 +177,7 @@ class Pruner:
 
     def _watched(self, layer: PrunedLayer) -> Tensor:
         """What a layer's masks are computed from: its scores, or its weight (magnitude)."""
-        if self.sharding is not None:
-            return self.sharding.local_importance(layer)
-        return (layer.scores if layer.scores is not None else layer.weight).detach()
+        return self.sharding.local(layer.scores if layer.scores is not None else layer.weight)
 
     def _check_numbers(self) -> None:
         """Stop at NaN or Inf in what the masks are computed from, naming the layer and step.
@@ -225,25 +244,31 @@ class Pruner:
         with torch.no_grad():
             factor = self.method.penalty_factor(self)
             for s in params:
+                if is_dtensor(s):  # FSDP2: elementwise, so on this rank's shard
+                    if s.grad is None:
+                        s.grad = torch.zeros_like(s)
+                    s, grad = s.to_local(), s.grad.to_local()
+                else:
+                    grad = s.grad
                 g = self.method.penalty_grad(s.detach()).mul_(scale)
                 if factor is not None:
                     g.mul_(factor.to(g.device))
-                if s.grad is None:
+                if grad is None:
                     s.grad = g.to(s.dtype)
                 else:
-                    s.grad.add_(g)
+                    grad.add_(g)
 
     def kept_counts(self) -> list[int]:
         """Weights each layer's forward keeps. With sharded scores each rank counts its shard
         and one all-reduce adds them up (a collective: call it on every rank)."""
-        if self.sharding is None:
+        if not self.sharding.shards:
             return [layer.kept() for layer in self.layers]
         local = []
         with torch.no_grad():
             floor = self.gate_floor
             ties = []  # the Top-v's ties at its threshold, counted once per tensor
             for layer in self.layers:
-                imp = self.sharding.local_importance(layer)
+                imp = self.local_importance(layer)
                 t, tied = layer.threshold, 0
                 if t is not None:
                     kept = imp > t.value.to(imp.device, imp.dtype)
@@ -363,7 +388,7 @@ class Pruner:
             self._set_saved_mask(layers[name], mask)
         if step is not None:
             self.step_count = step
-            if len(masks) < len(self.selectables) and self.sharding is None:
+            if len(masks) < len(self.selectables) and self.sharding.refresh_after_load:
                 self.refresh()  # masks not in the checkpoint: rebuild them for the step
         self.generation += 1
 
@@ -382,6 +407,9 @@ class Pruner:
 
     def detach(self) -> None:
         """Remove scores, masks and hooks: the model is bit-exactly what it was before."""
+        if self._grad_sync is not None:
+            self._grad_sync.remove()
+            self._grad_sync = None
         for layer in self.layers:
             layer.uninstall()
         for handle in self._handles:
@@ -404,6 +432,13 @@ class Pruner:
                               f"{self.policy.structure!r} prunes single weights or blocks, "
                               "which standard kernels cannot skip. Fix: finalize without "
                               "shrink, or prune with structure neurons, heads or hybrid.")
+        if self.sharding.shards:
+            raise AttachError(
+                f"finalize bakes the masks into whole weights, and under {self.sharding.name} "
+                "each rank holds shards. Fix: take the finalized weights as one state dict, "
+                "prune_plugin.finalized_state_dict(model) (FSDP2) or prune_plugin.integrations."
+                "deepspeed.finalized_state_dict(engine) (ZeRO-3), on every rank, and save or load "
+                "it into an unsharded model.")
         with torch.no_grad():
             for layer in self.layers:
                 gate = layer.gate()
@@ -448,30 +483,33 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
     """Attach ``policy`` to ``model``: scores, forwards and masks on every targeted Linear.
 
     All or nothing: on any error the model is left exactly as it was. Most users never call
-    this directly: ``PruningOptimizer(optimizer, policy, model=model)`` does. Integrations
-    whose weights are already sharded pass ``score_factory`` (builds one layer's scores) and
+    this directly: ``PruningOptimizer(optimizer, policy, model=model)`` does. A model wrapped
+    in ``DistributedDataParallel`` is attached inside the wrapper (the same names as one
+    process); FSDP2-sharded weights get scores sharded like them. Integrations whose weights
+    are sharded otherwise (ZeRO-3) pass ``score_factory`` (builds one layer's scores) and
     ``sharding``.
     """
     if not isinstance(policy, PruningPolicy):
         raise TypeError(f"policy must be a PruningPolicy, got {type(policy).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    refuse_unsupported_engines(model)
+    model, ddp = unwrap_ddp(model)
     targets = find_targets(model, policy)
     _check_attachable(model, targets)
     pruner = Pruner(model, policy)
-    pruner.sharding = sharding
     pruner.layers = [PrunedLayer(name, m, pruner) for name, m in targets]
     if policy.structure != "unstructured":
-        if sharding is not None:
-            raise AttachError("structured pruning under ZeRO-3 is not supported yet (its "
-                              "scores are per unit and small). Fix: use ZeRO stage 0-2, or "
-                              "structure 'unstructured'.")
         pruner.units = find_unit_groups(model, policy, targets, pruner.named_layers())
         for group in pruner.units:
             for member in group.members:
                 member.layer.group, member.layer.layout = group, member.layout
         pruner.layers = [layer for layer in pruner.layers if layer.group is not None]
+    if sharding is not None:
+        pruner.use_sharding(sharding)
     make = score_factory or pruner.method.initial_scores
+    if score_factory is None and pruner.sharding.shards:  # FSDP2 sharded before attaching
+        make = partial(_sharded_scores, pruner)
     try:
         for layer in pruner.layers:
             owns = pruner.method.has_scores and layer.is_owner
@@ -481,11 +519,21 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
             model.register_load_state_dict_pre_hook(partial(pruner._start_loading)),
             model.register_load_state_dict_post_hook(partial(pruner._finish_loading))]
         model.__dict__[PRUNER_ATTR] = pruner
+        if ddp is not None:
+            pruner.follow_ddp(ddp)
         pruner.refresh()
     except BaseException:
         pruner.detach()
         raise
     return pruner
+
+
+def _sharded_scores(pruner: Pruner, layer: PrunedLayer) -> Tensor:
+    """FSDP2: a layer's initial scores computed from its whole weight (as one process would),
+    then sharded like the weight."""
+    with torch.no_grad(), gathered(layer):
+        whole = pruner.method.initial_scores(layer)
+    return nn.Parameter(pruner.sharding.distribute(whole))
 
 
 def get_pruner(model: nn.Module) -> Pruner | None:

@@ -345,16 +345,17 @@ def test_the_soft_movement_controller_is_a_band_above_the_schedule():
 def test_controlled_soft_movement_sharded_masks_equal_the_whole_ones():
     """The ZeRO-3 path (each forward rebuilds the mask from a threshold: here one rank holding
     every score) keeps the same weights as the whole-tensor masks, at every step."""
-    from prune_plugin.pruner import Sharding
+    from prune_plugin.distributed import Sharding
 
+    class OneRankShards(Sharding):
+        shards = True
     runs = []
     for sharded in (False, True):
         model = tiny_bert()
         opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
                                _controlled(final_lambda=500.0), model=model)
         if sharded:
-            opt.pruner.sharding = Sharding(lambda layer: layer.scores.detach().reshape(-1),
-                                           lambda t: None)
+            opt.pruner.use_sharding(OneRankShards())
         gates = []
         for step in range(16):
             model(**bert_batch(seed=step)).loss.backward()
