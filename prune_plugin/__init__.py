@@ -7,7 +7,8 @@ from prune_plugin.errors import (AttachError, NumericalError, PolicyError, Pruni
                                  StateError, TargetingError)
 from prune_plugin.optimizer import PruningOptimizer
 from prune_plugin.policy import PruningPolicy
-from prune_plugin.pruner import Pruner, attach, detach, finalize, get_pruner
+from prune_plugin.pruner import (Pruner, attach, detach, finalize, finalized_state_dict,
+                                 get_pruner)
 from prune_plugin.report import SparsityReport, sparsity_report
 from prune_plugin.state import load_pruning_state, save_pruning_state
 from prune_plugin.structure import load_shrunk
@@ -28,6 +29,7 @@ __all__ = [
     "attach",
     "detach",
     "finalize",
+    "finalized_state_dict",
     "get_pruner",
     "load_pruning_state",
     "load_shrunk",

@@ -30,7 +30,8 @@ from prune_plugin.distributed import (RANKS_DISAGREE, WHOLE, ScoreGradAverager, 
                                      ddp_averages, dtensor_sharding, gathered, is_dtensor,
                                      ranks_disagree, refuse_unsupported_engines, unwrap_ddp)
 from prune_plugin.errors import AttachError, NumericalError, StateError
-from prune_plugin.hooks import SCORES_NAME, PrunedLayer, layer_of
+from prune_plugin.hooks import MASK_KEY, SCORES_NAME, PrunedLayer, layer_of
+from prune_plugin.masks import effective_weight
 from prune_plugin.methods import PruningMethod, method_for
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.selection import SelectionHint, use_device_path
@@ -586,6 +587,30 @@ def finalize(model: nn.Module, *, shrink: bool = False) -> nn.Module:
     """
     require_pruner(model, "finalize").finalize(shrink=shrink)
     return model
+
+
+def finalized_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """What ``model.state_dict()`` holds after :func:`finalize`, without changing the model:
+    ``W * M`` baked into each pruned weight (L0: its evaluation gate), no scores, no masks, no
+    step, every tensor whole and on the CPU. Keys are those of the attached model (inside
+    DDP's wrapper). Under FSDP2 this is a collective (every rank gathers each tensor in turn
+    and gets the whole dict): what rank 0 saves, and what stock ``from_pretrained`` loads."""
+    pruner = require_pruner(model, "export")
+    by_key = {f"{layer.name}.weight": layer for layer in pruner.layers}
+    skip = (SCORES_NAME, MASK_KEY)
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for key, value in pruner.model.state_dict(keep_vars=True).items():
+            if key == STEP_KEY or key.rsplit(".", 1)[-1] in skip:
+                continue
+            layer = by_key.get(key)
+            if layer is None:
+                whole = value.full_tensor() if is_dtensor(value) else value.detach()
+                out[key] = whole.cpu().clone()
+                continue
+            with gathered(layer):
+                out[key] = effective_weight(layer.weight.detach(), layer.gate()).cpu().clone()
+    return out
 
 
 def check_saved_policy(saved_json: str, policy: PruningPolicy) -> None:

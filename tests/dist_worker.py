@@ -1,0 +1,137 @@
+"""Fine-pruning runs on several gloo ranks (DDP, FSDP2), and the same run in one process.
+
+Each case trains a tiny BERT for a few steps on a global batch split across the ranks (one
+process: the whole batch), then writes what every rank ends with: the finalized state dict
+(``W * M`` baked in, gathered under FSDP2), the kept counts and the step. Spawned by
+``tests/test_distributed.py`` through ``torch.multiprocessing``; every case of one spawn runs
+in one process group, so the ranks start once.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+STEPS = 8
+GLOBAL_BATCH = 8
+
+
+def policy_of(case: dict[str, Any]):
+    from prune_plugin import PruningPolicy
+
+    fields: dict[str, Any] = {"method": case.get("method", "movement"), "warmup_steps": 1,
+                              "cooldown_steps": 2, "total_steps": STEPS}
+    method = fields["method"]
+    if method in ("magnitude", "movement"):
+        fields.update(final_remaining=0.25, scope=case.get("scope", "local"))
+    elif method == "soft_movement":
+        fields.update(final_threshold=0.49, final_lambda=0.01, score_lr=0.1)  # some of each
+    elif method == "l0":  # a requested fraction: exact counts, comparable across setups
+        fields.update(final_remaining=0.25, score_lr=0.1)
+    fields.update(case.get("policy", {}))
+    return PruningPolicy(**fields)
+
+
+def build_model() -> nn.Module:
+    """A tiny BERT whose FFN has an odd width (51): FSDP2 shards it unevenly (26 + 25 rows)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=51, max_position_embeddings=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+def batch(step: int, rank: int, world: int, micro: int = 0, micros: int = 1
+          ) -> dict[str, torch.Tensor]:
+    """This rank's share of step ``step``'s global batch (micro-batch ``micro`` of ``micros``)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    full = {"input_ids": torch.randint(0, 100, (GLOBAL_BATCH, 12), generator=g),
+            "labels": torch.randint(0, 2, (GLOBAL_BATCH,), generator=g)}
+    per = GLOBAL_BATCH // (world * micros)
+    start = (rank * micros + micro) * per
+    return {k: v[start:start + per] for k, v in full.items()}
+
+
+def shard(model: nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.bert.encoder.layer:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def run_case(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """Train one case; returns what this rank holds at the end (or the error it raised)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from prune_plugin import (PruningOptimizer, attach, finalized_state_dict, get_pruner,
+                              sparsity_report)
+
+    setup, policy = case["setup"], policy_of(case)
+    model = build_model()
+    torch.manual_seed(1 + rank)  # ranks draw different random numbers, as real ones do
+    wrapped: nn.Module = model
+    micros = case.get("micros", 1)
+    try:
+        if setup == "ddp-attach-first":
+            attach(model, policy)
+            wrapped = DDP(model)
+        elif setup in ("ddp-wrap-first", "ddp-inner-given"):
+            wrapped = DDP(model)
+        elif setup == "fsdp-attach-first":
+            attach(model, policy)
+            shard(model)
+        elif setup == "fsdp-shard-first":
+            shard(model)
+        given = model if setup == "ddp-inner-given" else wrapped
+        optimizer = PruningOptimizer(torch.optim.AdamW(wrapped.parameters(), lr=1e-3), policy,
+                                     model=given)
+        torch.manual_seed(7)  # the same stream on every rank and in one process: L0's noise
+        for step in range(STEPS):
+            for micro in range(micros):
+                last = micro == micros - 1
+                sync = wrapped.no_sync() if isinstance(wrapped, DDP) and not last \
+                    else _nothing()
+                with sync:
+                    loss = wrapped(**batch(step, rank, world, micro, micros)).loss / micros
+                    loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        pruner = get_pruner(model)
+        return {"state": finalized_state_dict(model), "step": pruner.step_count,
+                "kept": [layer.kept for layer in sparsity_report(model).layers],
+                "sharding": pruner.sharding.name}
+    except Exception as err:  # the cases that expect a refusal read it
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def ranks(rank: int, world: int, port: int, cases: list[dict[str, Any]], out: str) -> None:
+    """One spawned rank: every case in turn, results to ``out/<case>.<rank>.pt``."""
+    import torch.distributed as dist
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        for case in cases:
+            result = run_case(case, rank, world)
+            torch.save(result, Path(out) / f"{case['name']}.{rank}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,163 @@
+"""Pruning on 2 gloo ranks: DDP and FSDP2 in either order give every rank the same model,
+and the model one process gives with the same global batch.
+
+Each spawn starts 2 ranks once and runs a list of cases (``tests/dist_worker.py``); the
+one-process references run here. Engines the plugin cannot follow are refused."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from prune_plugin import AttachError, PruningOptimizer, PruningPolicy, attach, get_pruner
+
+from . import dist_worker
+from .models import MLP
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(tmp_path: Path, cases: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Run ``cases`` on 2 ranks; each case's results, rank by rank."""
+    ctx = mp.start_processes(dist_worker.ranks, args=(WORLD, _free_port(), cases, str(tmp_path)),
+                             nprocs=WORLD, join=False, start_method="spawn")
+    while not ctx.join(timeout=600):
+        pass
+    return {case["name"]: [torch.load(tmp_path / f"{case['name']}.{rank}.pt", weights_only=False)
+                           for rank in range(WORLD)] for case in cases}
+
+
+def single(case: dict[str, Any]) -> dict[str, Any]:
+    """The same run in this process, with the whole global batch per step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return dist_worker.run_case({**case, "setup": "single"}, rank=0, world=1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_ranks_equal(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        assert "error" not in r, r.get("traceback")
+    first = results[0]
+    for other in results[1:]:
+        assert other["step"] == first["step"] == dist_worker.STEPS
+        assert other["kept"] == first["kept"]
+        assert other["state"].keys() == first["state"].keys()
+        for key, value in first["state"].items():
+            assert torch.equal(value, other["state"][key]), f"ranks differ in {key}"
+
+
+def assert_same_model(result: dict[str, Any], ref: dict[str, Any], atol: float = 1e-5) -> None:
+    """The same masks (zeros) and the same weights, up to the order of the sums."""
+    assert result["kept"] == ref["kept"]
+    assert result["state"].keys() == ref["state"].keys()
+    for key, value in ref["state"].items():
+        got = result["state"][key]
+        if value.is_floating_point():
+            assert torch.equal(got == 0, value == 0), f"masks differ in {key}"
+            assert torch.allclose(got, value, atol=atol, rtol=0), \
+                f"{key}: {float((got - value).abs().max())}"
+        else:
+            assert torch.equal(got, value), key
+
+
+def _kept_fraction(result: dict[str, Any]) -> float:
+    kept = result["kept"]
+    layers = [k for k in result["state"] if k.startswith("bert.encoder") and
+              k.endswith(".weight") and "LayerNorm" not in k]
+    total = sum(result["state"][k].numel() for k in layers)
+    return sum(kept) / total
+
+
+DDP_CASES = [
+    {"name": "ddp-attach-first", "setup": "ddp-attach-first"},
+    {"name": "ddp-wrap-first", "setup": "ddp-wrap-first"},
+    {"name": "ddp-wrap-first-accumulation", "setup": "ddp-wrap-first", "micros": 2},
+    {"name": "ddp-wrap-first-l0", "setup": "ddp-wrap-first", "method": "l0"},
+    {"name": "ddp-inner-given", "setup": "ddp-inner-given"},
+]
+
+
+def test_ddp_either_order_gives_every_rank_the_one_process_model(tmp_path: Path) -> None:
+    """DDP built after attaching averages the scores' gradients itself; built before, the
+    plugin does (one bucketed all-reduce per backward, skipped under no_sync like DDP's own).
+    Either way both ranks end bitwise equal, with the masks and weights of one process
+    training on the whole batch. Given the module inside a DDP built first, the plugin cannot
+    see DDP: the first step finds the ranks apart and stops with the fix."""
+    runs = spawn(tmp_path, DDP_CASES)
+    for case in DDP_CASES[:-1]:
+        results = runs[case["name"]]
+        assert_ranks_equal(results)
+        assert_same_model(results[0], single(case))
+    refused = runs["ddp-inner-given"]
+    for r in refused:
+        assert "AttachError" in r["error"] and "Fix: pass the DDP wrapper" in r["error"]
+
+
+FSDP_CASES = [
+    {"name": f"fsdp-{order}-{label}", "setup": f"fsdp-{order}", **extra}
+    for order in ("attach-first", "shard-first")
+    for label, extra in [("movement-local", {}),
+                         ("movement-global", {"scope": "global"}),
+                         ("magnitude", {"method": "magnitude"}),
+                         ("soft-movement", {"method": "soft_movement"}),
+                         ("l0", {"method": "l0"})]]
+
+
+@pytest.mark.slow
+def test_fsdp2_either_order_gives_every_rank_the_one_process_model(tmp_path: Path) -> None:
+    """FSDP2 (fully_shard on each block and the root), attached before or after sharding:
+    the scores are DTensor shards like their weights, masks come from the exact sharded Top-v
+    (no rank holds a whole layer's scores between forwards), and every method ends with the
+    same finalized model on both ranks as in one process."""
+    runs = spawn(tmp_path, FSDP_CASES)
+    for case in FSDP_CASES:
+        results = runs[case["name"]]
+        assert_ranks_equal(results)
+        assert results[0]["sharding"] == "FSDP2"
+        ref = single(case)
+        assert_same_model(results[0], ref, atol=1e-4 if case.get("method") == "l0" else 1e-5)
+        if case.get("method") != "soft_movement":  # a requested fraction: exactly v_f
+            assert _kept_fraction(results[0]) == pytest.approx(0.25, abs=0.01)
+
+
+# -- refused engines --------------------------------------------------------------------------
+
+def test_data_parallel_is_refused_with_the_supported_engines_named() -> None:
+    model = MLP()
+    policy = PruningPolicy(method="movement", final_remaining=0.5, total_steps=4)
+    with pytest.raises(AttachError, match="(?s)DataParallel.*Fix: use DistributedDataParallel"
+                                          ".*FSDP2"):
+        PruningOptimizer(torch.optim.AdamW(model.parameters()), policy, model=nn.DataParallel(model))
+    assert get_pruner(model) is None and not any("pruning" in k for k in model.state_dict())
+
+
+def test_finalize_under_sharding_is_refused_and_changes_nothing() -> None:
+    from prune_plugin.distributed import Sharding
+
+    class Shards(Sharding):
+        shards = True
+        name = "FSDP2"
+
+    model = MLP()
+    pruner = attach(model, PruningPolicy(method="movement", final_remaining=0.5, total_steps=4))
+    pruner.use_sharding(Shards())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AttachError, match="(?s)FSDP2.*Fix: .*finalized_state_dict"):
+        pruner.finalize()
+    assert get_pruner(model) is pruner
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
