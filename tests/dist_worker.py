@@ -112,6 +112,52 @@ def run_case(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
         return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
+def run_resume(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """FSDP2 through ``torch.distributed.checkpoint``: train half the steps, save the sharded
+    model and optimizer state, rebuild everything, load, train the rest; and the run without
+    a break. Returns both finalized models."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from prune_plugin import PruningOptimizer, finalized_state_dict, get_pruner
+
+    policy = policy_of(case)
+
+    def build() -> tuple[nn.Module, Any]:
+        model = build_model()
+        shard(model)
+        return model, PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), policy,
+                                       model=model)
+
+    def train(model: nn.Module, optimizer: Any, steps: range) -> None:
+        for step in steps:
+            model(**batch(step, rank, world)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    try:
+        model, optimizer = build()
+        train(model, optimizer, range(STEPS))
+        whole = finalized_state_dict(model)
+        model, optimizer = build()
+        train(model, optimizer, range(STEPS // 2))
+        # the wrapped optimizer's state; the pruning state travels in the model's
+        model_state, optim_state = get_state_dict(model, optimizer.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=case["dir"])
+        model, optimizer = build()
+        model_state, optim_state = get_state_dict(model, optimizer.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=case["dir"])
+        set_state_dict(model, optimizer.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        loaded_step = get_pruner(model).step_count
+        train(model, optimizer, range(STEPS // 2, STEPS))
+        return {"whole": whole, "resumed": finalized_state_dict(model),
+                "loaded_step": loaded_step, "step": get_pruner(model).step_count}
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None
@@ -130,7 +176,8 @@ def ranks(rank: int, world: int, port: int, cases: list[dict[str, Any]], out: st
                             world_size=world)
     try:
         for case in cases:
-            result = run_case(case, rank, world)
+            run = run_resume if case["setup"] == "fsdp-resume" else run_case
+            result = run(case, rank, world)
             torch.save(result, Path(out) / f"{case['name']}.{rank}.pt")
             dist.barrier()
     finally:

@@ -135,6 +135,21 @@ def test_fsdp2_either_order_gives_every_rank_the_one_process_model(tmp_path: Pat
             assert _kept_fraction(results[0]) == pytest.approx(0.25, abs=0.01)
 
 
+@pytest.mark.slow
+def test_fsdp2_checkpoint_resumes_bitwise(tmp_path: Path) -> None:
+    """torch.distributed.checkpoint of the sharded model (scores, step) and optimizer, loaded
+    into a rebuilt run at the same world size: the rest of the run is bitwise the run without a
+    break, on both ranks."""
+    case = {"name": "fsdp-resume", "setup": "fsdp-resume", "dir": str(tmp_path / "ckpt")}
+    results = spawn(tmp_path, [case])["fsdp-resume"]
+    for r in results:
+        assert "error" not in r, r.get("traceback")
+        assert r["loaded_step"] == dist_worker.STEPS // 2 and r["step"] == dist_worker.STEPS
+        assert r["resumed"].keys() == r["whole"].keys()
+        assert all(torch.equal(v, r["whole"][k]) for k, v in r["resumed"].items())
+    assert all(torch.equal(v, results[1]["resumed"][k]) for k, v in results[0]["resumed"].items())
+
+
 # -- refused engines --------------------------------------------------------------------------
 
 def test_data_parallel_is_refused_with_the_supported_engines_named() -> None:
