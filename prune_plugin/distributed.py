@@ -136,6 +136,13 @@ def dtensor_sharding(layers: Sequence[PrunedLayer]) -> DTensorSharding | None:
     return DTensorSharding(first.device_mesh, first.placements)
 
 
+def whole_tensor(t: Tensor) -> Tensor:
+    """``t`` whole on this rank: a DTensor gathered (a collective), anything else detached."""
+    if not is_dtensor(t):
+        return t.detach()
+    return t.detach().redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim).to_local()
+
+
 @contextmanager
 def gathered(layer: PrunedLayer) -> Iterator[None]:
     """The layer's DTensor parameters whole for the code inside (a no-op when none is one).

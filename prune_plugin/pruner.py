@@ -19,7 +19,6 @@ beside the ``<module>.pruning_scores`` Parameters).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from prune_plugin.distributed import (RANKS_DISAGREE, WHOLE, ScoreGradAverager, Sharding,
                                      ddp_averages, dtensor_sharding, gathered, is_dtensor,
+                                     whole_tensor,
                                      ranks_disagree, refuse_unsupported_engines, unwrap_ddp)
 from prune_plugin.errors import AttachError, NumericalError, StateError
 from prune_plugin.hooks import MASK_KEY, SCORES_NAME, PrunedLayer, layer_of
@@ -605,8 +605,7 @@ def finalized_state_dict(model: nn.Module) -> dict[str, Tensor]:
                 continue
             layer = by_key.get(key)
             if layer is None:
-                whole = value.full_tensor() if is_dtensor(value) else value.detach()
-                out[key] = whole.cpu().clone()
+                out[key] = whole_tensor(value).cpu().clone()
                 continue
             with gathered(layer):
                 out[key] = effective_weight(layer.weight.detach(), layer.gate()).cpu().clone()

@@ -5,10 +5,6 @@ nodes) launched with torchrun on CPU. The launched runs are marked ``deepspeed``
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +15,12 @@ from prune_plugin.integrations import deepspeed as ds
 from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_count,
                                     topv_mask_reference, topv_thresholds)
 
+from .launch import free_port
+from .launch import run_ranks as launch_ranks
+from .launch import run_two_nodes
 from .models import tiny_bert
 
 WORKER = Path(__file__).with_name("ds_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(**entry) -> dict:
@@ -90,12 +88,6 @@ def test_optimizer_block_builds_a_torch_optimizer() -> None:
 
 # -- the sharded Top-v across 2 real ranks -------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sharded_rank(rank: int, world: int, port: int, parts: list, groups: list, ks: list,
                   queue, sync_free: bool | None = None) -> None:
     import torch.distributed as dist
@@ -126,7 +118,7 @@ def test_sharded_topv_on_two_ranks_matches_a_gathered_topv(dtype: torch.dtype,
     ctx = mp.get_context("spawn")
     for groups in ([[0], [1], [2]], [[0, 1, 2]]):  # local, global
         ks = [round(0.3 * sum(parts[i].numel() for i in grp)) for grp in groups]
-        queue, port = ctx.Queue(), _free_port()
+        queue, port = ctx.Queue(), free_port()
         procs = [ctx.Process(target=_sharded_rank,
                              args=(r, 2, port, parts, groups, ks, queue, sync_free))
                  for r in range(2)]
@@ -148,19 +140,9 @@ def test_sharded_topv_on_two_ranks_matches_a_gathered_topv(dtype: torch.dtype,
 
 # -- real multi-rank runs ------------------------------------------------------------------------
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
 def run_ranks(worker: Path, out: Path, *args: str, nproc: int = 2) -> None:
     """Run ``worker`` on ``nproc`` local ranks (torchrun), failing with its output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(worker), "--out", str(out), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch_ranks(worker, "--out", str(out), *args, nproc=nproc)
 
 
 def launch(tmp_path: Path, name: str, *args: str, nproc: int = 2) -> dict:
@@ -171,15 +153,8 @@ def launch(tmp_path: Path, name: str, *args: str, nproc: int = 2) -> dict:
 
 def launch_two_nodes(tmp_path: Path, name: str, *args: str) -> dict:
     """Two torchrun invocations, one process each, joined on 127.0.0.1 like two nodes."""
-    out, port = tmp_path / f"{name}.pt", _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-         f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}",
-         str(WORKER), "--out", str(out), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-        for node in (0, 1)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-4000:] for log in logs)
+    out = tmp_path / f"{name}.pt"
+    run_two_nodes(WORKER, "--out", str(out), *args)
     return torch.load(out)
 
 

@@ -6,7 +6,6 @@ one-process references run here. Engines the plugin cannot follow are refused.""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +17,15 @@ from torch import nn
 from prune_plugin import AttachError, PruningOptimizer, PruningPolicy, attach, get_pruner
 
 from . import dist_worker
+from .launch import ROOT, free_port, run_ranks, run_two_nodes
 from .models import MLP
 
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(tmp_path: Path, cases: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Run ``cases`` on 2 ranks; each case's results, rank by rank."""
-    ctx = mp.start_processes(dist_worker.ranks, args=(WORLD, _free_port(), cases, str(tmp_path)),
+    ctx = mp.start_processes(dist_worker.ranks, args=(WORLD, free_port(), cases, str(tmp_path)),
                              nprocs=WORLD, join=False, start_method="spawn")
     while not ctx.join(timeout=600):
         pass
@@ -148,6 +142,31 @@ def test_fsdp2_checkpoint_resumes_bitwise(tmp_path: Path) -> None:
         assert r["resumed"].keys() == r["whole"].keys()
         assert all(torch.equal(v, r["whole"][k]) for k, v in r["resumed"].items())
     assert all(torch.equal(v, results[1]["resumed"][k]) for k, v in results[0]["resumed"].items())
+
+
+# -- the example script, on one node and on two -------------------------------------------------
+
+SCALE_OUT = ROOT / "examples" / "scale_out.py"
+
+
+@pytest.mark.slow
+def test_scale_out_example_two_nodes_on_loopback_equal_one_node(tmp_path: Path) -> None:
+    """examples/scale_out.py under torchrun: FSDP2 on one node of 2 processes and on two nodes
+    of one process each (two launcher invocations joined on 127.0.0.1) end with bitwise the same
+    finalized model at 10% kept; DDP (built before the plugin) runs the same script to the
+    same masks."""
+    one, two, ddp = tmp_path / "one.pt", tmp_path / "two.pt", tmp_path / "ddp.pt"
+    printed = run_ranks(SCALE_OUT, "--engine", "fsdp2", "--out", str(one))
+    assert "10.00% of the pruned weights remain" in printed
+    run_two_nodes(SCALE_OUT, "--engine", "fsdp2", "--out", str(two))
+    run_ranks(SCALE_OUT, "--engine", "ddp", "--out", str(ddp))
+    one_state, two_state, ddp_state = (torch.load(p) for p in (one, two, ddp))
+    assert one_state.keys() == two_state.keys() == ddp_state.keys()
+    for key, value in one_state.items():
+        assert torch.equal(value, two_state[key]), key
+        if value.is_floating_point():
+            assert torch.equal(value == 0, ddp_state[key] == 0), key
+            assert torch.allclose(value, ddp_state[key], atol=1e-5, rtol=0), key
 
 
 # -- refused engines --------------------------------------------------------------------------
