@@ -143,6 +143,16 @@ def whole_tensor(t: Tensor) -> Tensor:
     return t.detach().redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim).to_local()
 
 
+_GATHERED = ("weight", "pruning_scores")  # the weight and hooks.SCORES_NAME
+
+
+def holds_dtensors(module: nn.Module) -> bool:
+    """Whether the Linear's weight or scores are DTensor shards right now (FSDP2 outside its
+    gathered forward, or scores it does not manage)."""
+    params = module._parameters
+    return any(is_dtensor(params.get(name)) for name in _GATHERED)
+
+
 @contextmanager
 def gathered(layer: PrunedLayer) -> Iterator[None]:
     """The layer's DTensor parameters whole for the code inside (a no-op when none is one).
@@ -153,7 +163,7 @@ def gathered(layer: PrunedLayer) -> Iterator[None]:
     Outside forwards (``finalize``) the weight is gathered too."""
     module = layer.module
     swapped = {}
-    for name in ("weight", "pruning_scores"):
+    for name in _GATHERED:
         p = module._parameters.get(name)
         if is_dtensor(p):
             swapped[name] = p

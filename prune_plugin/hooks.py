@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from prune_plugin.distributed import gathered
+from prune_plugin.distributed import gathered, holds_dtensors
 from prune_plugin.masks import (effective_weight, floor_scores, hard_concrete_gate, l0_linear,
                                 l0_noise, masked_linear)
 from prune_plugin.selection import TopVThreshold
@@ -152,8 +152,10 @@ class PrunedLayer:
     # -- the module's computation ---------------------------------------------------------------
 
     def forward(self, input: Tensor) -> Tensor:
-        with gathered(self):  # FSDP2 scores attached after fully_shard: whole for the forward
-            return self._forward(input)
+        if holds_dtensors(self.module):  # FSDP2 scores attached after fully_shard
+            with gathered(self):
+                return self._forward(input)
+        return self._forward(input)
 
     def _forward(self, input: Tensor) -> Tensor:
         m, method = self.module, self.pruner.method
