@@ -216,6 +216,7 @@ class ZeroSharding(Sharding):
     shards = True
     name = "ZeRO-3"
     refresh_after_load = False  # the engine's load_checkpoint refreshes (see bind)
+    supports_units = False  # a member's forward gathers its own module's parameters only
 
     def __init__(self, group: Any) -> None:
         self.group = group

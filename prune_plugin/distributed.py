@@ -20,7 +20,7 @@ replicates the modules on every forward) and FSDP1 (it flattens the weights).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,8 @@ class Sharding:
     #: Whether ``model.load_state_dict`` may rebuild masks missing from a checkpoint (a
     #: collective when sharded; ZeRO-3's engine refreshes after its own loading instead).
     refresh_after_load: bool = True
+    #: Whether structured pruning can run on it (its unit importances made whole).
+    supports_units: bool = True
 
     def local(self, t: Tensor) -> Tensor:
         return t.detach().reshape(-1)
@@ -90,12 +92,15 @@ class DTensorSharding(Sharding):
         self.placements = tuple(placements)
         self._groups = [mesh.get_group(d) for d, p in enumerate(self.placements)
                         if p.is_shard()]
+        #: Every process group of the mesh: averaging over each in turn averages over all.
+        self.groups = [mesh.get_group(d) for d in range(mesh.ndim)]
 
     def __repr__(self) -> str:
         return f"DTensorSharding(mesh={tuple(self.mesh.shape)}, placements={self.placements})"
 
     def local(self, t: Tensor) -> Tensor:
-        return t.detach().to_local().reshape(-1)
+        # (a plain tensor is one replicated on every rank: structured pruning's unit scores)
+        return (t.detach().to_local() if is_dtensor(t) else t.detach()).reshape(-1)
 
     def all_reduce(self, t: Tensor) -> None:
         device = self.mesh.device_type
@@ -224,18 +229,20 @@ def ddp_averages(ddp: Any, params: Sequence[Tensor]) -> bool:
 
 
 class ScoreGradAverager:
-    """DDP built before the plugin: averages the scores' gradients over DDP's process group.
+    """Averages the gradients of scores no engine knows of, over ``groups`` in turn (together
+    every rank that trains on other data): the scores of a DDP built before the plugin, and
+    structured pruning's few unit scores, kept whole on every rank, under FSDP2.
 
-    At start, rank 0's scores are broadcast (as DDP broadcasts the parameters it is built
-    with). In each backward DDP synchronises (``no_sync`` skips it, as it skips DDP's own), the
-    last score gradient to be accumulated launches one asynchronous all-reduce of all of them,
-    flattened into one bucket; the end of the backward waits for it and writes back the
-    average. No value is read back to the host."""
+    At start, each group's first rank's scores are broadcast (as DDP broadcasts the parameters
+    it is built with). In each backward where ``syncs()`` (DDP: not under ``no_sync``, as its
+    own), the last score gradient to be accumulated launches one asynchronous all-reduce of all
+    of them, flattened into one bucket; the end of the backward waits for it and writes back
+    the average. No value is read back to the host."""
 
-    def __init__(self, ddp: Any, scores: Sequence[nn.Parameter]) -> None:
-        self.ddp = ddp
-        self.group = ddp.process_group
-        self.world = dist.get_world_size(self.group)
+    def __init__(self, groups: Sequence[Any], scores: Sequence[nn.Parameter],
+                 syncs: Callable[[], bool] = lambda: True) -> None:
+        self.groups = list(groups)
+        self.syncs = syncs
         self.scores = list(scores)
         self._ready = 0
         self._queued = False
@@ -243,7 +250,8 @@ class ScoreGradAverager:
         self._flat: Tensor | None = None
         with torch.no_grad():
             flat = torch._utils._flatten_dense_tensors([s.detach() for s in self.scores])
-            dist.broadcast(flat, src=dist.get_global_rank(self.group, 0), group=self.group)
+            for group in self.groups:
+                dist.broadcast(flat, src=dist.get_global_rank(group, 0), group=group)
             for s, synced in zip(self.scores,
                                  torch._utils._unflatten_dense_tensors(flat, self.scores)):
                 s.copy_(synced)
@@ -256,7 +264,7 @@ class ScoreGradAverager:
         self._handles = []
 
     def _on_grad(self, param: Tensor) -> None:
-        if not self.ddp.require_backward_grad_sync:
+        if not self.syncs():
             return
         if not self._queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish)
@@ -269,13 +277,17 @@ class ScoreGradAverager:
         with torch.no_grad():
             grads = [torch.zeros_like(s) if s.grad is None else s.grad for s in self.scores]
             self._flat = torch._utils._flatten_dense_tensors(grads)
-        self._work = dist.all_reduce(self._flat, group=self.group, async_op=True)
+        # the first group's all-reduce starts now; the others (HSDP) follow it at the end
+        self._work = dist.all_reduce(self._flat, group=self.groups[0], async_op=True)
 
     def _finish(self) -> None:
         if self._work is None:  # a score got no gradient in this backward: launch now
             self._launch()
         self._work.wait()
-        flat = self._flat.div_(self.world)
+        flat = self._flat.div_(dist.get_world_size(self.groups[0]))
+        for group in self.groups[1:]:
+            dist.all_reduce(flat, group=group)
+            flat.div_(dist.get_world_size(group))
         with torch.no_grad():
             for s, avg in zip(self.scores,
                               torch._utils._unflatten_dense_tensors(flat, self.scores)):

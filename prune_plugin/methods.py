@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor, nn
 
+from prune_plugin.distributed import whole_tensor
 from prune_plugin.masks import (expected_l0_grad, floor_scores, floored, hard_concrete_gate,
                                 l0_eval_gate, l0_noise, logit, sigmoid_penalty_grad,
                                 threshold_mask)
@@ -127,8 +128,9 @@ class PruningMethod:
         return layer.mask
 
     def importance(self, selectable: PrunedLayer | UnitGroup) -> Tensor:
-        """What a mask ranks or thresholds: the scores by default."""
-        return selectable.scores.detach()
+        """What a mask ranks or thresholds: the scores by default (whole: FSDP2's shards of a
+        unit group's few scores are gathered)."""
+        return whole_tensor(selectable.scores)
 
     def sampling_mask(self, layer: PrunedLayer) -> Tensor | None:
         """A mask applied on top of the gates sampled in training forwards (None: none)."""
@@ -163,7 +165,7 @@ class _TopV(PruningMethod):
             kinds = dict.fromkeys(getattr(layer, "kind", "") for layer in layers)
             groups = [[layer for layer in layers if getattr(layer, "kind", "") == kind]
                       for kind in kinds]
-        if pruner.sharding.shards:
+        if pruner.thresholds:
             self._refresh_sharded(pruner, remaining, groups)
         elif pruner.sync_free(layers[0].weight):
             self._refresh_on_device(remaining, groups)
@@ -268,11 +270,11 @@ class SoftMovement(_Regularized):
     def refresh(self, pruner: Pruner) -> None:
         tau = self.schedule_value(pruner.step_count)
         for layer in pruner.selectables:
-            if pruner.sharding.shards:  # S > logit(tau): a threshold with no ties
+            if pruner.thresholds:  # S > logit(tau): a threshold with no ties
                 layer.set_threshold(None if tau <= 0.0 else TopVThreshold(
                     torch.tensor(logit(tau)), torch.tensor(0), 0))
             else:
-                layer.set_mask(threshold_mask(layer.scores.detach(), tau,
+                layer.set_mask(threshold_mask(self.importance(layer), tau,
                                               out=layer.mask_buffer()))
 
 
@@ -354,13 +356,14 @@ def _controlled_factor(pruner: Pruner, edge: float, target: float, band: float) 
     kinds: dict[str, list] = defaultdict(list)
     for sel in pruner.selectables:
         kinds[getattr(sel, "kind", "")].append(sel)
-    sharded = pruner.sharding.shards
+    sharded = pruner.thresholds
     counts = torch.stack([
         torch.stack([(part > edge).sum(dtype=torch.float32) for part in (
             pruner.local_importance(sel) if sharded else method.importance(sel)
             for sel in sels)]).sum()
         for sels in kinds.values()])
-    pruner.sharding.all_reduce(counts)
+    if sharded:
+        pruner.sharding.all_reduce(counts)
     totals = torch.tensor([float(sum(sel.numel for sel in sels)) for sels in kinds.values()],
                           device=counts.device)  # over all ranks
     return controlled_lambda_factor(counts / totals, target, band).min()
@@ -446,7 +449,7 @@ class SoftMovementControlled(_ToTarget, SoftMovement):
         tau = self.threshold_at(step)
         if self.in_cooldown(step) or tau <= 0.0:
             return
-        if not pruner.sharding.shards:
+        if not pruner.thresholds:
             for sel in pruner.selectables:
                 if sel.mask is not None:
                     sel.mask.logical_or_(threshold_mask(self.importance(sel), tau))

@@ -111,9 +111,15 @@ class Pruner:
             self.use_sharding(dtensor_sharding(self.layers))
         return WHOLE if self._sharding is None else self._sharding
 
+    @property
+    def thresholds(self) -> bool:
+        """Whether masks are thresholds agreed across ranks, rebuilt in each forward (sharded
+        scores, one per weight); structured pruning's few unit scores are selected whole."""
+        return self.sharding.shards and not self.units
+
     def use_sharding(self, sharding: Sharding) -> None:
         """An engine shards the scores (ZeRO-3): masks become thresholds agreed across ranks."""
-        if self.units and sharding.shards:
+        if self.units and not sharding.supports_units:
             raise AttachError(f"structured pruning (structure {self.policy.structure!r}) under "
                               f"{sharding.name} is not supported yet. Fix: use structure "
                               "'unstructured', or DDP / ZeRO stage 0-2.")
@@ -123,7 +129,8 @@ class Pruner:
         """DDP wraps the model: if it was built before the scores existed, average their
         gradients here (:class:`~prune_plugin.distributed.ScoreGradAverager`)."""
         if self._grad_sync is None and self.scores and not ddp_averages(ddp, self.scores):
-            self._grad_sync = ScoreGradAverager(ddp, self.scores)
+            self._grad_sync = ScoreGradAverager(
+                [ddp.process_group], self.scores, lambda: ddp.require_backward_grad_sync)
 
     def local_importance(self, layer: PrunedLayer) -> Tensor:
         """This rank's real elements of what the layer's masks rank: its scores, or |W|."""
@@ -262,7 +269,7 @@ class Pruner:
     def kept_counts(self) -> list[int]:
         """Weights each layer's forward keeps. With sharded scores each rank counts its shard
         and one all-reduce adds them up (a collective: call it on every rank)."""
-        if not self.sharding.shards:
+        if not self.thresholds:
             return [layer.kept() for layer in self.layers]
         local = []
         with torch.no_grad():
@@ -302,7 +309,7 @@ class Pruner:
         if not self.method.samples_gates:
             return group.mask
         with torch.no_grad():
-            kept = self.method.gate_of(group.scores.detach(), self.gate_floor) > 0
+            kept = self.method.gate_of(self.method.importance(group), self.gate_floor) > 0
         return kept if group.mask is None else kept & group.mask
 
     # -- state ----------------------------------------------------------------------------------
@@ -511,6 +518,8 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
     make = score_factory or pruner.method.initial_scores
     if score_factory is None and pruner.sharding.shards:  # FSDP2 sharded before attaching
         make = partial(_sharded_scores, pruner)
+        if pruner.units and pruner.method.has_scores:  # a few per unit: whole on every rank
+            make = pruner.method.initial_scores
     try:
         for layer in pruner.layers:
             owns = pruner.method.has_scores and layer.is_owner
@@ -522,6 +531,9 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
         model.__dict__[PRUNER_ATTR] = pruner
         if ddp is not None:
             pruner.follow_ddp(ddp)
+        elif pruner.units and pruner.sharding.shards and pruner.scores and \
+                not is_dtensor(pruner.scores[0]):  # FSDP2 does not know them: average here
+            pruner._grad_sync = ScoreGradAverager(pruner.sharding.groups, pruner.scores)
         pruner.refresh()
     except BaseException:
         pruner.detach()

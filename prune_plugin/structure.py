@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from prune_plugin.errors import TargetingError
+from prune_plugin.distributed import is_dtensor
+from prune_plugin.errors import AttachError, TargetingError
 from prune_plugin.policy import PruningPolicy, UnitGroupSpec
 
 if TYPE_CHECKING:
@@ -90,6 +91,35 @@ class Layout:
         along = t.sum(1 - self.axis)
         return along.view(-1, self.size).sum(1)
 
+    def reduce_squares(self, weight: Tensor) -> Tensor:
+        """The sum of squares of each unit's weights, in fp32; a DTensor ``weight`` (FSDP2,
+        rows sharded) is reduced shard by shard and summed across ranks (a collective), so no
+        rank gathers the weight."""
+        if not is_dtensor(weight):
+            w = weight.detach().float()
+            return self.reduce(w * w)
+        if self.block is not None:
+            raise AttachError("structure 'blocks' under FSDP2 is not supported. Fix: prune "
+                              "heads or neurons (structure heads, neurons or hybrid), or train "
+                              "with DDP.")
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = weight.detach().to_local().float()
+        squares = local * local
+        if self.axis == 0:  # this rank's rows, placed at their offset among all the rows
+            _, offset = compute_local_shape_and_global_offset(
+                weight.shape, weight.device_mesh, weight.placements)
+            along = squares.new_zeros(self.shape[0])
+            along[offset[0]:offset[0] + local.shape[0]] = squares.sum(1)
+        else:  # every column, summed over this rank's rows
+            along = squares.sum(0)
+        mesh = weight.device_mesh
+        placements = [Partial() if p.is_shard() else Replicate() for p in weight.placements]
+        along = DTensor.from_local(along, mesh, placements).redistribute(
+            mesh, [Replicate()] * mesh.ndim).to_local()
+        return along.view(-1, self.size).sum(1)
+
 
 @dataclass
 class Member:
@@ -135,8 +165,7 @@ class UnitGroup:
         """L2 norm of each unit's weights over every member (magnitude pruning's importance)."""
         total = None
         for member in self.members:
-            w = member.layer.weight.detach().float()
-            part = member.layout.reduce(w * w)
+            part = member.layout.reduce_squares(member.layer.weight)
             total = part if total is None else total + part
         return total.sqrt_().to(self.weight.dtype).view(self.shape)
 

@@ -38,12 +38,13 @@ def policy_of(case: dict[str, Any]):
 
 
 def build_model() -> nn.Module:
-    """A tiny BERT whose FFN has an odd width (51): FSDP2 shards it unevenly (26 + 25 rows)."""
+    """A tiny BERT whose FFN has an odd width (51): FSDP2 shards it unevenly (26 + 25 rows);
+    4 heads, of which structured pruning at 25% keeps one per block."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=51, max_position_embeddings=64,
+                        num_attention_heads=4, intermediate_size=51, max_position_embeddings=64,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertForSequenceClassification(config)
 

@@ -82,6 +82,8 @@ DDP_CASES = [
     {"name": "ddp-wrap-first", "setup": "ddp-wrap-first"},
     {"name": "ddp-wrap-first-accumulation", "setup": "ddp-wrap-first", "micros": 2},
     {"name": "ddp-wrap-first-l0", "setup": "ddp-wrap-first", "method": "l0"},
+    {"name": "ddp-wrap-first-hybrid", "setup": "ddp-wrap-first",
+     "policy": {"structure": "hybrid"}},
     {"name": "ddp-inner-given", "setup": "ddp-inner-given"},
 ]
 
@@ -109,7 +111,11 @@ FSDP_CASES = [
                          ("movement-global", {"scope": "global"}),
                          ("magnitude", {"method": "magnitude"}),
                          ("soft-movement", {"method": "soft_movement"}),
-                         ("l0", {"method": "l0"})]]
+                         ("l0", {"method": "l0"}),
+                         ("movement-hybrid", {"policy": {"structure": "hybrid"}}),
+                         ("magnitude-hybrid", {"method": "magnitude",
+                                               "policy": {"structure": "hybrid"}}),
+                         ("l0-hybrid", {"method": "l0", "policy": {"structure": "hybrid"}})]]
 
 
 @pytest.mark.slow
@@ -117,7 +123,10 @@ def test_fsdp2_either_order_gives_every_rank_the_one_process_model(tmp_path: Pat
     """FSDP2 (fully_shard on each block and the root), attached before or after sharding:
     the scores are DTensor shards like their weights, masks come from the exact sharded Top-v
     (no rank holds a whole layer's scores between forwards), and every method ends with the
-    same finalized model on both ranks as in one process."""
+    same finalized model on both ranks as in one process. Structured pruning (hybrid: heads and
+    FFN neurons) selects on whole unit importances: the few unit scores gathered (or, attached
+    after sharding, kept whole and averaged by the plugin), magnitude's unit norms reduced shard
+    by shard."""
     runs = spawn(tmp_path, FSDP_CASES)
     for case in FSDP_CASES:
         results = runs[case["name"]]
@@ -125,7 +134,8 @@ def test_fsdp2_either_order_gives_every_rank_the_one_process_model(tmp_path: Pat
         assert results[0]["sharding"] == "FSDP2"
         ref = single(case)
         assert_same_model(results[0], ref, atol=1e-4 if case.get("method") == "l0" else 1e-5)
-        if case.get("method") != "soft_movement":  # a requested fraction: exactly v_f
+        unstructured = "structure" not in case.get("policy", {})
+        if unstructured and case.get("method") != "soft_movement":  # exactly v_f
             assert _kept_fraction(results[0]) == pytest.approx(0.25, abs=0.01)
 
 
