@@ -216,7 +216,6 @@ class ZeroSharding(Sharding):
     shards = True
     name = "ZeRO-3"
     refresh_after_load = False  # the engine's load_checkpoint refreshes (see bind)
-    supports_units = False  # a member's forward gathers its own module's parameters only
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -316,6 +315,13 @@ def bind(engine: Any) -> PruningSchedule:
     optimizer.counts_steps = False  # ZeRO steps it once per param group
     if engine.zero_optimization_stage() == 3:
         pruner.use_sharding(_zero3_sharding(engine.module))
+        import deepspeed
+
+        for group in pruner.units:  # every member's forward reads the owner's unit scores
+            if group.scores is not None:
+                for member in group.members[1:]:
+                    deepspeed.zero.register_external_parameter(member.layer.module,
+                                                               group.scores)
     schedule = PruningSchedule(scheduler, pruner, optimizer)
     engine.lr_scheduler = schedule
     load_checkpoint = engine.load_checkpoint

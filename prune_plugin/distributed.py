@@ -141,11 +141,23 @@ def dtensor_sharding(layers: Sequence[PrunedLayer]) -> DTensorSharding | None:
     return DTensorSharding(first.device_mesh, first.placements)
 
 
+def is_zero_partitioned(t: Any) -> bool:
+    """Whether ``t`` is a DeepSpeed ZeRO-3 parameter (``ds_tensor`` holds this rank's part)."""
+    return hasattr(t, "ds_tensor")
+
+
 def whole_tensor(t: Tensor) -> Tensor:
-    """``t`` whole on this rank: a DTensor gathered (a collective), anything else detached."""
-    if not is_dtensor(t):
-        return t.detach()
-    return t.detach().redistribute(t.device_mesh, [Replicate()] * t.device_mesh.ndim).to_local()
+    """``t`` whole on this rank: a DTensor or a ZeRO-3 parameter gathered (a collective; for
+    small tensors such as unit scores), anything else detached."""
+    if is_dtensor(t):
+        mesh = t.device_mesh
+        return t.detach().redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
+    if is_zero_partitioned(t) and t.numel() != t.ds_numel:  # not gathered right now
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([t]):
+            return t.detach().clone()
+    return t.detach()
 
 
 _GATHERED = ("weight", "pruning_scores")  # the weight and hooks.SCORES_NAME

@@ -147,7 +147,7 @@ class PrunedLayer:
         if gate is None:
             return self.numel
         # a gate per row or column (structured) stands for numel / gate.numel() weights each
-        return int(torch.count_nonzero(gate)) * (self.weight.numel() // gate.numel())
+        return int(torch.count_nonzero(gate)) * (self.numel // gate.numel())
 
     # -- the module's computation ---------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from prune_plugin.distributed import is_dtensor
+from prune_plugin.distributed import is_dtensor, is_zero_partitioned
 from prune_plugin.errors import AttachError, TargetingError
 from prune_plugin.policy import PruningPolicy, UnitGroupSpec
 
@@ -95,13 +95,16 @@ class Layout:
         """The sum of squares of each unit's weights, in fp32; a DTensor ``weight`` (FSDP2,
         rows sharded) is reduced shard by shard and summed across ranks (a collective), so no
         rank gathers the weight."""
-        if not is_dtensor(weight):
+        zero = is_zero_partitioned(weight) and weight.numel() != weight.ds_numel
+        if not (zero or is_dtensor(weight)):
             w = weight.detach().float()
             return self.reduce(w * w)
         if self.block is not None:
-            raise AttachError("structure 'blocks' under FSDP2 is not supported. Fix: prune "
-                              "heads or neurons (structure heads, neurons or hybrid), or train "
-                              "with DDP.")
+            raise AttachError("structure 'blocks' with sharded weights (FSDP2, ZeRO-3) is not "
+                              "supported. Fix: prune heads or neurons (structure heads, neurons "
+                              "or hybrid), or train with DDP or ZeRO stage 0-2.")
+        if zero:
+            return self._reduce_zero_squares(weight)
         from torch.distributed.tensor import DTensor, Partial, Replicate
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -118,6 +121,23 @@ class Layout:
         placements = [Partial() if p.is_shard() else Replicate() for p in weight.placements]
         along = DTensor.from_local(along, mesh, placements).redistribute(
             mesh, [Replicate()] * mesh.ndim).to_local()
+        return along.view(-1, self.size).sum(1)
+
+    def _reduce_zero_squares(self, weight: Tensor) -> Tensor:
+        """ZeRO-3: this rank's flat slice of the weight, each element's square added to its row
+        or column, then summed across ranks."""
+        import deepspeed.comm as dist
+
+        shard = weight.ds_tensor.detach().reshape(-1)
+        start = dist.get_rank(group=weight.ds_process_group) * shard.numel()
+        valid = max(0, min(shard.numel(), weight.ds_numel - start))
+        part = shard[:valid].float()
+        index = torch.arange(start, start + valid, device=part.device)
+        rows, cols = self.shape
+        line = index // cols if self.axis == 0 else index % cols
+        along = part.new_zeros(rows if self.axis == 0 else cols)
+        along.index_add_(0, line, part * part)
+        dist.all_reduce(along, group=weight.ds_process_group)
         return along.view(-1, self.size).sum(1)
 
 
@@ -269,8 +289,9 @@ def find_unit_groups(model: nn.Module, policy: PruningPolicy,
                     raise TargetingError(f"{n!r} has {dim} {'rows' if axis == 0 else 'columns'}, "
                                          f"not a multiple of the {units} {spec.kind} of its "
                                          "block. Fix: set units in unit_groups.")
+                shape = getattr(module.weight, "ds_shape", module.weight.shape)  # ZeRO-3
                 members.append(Member(layers[n], Layout(axis=axis, size=dim // units,
-                                                        shape=tuple(module.weight.shape))))
+                                                        shape=tuple(shape))))
             groups.append(UnitGroup(names[0], spec.kind, (units,), members))
     order = {name: i for i, name in enumerate(linears)}
     groups.sort(key=lambda group: order[group.name])  # model order: block by block
