@@ -67,6 +67,21 @@ class PruningCallback(TrainerCallback):
             state.log_history[-1].update(extra)
 
 
+def check_fsdp(trainer: Any) -> None:
+    """The Trainer's ``fsdp`` arguments: FSDP2 (``fsdp_config={"fsdp_version": 2}``) shards the
+    model after the optimizer (and the scores) exist, as a loop that attaches before
+    ``fully_shard`` does; FSDP1, accelerate's default, flattens the weights, so it is refused
+    before training starts."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    version = getattr(plugin, "fsdp_version", 1)
+    if version != 2:
+        raise ValueError(f"the Trainer's fsdp arguments select FSDP{version}, which flattens the "
+                         "weights into one buffer, so no Linear keeps a weight to prune. Fix: "
+                         "fsdp_config={'fsdp_version': 2} (FSDP2, fully_shard), or DeepSpeed.")
+
+
 def pruning_logs(optimizer: PruningOptimizer | None) -> dict[str, float]:
     """Remaining weights (and the schedule's target, and lambda) for the training logs."""
     if optimizer is None or optimizer.pruner.closed:
@@ -114,6 +129,7 @@ class PruningTrainer(Trainer):
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         self._check_deepspeed()  # may take the policy from the DeepSpeed config
+        check_fsdp(self)
         if self.pruning_policy is not None and \
                 not any(isinstance(c, PruningCallback) for c in self.callback_handler.callbacks):
             self.add_callback(PruningCallback())

@@ -205,3 +205,22 @@ def test_finalize_under_sharding_is_refused_and_changes_nothing() -> None:
         pruner.finalize()
     assert get_pruner(model) is pruner
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_trainer_fsdp1_is_refused_and_fsdp2_accepted() -> None:
+    """The Trainer's fsdp arguments: FSDP1 (accelerate's default) is refused with the fix
+    before training; FSDP2 passes (it shards after the optimizer and scores exist)."""
+    from types import SimpleNamespace
+
+    from prune_plugin.integrations.transformers import check_fsdp
+
+    def trainer(version: int | None) -> SimpleNamespace:
+        plugin = None if version is None else SimpleNamespace(fsdp_version=version)
+        return SimpleNamespace(is_fsdp_enabled=version is not None,
+                               accelerator=SimpleNamespace(state=SimpleNamespace(
+                                   fsdp_plugin=plugin)))
+
+    with pytest.raises(ValueError, match="FSDP1.*Fix: fsdp_config=.*'fsdp_version': 2"):
+        check_fsdp(trainer(1))
+    check_fsdp(trainer(2))
+    check_fsdp(trainer(None))
