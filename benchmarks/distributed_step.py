@@ -10,7 +10,9 @@ pruning to 10% (masks refreshed every step, the warm-up over), all-MiniLM-L6-v2 
 weights), batch 8 x 128 per rank. DDP is built before the plugin (the plugin averages the
 scores' gradients), and once after attaching (DDP averages them); FSDP2 shards each block and
 the root before attaching (each forward gathers its layer's scores), and once after (FSDP2
-gathers them with the block's weights). Prints one JSON line per engine.
+gathers them with the block's weights). Prints one JSON line per engine. ``--memory`` runs
+each variant alone in fresh processes instead and prints the largest rank's peak resident
+memory.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import batch_for, build_model  # noqa: E402
 
 WORLD = 2
+ENGINES = (("ddp", ("unstructured", "hybrid")), ("fsdp2", ("unstructured", "hybrid")))
 
 
 def _variant(engine: str, pruned: bool, structure: str, attach_first: bool = False
@@ -85,7 +88,7 @@ def _rank(rank: int, port: int, repeats: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     results = []
-    for engine, structures in (("ddp", ("unstructured", "hybrid")), ("fsdp2", ("unstructured",))):
+    for engine, structures in ENGINES:
         variants = {"dense": _variant(engine, False, "")}
         for structure in structures:
             variants[f"movement-{structure}"] = _variant(engine, True, structure)
@@ -123,19 +126,57 @@ def _rank(rank: int, port: int, repeats: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _peak(rank: int, port: int, engine: str, name: str, out: str) -> None:
+    """One variant alone in fresh processes: 3 steps, then each rank's peak resident memory."""
+    import resource
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    structure = name.split("-", 1)[1] if name != "dense" else ""
+    model, optimizer, _ = _variant(engine, name != "dense", structure)
+    batch = batch_for("minilm", batch=8, seed=rank)
+    for _ in range(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        Path(out).write_text(json.dumps({"engine": engine, "variant": name,
+                                         "peak_rss_mib_max_rank": round(float(peak), 1)}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", default="benchmarks/out/distributed_step.jsonl")
+    parser.add_argument("--memory", action="store_true",
+                        help="instead: each variant alone, each rank's peak resident memory")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(port, args.repeats, args.out), nprocs=WORLD,
-                       start_method="spawn")
+    if args.memory:
+        rows = []
+        for engine, structures in ENGINES:
+            for name in ["dense"] + [f"movement-{s}" for s in structures]:
+                mp.start_processes(_peak, args=(_port(), engine, name, args.out), nprocs=WORLD,
+                                   start_method="spawn")
+                rows.append(Path(args.out).read_text())
+        Path(args.out).write_text("\n".join(rows) + "\n")
+    else:
+        mp.start_processes(_rank, args=(_port(), args.repeats, args.out), nprocs=WORLD,
+                           start_method="spawn")
     print(Path(args.out).read_text(), end="")
 
 
