@@ -230,6 +230,7 @@ class PrunedLayer:
         if m.__dict__.get("forward") == self.forward:
             del m.forward
         m.__dict__.pop(LAYER_ATTR, None)
+        m.__dict__.pop(MASK_KEY, None)
         if SCORES_NAME in m._parameters:
             del m._parameters[SCORES_NAME]
         self.mask = self._mask_buffer = self._inference = None
@@ -242,6 +243,8 @@ class PrunedLayer:
         mask = self.saved_mask
         if mask is not None and self.is_owner:
             state_dict[prefix + MASK_KEY] = mask.detach()
+            # torch.distributed.checkpoint resolves each key as an attribute path
+            module.__dict__[MASK_KEY] = state_dict[prefix + MASK_KEY]
 
     def _load_mask(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                    local_metadata: Any, strict: bool, missing_keys: list[str],

@@ -159,6 +159,36 @@ def run_resume(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
         return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
+def run_shrink(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """Structured pruning under FSDP2 (or in one process), then the shrunk model: the full
+    state dict (scores, unit masks, step) loaded into an unsharded copy with the same policy,
+    and ``finalize(shrink=True)`` there. Returns the shrunk model's logits and shapes."""
+    from prune_plugin import PruningOptimizer, attach, finalize
+
+    policy = policy_of(case)
+    model = build_model()
+    if world > 1:
+        shard(model)
+    optimizer = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), policy,
+                                 model=model)
+    for step in range(STEPS):
+        model(**batch(step, rank, world)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        model = build_model()
+        attach(model, policy)
+        model.load_state_dict(full)
+    finalize(model, shrink=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch(0, 0, 1)["input_ids"]).logits
+    return {"logits": logits, "shapes": {n: tuple(p.shape) for n, p in model.named_parameters()}}
+
+
 class _nothing:
     def __enter__(self) -> None:
         return None
@@ -177,7 +207,8 @@ def ranks(rank: int, world: int, port: int, cases: list[dict[str, Any]], out: st
                             world_size=world)
     try:
         for case in cases:
-            run = run_resume if case["setup"] == "fsdp-resume" else run_case
+            run = {"fsdp-resume": run_resume, "fsdp-shrink": run_shrink}.get(case["setup"],
+                                                                            run_case)
             result = run(case, rank, world)
             torch.save(result, Path(out) / f"{case['name']}.{rank}.pt")
             dist.barrier()

@@ -154,6 +154,23 @@ def test_fsdp2_checkpoint_resumes_bitwise(tmp_path: Path) -> None:
     assert all(torch.equal(v, results[1]["resumed"][k]) for k, v in results[0]["resumed"].items())
 
 
+@pytest.mark.slow
+def test_fsdp2_structured_run_shrinks_to_the_one_process_model(tmp_path: Path) -> None:
+    """Hybrid movement under FSDP2, then its full state dict loaded into an unsharded copy
+    attached with the same policy, and finalize(shrink=True) there: the same smaller Linears
+    and the same logits as the run in one process shrunk directly."""
+    case = {"name": "fsdp-shrink", "setup": "fsdp-shrink", "policy": {"structure": "hybrid"}}
+    results = spawn(tmp_path, [case])["fsdp-shrink"]
+    ref = dist_worker.run_shrink(case, rank=0, world=1)
+    for r in results:
+        assert "error" not in r, r.get("traceback")
+        assert r["shapes"] == ref["shapes"]
+        assert torch.allclose(r["logits"], ref["logits"], atol=1e-5, rtol=0)
+    assert any(shape != full for shape, full in zip(
+        ref["shapes"].values(), dict((n, tuple(p.shape)) for n, p in
+                                     dist_worker.build_model().named_parameters()).values()))
+
+
 # -- the example script, on one node and on two -------------------------------------------------
 
 SCALE_OUT = ROOT / "examples" / "scale_out.py"
