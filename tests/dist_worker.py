@@ -159,6 +159,38 @@ def run_resume(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
         return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
 
 
+def run_reshard(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """``fsdp-save``: train half the steps under FSDP2 and save a sharded checkpoint;
+    ``fsdp-load``: load it (at whatever world size this spawn has). Both return the finalized
+    model and the step at that point."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    from prune_plugin import PruningOptimizer, finalized_state_dict, get_pruner
+
+    try:
+        model = build_model()
+        shard(model)
+        optimizer = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                     policy_of(case), model=model)
+        if case["setup"] == "fsdp-save":
+            for step in range(STEPS // 2):
+                model(**batch(step, rank, world)).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        model_state, optim_state = get_state_dict(model, optimizer.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        if case["setup"] == "fsdp-save":
+            dcp.save(state, checkpoint_id=case["dir"])
+        else:
+            dcp.load(state, checkpoint_id=case["dir"])
+            set_state_dict(model, optimizer.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        return {"state": finalized_state_dict(model), "step": get_pruner(model).step_count}
+    except Exception as err:
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+
+
 def run_shrink(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     """Structured pruning under FSDP2 (or in one process), then the shrunk model: the full
     state dict (scores, unit masks, step) loaded into an unsharded copy with the same policy,
@@ -207,8 +239,9 @@ def ranks(rank: int, world: int, port: int, cases: list[dict[str, Any]], out: st
                             world_size=world)
     try:
         for case in cases:
-            run = {"fsdp-resume": run_resume, "fsdp-shrink": run_shrink}.get(case["setup"],
-                                                                            run_case)
+            run = {"fsdp-resume": run_resume, "fsdp-shrink": run_shrink,
+                   "fsdp-save": run_reshard, "fsdp-load": run_reshard}.get(case["setup"],
+                                                                           run_case)
             result = run(case, rank, world)
             torch.save(result, Path(out) / f"{case['name']}.{rank}.pt")
             dist.barrier()

@@ -23,14 +23,15 @@ from .models import MLP
 WORLD = 2
 
 
-def spawn(tmp_path: Path, cases: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Run ``cases`` on 2 ranks; each case's results, rank by rank."""
-    ctx = mp.start_processes(dist_worker.ranks, args=(WORLD, free_port(), cases, str(tmp_path)),
-                             nprocs=WORLD, join=False, start_method="spawn")
+def spawn(tmp_path: Path, cases: list[dict[str, Any]], world: int = WORLD
+          ) -> dict[str, list[dict[str, Any]]]:
+    """Run ``cases`` on ``world`` ranks; each case's results, rank by rank."""
+    ctx = mp.start_processes(dist_worker.ranks, args=(world, free_port(), cases, str(tmp_path)),
+                             nprocs=world, join=False, start_method="spawn")
     while not ctx.join(timeout=600):
         pass
     return {case["name"]: [torch.load(tmp_path / f"{case['name']}.{rank}.pt", weights_only=False)
-                           for rank in range(WORLD)] for case in cases}
+                           for rank in range(world)] for case in cases}
 
 
 def single(case: dict[str, Any]) -> dict[str, Any]:
@@ -152,6 +153,22 @@ def test_fsdp2_checkpoint_resumes_bitwise(tmp_path: Path) -> None:
         assert r["resumed"].keys() == r["whole"].keys()
         assert all(torch.equal(v, r["whole"][k]) for k, v in r["resumed"].items())
     assert all(torch.equal(v, results[1]["resumed"][k]) for k, v in results[0]["resumed"].items())
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_reshards_to_another_world_size(tmp_path: Path) -> None:
+    """A sharded checkpoint written by 2 ranks loads into 1 (torch.distributed.checkpoint
+    reshards by the tensors' global shapes): the same step and bitwise the same finalized model
+    as the 2 ranks had when they saved."""
+    ckpt = str(tmp_path / "ckpt")
+    saved = spawn(tmp_path, [{"name": "save", "setup": "fsdp-save", "dir": ckpt}])["save"]
+    loaded = spawn(tmp_path, [{"name": "load", "setup": "fsdp-load", "dir": ckpt}],
+                   world=1)["load"]
+    for r in saved + loaded:
+        assert "error" not in r, r.get("traceback")
+        assert r["step"] == dist_worker.STEPS // 2
+    assert loaded[0]["state"].keys() == saved[0]["state"].keys()
+    assert all(torch.equal(v, loaded[0]["state"][k]) for k, v in saved[0]["state"].items())
 
 
 @pytest.mark.slow
