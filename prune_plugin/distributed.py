@@ -58,14 +58,17 @@ class Sharding:
     #: Whether ``model.load_state_dict`` may rebuild masks missing from a checkpoint (a
     #: collective when sharded; ZeRO-3's engine refreshes after its own loading instead).
     refresh_after_load: bool = True
-    #: Whether structured pruning can run on it (its unit importances made whole).
-    supports_units: bool = True
 
     def local(self, t: Tensor) -> Tensor:
         return t.detach().reshape(-1)
 
     def all_reduce(self, t: Tensor) -> None:
         return None
+
+    def averaging_groups(self, param: Tensor) -> list[Any]:
+        """The process groups over which the plugin must average the gradient of ``param``,
+        a parameter the engine does not know of ([]: the engine averages it, or one rank)."""
+        return []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -92,8 +95,6 @@ class DTensorSharding(Sharding):
         self.placements = tuple(placements)
         self._groups = [mesh.get_group(d) for d, p in enumerate(self.placements)
                         if p.is_shard()]
-        #: Every process group of the mesh: averaging over each in turn averages over all.
-        self.groups = [mesh.get_group(d) for d in range(mesh.ndim)]
 
     def __repr__(self) -> str:
         return f"DTensorSharding(mesh={tuple(self.mesh.shape)}, placements={self.placements})"
@@ -109,6 +110,12 @@ class DTensorSharding(Sharding):
             dist.all_reduce(on_mesh, group=group)
         if on_mesh is not t:
             t.copy_(on_mesh)
+
+    def averaging_groups(self, param: Tensor) -> list[Any]:
+        # a plain tensor beside FSDP2's DTensors (unit scores attached after fully_shard):
+        # averaging over each of the mesh's groups in turn averages over every rank
+        return [] if is_dtensor(param) else [self.mesh.get_group(d)
+                                              for d in range(self.mesh.ndim)]
 
     def distribute(self, whole: Tensor) -> Tensor:
         """``whole`` (the same on every rank) as a DTensor placed like the weights."""

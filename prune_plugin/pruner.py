@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from prune_plugin.distributed import (RANKS_DISAGREE, WHOLE, ScoreGradAverager, Sharding,
                                      ddp_averages, dtensor_sharding, gathered, is_dtensor,
-                                     whole_tensor,
-                                     ranks_disagree, refuse_unsupported_engines, unwrap_ddp)
+                                     ranks_disagree, refuse_unsupported_engines, unwrap_ddp,
+                                     whole_tensor)
 from prune_plugin.errors import AttachError, NumericalError, StateError
 from prune_plugin.hooks import MASK_KEY, SCORES_NAME, PrunedLayer, layer_of
 from prune_plugin.masks import effective_weight
@@ -119,18 +119,21 @@ class Pruner:
 
     def use_sharding(self, sharding: Sharding) -> None:
         """An engine shards the scores (ZeRO-3): masks become thresholds agreed across ranks."""
-        if self.units and not sharding.supports_units:
-            raise AttachError(f"structured pruning (structure {self.policy.structure!r}) under "
-                              f"{sharding.name} is not supported yet. Fix: use structure "
-                              "'unstructured', or DDP / ZeRO stage 0-2.")
         self._sharding = sharding
 
     def follow_ddp(self, ddp: Any) -> None:
         """DDP wraps the model: if it was built before the scores existed, average their
-        gradients here (:class:`~prune_plugin.distributed.ScoreGradAverager`)."""
-        if self._grad_sync is None and self.scores and not ddp_averages(ddp, self.scores):
-            self._grad_sync = ScoreGradAverager(
-                [ddp.process_group], self.scores, lambda: ddp.require_backward_grad_sync)
+        gradients here."""
+        if self.scores and not ddp_averages(ddp, self.scores):
+            self._average_score_grads([ddp.process_group],
+                                      lambda: ddp.require_backward_grad_sync)
+
+    def _average_score_grads(self, groups: list[Any],
+                             syncs: Callable[[], bool] = lambda: True) -> None:
+        """Average the scores' gradients over ``groups`` (no engine knows the scores):
+        :class:`~prune_plugin.distributed.ScoreGradAverager`."""
+        if self._grad_sync is None:
+            self._grad_sync = ScoreGradAverager(groups, self.scores, syncs)
 
     def local_importance(self, layer: PrunedLayer) -> Tensor:
         """This rank's real elements of what the layer's masks rank: its scores, or |W|."""
@@ -516,10 +519,8 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
     if sharding is not None:
         pruner.use_sharding(sharding)
     make = score_factory or pruner.method.initial_scores
-    if score_factory is None and pruner.sharding.shards:  # FSDP2 sharded before attaching
-        make = partial(_sharded_scores, pruner)
-        if pruner.units and pruner.method.has_scores:  # a few per unit: whole on every rank
-            make = pruner.method.initial_scores
+    if score_factory is None and pruner.thresholds:  # FSDP2 sharded before attaching
+        make = partial(_sharded_scores, pruner)  # (unit scores: a few, whole on every rank)
     try:
         for layer in pruner.layers:
             owns = pruner.method.has_scores and layer.is_owner
@@ -531,9 +532,8 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
         model.__dict__[PRUNER_ATTR] = pruner
         if ddp is not None:
             pruner.follow_ddp(ddp)
-        elif pruner.units and pruner.sharding.shards and pruner.scores and \
-                not is_dtensor(pruner.scores[0]):  # FSDP2 does not know them: average here
-            pruner._grad_sync = ScoreGradAverager(pruner.sharding.groups, pruner.scores)
+        elif pruner.scores and (groups := pruner.sharding.averaging_groups(pruner.scores[0])):
+            pruner._average_score_grads(groups)  # FSDP2 does not know unit scores added later
         pruner.refresh()
     except BaseException:
         pruner.detach()
