@@ -68,18 +68,22 @@ class PruningCallback(TrainerCallback):
 
 
 def check_fsdp(trainer: Any) -> None:
-    """The Trainer's ``fsdp`` arguments: FSDP2 (``fsdp_config={"fsdp_version": 2}``) shards the
-    model after the optimizer (and the scores) exist, as a loop that attaches before
-    ``fully_shard`` does; FSDP1, accelerate's default, flattens the weights, so it is refused
-    before training starts."""
+    """The Trainer's ``fsdp`` arguments are refused before training, with the fix. FSDP1,
+    accelerate's default, flattens the weights into one buffer; FSDP2 through accelerate
+    re-creates the parameters and reloads the state dict by name while sharding, a path not yet
+    tested with the pruning scores (it needs GPUs). A loop that calls ``fully_shard`` itself,
+    and DeepSpeed through the Trainer, are tested."""
     if not getattr(trainer, "is_fsdp_enabled", False):
         return
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     version = getattr(plugin, "fsdp_version", 1)
-    if version != 2:
-        raise ValueError(f"the Trainer's fsdp arguments select FSDP{version}, which flattens the "
-                         "weights into one buffer, so no Linear keeps a weight to prune. Fix: "
-                         "fsdp_config={'fsdp_version': 2} (FSDP2, fully_shard), or DeepSpeed.")
+    why = ("flattens the weights into one buffer, so no Linear keeps a weight to prune"
+           if version != 2 else "reloads the model's state dict while sharding, which is not "
+           "yet tested with the pruning scores")
+    raise ValueError(f"PruningTrainer with the Trainer's fsdp arguments (FSDP{version}): "
+                     f"accelerate {why}. Fix: call torch.distributed.fsdp.fully_shard in your "
+                     "own loop (examples/scale_out.py), or use DeepSpeed ZeRO-3 "
+                     "(TrainingArguments(deepspeed=...)).")
 
 
 def pruning_logs(optimizer: PruningOptimizer | None) -> dict[str, float]:
