@@ -70,6 +70,10 @@ class Sharding:
         a parameter the engine does not know of ([]: the engine averages it, or one rank)."""
         return []
 
+    def settle(self, model: nn.Module, layers: Sequence[PrunedLayer]) -> None:
+        """Put every layer's parameters back in their sharded form before shards are read."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -116,6 +120,17 @@ class DTensorSharding(Sharding):
         # averaging over each of the mesh's groups in turn averages over every rank
         return [] if is_dtensor(param) else [self.mesh.get_group(d)
                                               for d in range(self.mesh.ndim)]
+
+    def settle(self, model: nn.Module, layers: Sequence[PrunedLayer]) -> None:
+        # FSDP2 leaves the root's parameters unsharded after a forward without backward
+        # (an evaluation): a pruned Linear directly under the root would read whole
+        if all(is_dtensor(layer.weight) for layer in layers):
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def distribute(self, whole: Tensor) -> Tensor:
         """``whole`` (the same on every rank) as a DTensor placed like the weights."""

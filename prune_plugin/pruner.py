@@ -180,6 +180,7 @@ class Pruner:
 
     def refresh(self) -> None:
         """Recompute every mask for the current step."""
+        self.sharding.settle(self.model, self.layers)
         with torch.no_grad():
             self.method.refresh(self)
         self.generation += 1
@@ -274,6 +275,7 @@ class Pruner:
         and one all-reduce adds them up (a collective: call it on every rank)."""
         if not self.thresholds:
             return [layer.kept() for layer in self.layers]
+        self.sharding.settle(self.model, self.layers)
         local = []
         with torch.no_grad():
             floor = self.gate_floor

@@ -105,9 +105,12 @@ def run_case(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
                     loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        pruner = get_pruner(model)
+        with torch.no_grad():  # an evaluation: FSDP2 keeps the root's parameters whole after
+            wrapped.eval()(**batch(0, rank, world))
+        pruner, report = get_pruner(model), sparsity_report(model)
         return {"state": finalized_state_dict(model), "step": pruner.step_count,
-                "kept": [layer.kept for layer in sparsity_report(model).layers],
+                "kept": [layer.kept for layer in report.layers],
+                "total": [layer.total for layer in report.layers],
                 "sharding": pruner.sharding.name}
     except Exception as err:  # the cases that expect a refusal read it
         return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}

@@ -71,11 +71,7 @@ def assert_same_model(result: dict[str, Any], ref: dict[str, Any], atol: float =
 
 
 def _kept_fraction(result: dict[str, Any]) -> float:
-    kept = result["kept"]
-    layers = [k for k in result["state"] if k.startswith("bert.encoder") and
-              k.endswith(".weight") and "LayerNorm" not in k]
-    total = sum(result["state"][k].numel() for k in layers)
-    return sum(kept) / total
+    return sum(result["kept"]) / sum(result["total"])
 
 
 DDP_CASES = [
@@ -116,7 +112,9 @@ FSDP_CASES = [
                          ("movement-hybrid", {"policy": {"structure": "hybrid"}}),
                          ("magnitude-hybrid", {"method": "magnitude",
                                                "policy": {"structure": "hybrid"}}),
-                         ("l0-hybrid", {"method": "l0", "policy": {"structure": "hybrid"}})]]
+                         ("l0-hybrid", {"method": "l0", "policy": {"structure": "hybrid"}}),
+                         # the pooler too: a pruned Linear under the root's fully_shard alone
+                         ("movement-root-layer", {"policy": {"exclude": []}})]]
 
 
 @pytest.mark.slow
