@@ -45,7 +45,7 @@ from prune_plugin.masks import effective_weight
 from prune_plugin.hooks import SCORES_NAME, PrunedLayer
 from prune_plugin.optimizer import PruningOptimizer, find_pruning_optimizer
 from prune_plugin.policy import PruningPolicy
-from prune_plugin.distributed import Sharding
+from prune_plugin.distributed import Sharding, is_zero_partitioned
 from prune_plugin.pruner import Pruner, attach, check_saved_policy, get_pruner
 from prune_plugin.report import SparsityReport
 from prune_plugin.report import sparsity_report as core_sparsity_report
@@ -205,10 +205,6 @@ class PruningSchedule:
 
 # -- ZeRO-3 shards ------------------------------------------------------------------------------
 
-def _is_partitioned(p: Tensor) -> bool:
-    return hasattr(p, "ds_id")
-
-
 class ZeroSharding(Sharding):
     """ZeRO-3's partitions: each rank holds an equal flat slice of every parameter (the last
     one padded), and sums run over ZeRO's data-parallel group."""
@@ -235,7 +231,7 @@ class ZeroSharding(Sharding):
 def _zero3_sharding(model: nn.Module) -> ZeroSharding:
     """How the core reaches this rank's shards and sums across ZeRO-3's data-parallel group."""
     return ZeroSharding(next(p.ds_process_group for p in model.parameters()
-                             if _is_partitioned(p)))
+                             if is_zero_partitioned(p)))
 
 
 def _all_reduce_for(group: Any):
@@ -260,7 +256,7 @@ def _gathered_params(params: list[Tensor]):
     """Context: ``params`` whole on every rank (ZeRO-3), or a no-op for unpartitioned ones."""
     import deepspeed
 
-    params = [p for p in params if _is_partitioned(p)]
+    params = [p for p in params if is_zero_partitioned(p)]
     if not params:
         return nullcontext()
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
@@ -285,7 +281,7 @@ def attach_if_partitioned(model: nn.Module, policy: PruningPolicy) -> bool:
     """:func:`attach_partitioned` when the model's weights are ZeRO-3 partitioned and nothing
     is attached yet (the plain ``PruningOptimizer`` attaches otherwise); True if it did."""
     if get_pruner(model) is not None or \
-            not any(_is_partitioned(p) for p in model.parameters()):
+            not any(is_zero_partitioned(p) for p in model.parameters()):
         return False
     attach_partitioned(model, policy)
     return True
@@ -364,7 +360,7 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
     client = _client_optimizer(model, optimizer, cfg)
     attached_here = get_pruner(model) is None
     if attached_here and _zero_stage(cfg) != 3 and \
-            any(_is_partitioned(p) for p in model.parameters()):
+            any(is_zero_partitioned(p) for p in model.parameters()):
         raise DeepSpeedConfigError("the model was built under deepspeed.zero.Init but the "
                                    "config's ZeRO stage is not 3. Fix: use stage 3.")
     attach_if_partitioned(model, policy)

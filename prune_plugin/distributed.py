@@ -165,7 +165,7 @@ def dtensor_sharding(layers: Sequence[PrunedLayer]) -> DTensorSharding | None:
 
 def is_zero_partitioned(t: Any) -> bool:
     """Whether ``t`` is a DeepSpeed ZeRO-3 parameter (``ds_tensor`` holds this rank's part)."""
-    return hasattr(t, "ds_tensor")
+    return hasattr(t, "ds_id")
 
 
 def whole_tensor(t: Tensor) -> Tensor:
