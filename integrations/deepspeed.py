@@ -45,7 +45,7 @@ from prune_plugin.masks import effective_weight
 from prune_plugin.hooks import SCORES_NAME, PrunedLayer
 from prune_plugin.optimizer import PruningOptimizer, find_pruning_optimizer
 from prune_plugin.policy import PruningPolicy
-from prune_plugin.distributed import Sharding, is_zero_partitioned
+from prune_plugin.distributed import Sharding, is_zero_partitioned, zero_slice
 from prune_plugin.pruner import Pruner, attach, check_saved_policy, get_pruner
 from prune_plugin.report import SparsityReport
 from prune_plugin.report import sparsity_report as core_sparsity_report
@@ -218,11 +218,7 @@ class ZeroSharding(Sharding):
         self._all_reduce = _all_reduce_for(group)
 
     def local(self, t: Tensor) -> Tensor:
-        import deepspeed.comm as dist
-
-        shard = t.ds_tensor.detach().reshape(-1)
-        start = dist.get_rank(group=t.ds_process_group) * shard.numel()
-        return shard[:max(0, min(shard.numel(), t.ds_numel - start))]
+        return zero_slice(t)[0]
 
     def all_reduce(self, t: Tensor) -> None:
         self._all_reduce(t)

@@ -168,13 +168,28 @@ def is_zero_partitioned(t: Any) -> bool:
     return hasattr(t, "ds_id")
 
 
+def is_zero_sharded_now(t: Any) -> bool:
+    """Whether ``t`` is a ZeRO-3 parameter holding only its partition (not gathered now)."""
+    return is_zero_partitioned(t) and t.numel() != t.ds_numel
+
+
+def zero_slice(t: Tensor) -> tuple[Tensor, int]:
+    """A ZeRO-3 parameter's real elements on this rank (its flat partition, less the padding
+    of the last one) and their offset in the flat whole."""
+    import deepspeed.comm as ds_dist
+
+    shard = t.ds_tensor.detach().reshape(-1)
+    start = ds_dist.get_rank(group=t.ds_process_group) * shard.numel()
+    return shard[:max(0, min(shard.numel(), t.ds_numel - start))], start
+
+
 def whole_tensor(t: Tensor) -> Tensor:
     """``t`` whole on this rank: a DTensor or a ZeRO-3 parameter gathered (a collective; for
     small tensors such as unit scores), anything else detached."""
     if is_dtensor(t):
         mesh = t.device_mesh
         return t.detach().redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
-    if is_zero_partitioned(t) and t.numel() != t.ds_numel:  # not gathered right now
+    if is_zero_sharded_now(t):
         import deepspeed
 
         with deepspeed.zero.GatheredParameters([t]):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from prune_plugin.distributed import is_dtensor, is_zero_partitioned
+from prune_plugin.distributed import is_dtensor, is_zero_sharded_now, zero_slice
 from prune_plugin.errors import AttachError, TargetingError
 from prune_plugin.policy import PruningPolicy, UnitGroupSpec
 
@@ -95,7 +95,7 @@ class Layout:
         """The sum of squares of each unit's weights, in fp32; a DTensor ``weight`` (FSDP2,
         rows sharded) is reduced shard by shard and summed across ranks (a collective), so no
         rank gathers the weight."""
-        zero = is_zero_partitioned(weight) and weight.numel() != weight.ds_numel
+        zero = is_zero_sharded_now(weight)
         if not (zero or is_dtensor(weight)):
             w = weight.detach().float()
             return self.reduce(w * w)
@@ -128,11 +128,9 @@ class Layout:
         or column, then summed across ranks."""
         import deepspeed.comm as dist
 
-        shard = weight.ds_tensor.detach().reshape(-1)
-        start = dist.get_rank(group=weight.ds_process_group) * shard.numel()
-        valid = max(0, min(shard.numel(), weight.ds_numel - start))
-        part = shard[:valid].float()
-        index = torch.arange(start, start + valid, device=part.device)
+        part, start = zero_slice(weight)
+        part = part.float()
+        index = torch.arange(start, start + part.numel(), device=part.device)
         rows, cols = self.shape
         line = index // cols if self.axis == 0 else index % cols
         along = part.new_zeros(rows if self.axis == 0 else cols)
