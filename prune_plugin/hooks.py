@@ -1,4 +1,7 @@
-"""The one place that installs things on a model's Linear layers, and removes them again.
+"""The one place that installs things on a model's linear layers, and removes them again.
+
+Linear layers are ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2), whose weight is stored
+transposed: masks and scores keep the stored shape, and the forward transposes views.
 
 How a Linear computes ``x (W * M)^T + b`` without replacing its class: an **instance-level**
 ``forward`` (``module.forward``, as accelerate's hooks do) computes with the layer's current
@@ -34,6 +37,7 @@ from prune_plugin.distributed import gathered, holds_dtensors
 from prune_plugin.masks import (effective_weight, floor_scores, hard_concrete_gate, l0_linear,
                                 l0_noise, masked_linear)
 from prune_plugin.selection import TopVThreshold
+from prune_plugin.targeting import is_transposed
 
 if TYPE_CHECKING:
     from prune_plugin.pruner import Pruner
@@ -50,7 +54,7 @@ LAYER_ATTR = "_prune_plugin_layer"
 class PrunedLayer:
     """The pruning state of one Linear: its current mask and how it computes with it."""
 
-    def __init__(self, name: str, module: nn.Linear, pruner: Pruner) -> None:
+    def __init__(self, name: str, module: nn.Module, pruner: Pruner) -> None:
         self.name = name
         self.module = module
         self.pruner = pruner
@@ -65,6 +69,7 @@ class PrunedLayer:
         #: the weight; the group holds the scores and the mask over units.
         self.group: UnitGroup | None = None
         self.layout: Layout | None = None
+        self.transposed = is_transposed(module)  # transformers' Conv1D: weight [in, out]
 
     def __repr__(self) -> str:
         return f"PrunedLayer({self.name!r}, {tuple(self.weight.shape)})"
@@ -159,36 +164,39 @@ class PrunedLayer:
 
     def _forward(self, input: Tensor) -> Tensor:
         m, method = self.module, self.pruner.method
+        # Conv1D stores W^T: every weight-shaped tensor is turned to the Linear's [out, in]
+        lin = _transpose if self.transposed else _same
+        weight = lin(m.weight)
         if method.samples_gates and m.training and self.group is not None:
             gate = method.sampled_unit_gate(self)  # structured L0: one gate per unit
-            return F.linear(input, effective_weight(m.weight, gate), m.bias)
+            return F.linear(input, lin(effective_weight(m.weight, gate)), m.bias)
         if method.samples_gates and m.training:  # L0: a fresh hard-concrete gate per forward
             p = self.pruner.policy
-            noise = l0_noise(m.weight.shape, m.weight.device)
-            mask = method.sampling_mask(self)
+            noise = l0_noise(weight.shape, m.weight.device)
+            mask = lin(method.sampling_mask(self))
             gates_open = self.pruner.gates_open
             floor = None if gates_open else self.pruner.gate_floor
             if torch.is_grad_enabled():
-                return l0_linear(input, m.weight, m.bias, self.scores, noise, beta=p.l0_beta,
+                return l0_linear(input, weight, m.bias, lin(self.scores), noise, beta=p.l0_beta,
                                  left=p.l0_left, right=p.l0_right, mask=mask, floor=floor,
                                  through_top=p.l0_straight_through, open_gates=gates_open)
             if gates_open:
-                return F.linear(input, effective_weight(m.weight, mask), m.bias)
-            gate = hard_concrete_gate(floor_scores(self.scores.detach(), floor),
+                return F.linear(input, effective_weight(weight, mask), m.bias)
+            gate = hard_concrete_gate(floor_scores(lin(self.scores.detach()), floor),
                                       beta=p.l0_beta, left=p.l0_left, right=p.l0_right,
                                       noise=noise)
-            return F.linear(input, effective_weight(effective_weight(m.weight, gate), mask),
+            return F.linear(input, effective_weight(effective_weight(weight, gate), mask),
                             m.bias)
         if not torch.is_grad_enabled():
-            return F.linear(input, self.inference_weight(), m.bias)
+            return F.linear(input, lin(self.inference_weight()), m.bias)
         self._inference = None  # training: free the cached product
         gate = self.gate()
         scores = self.scores if method.straight_through else None
         if scores is not None and self.layout is not None:  # one score per unit
             scores = self.layout.expand(scores)
         if gate is None and scores is None:
-            return F.linear(input, m.weight, m.bias)
-        return masked_linear(input, m.weight, m.bias, gate, scores)
+            return F.linear(input, weight, m.bias)
+        return masked_linear(input, weight, m.bias, lin(gate), lin(scores))
 
     def inference_weight(self) -> Tensor:
         """W * gate for passes without autograd, cached while the weight, the scores and the
@@ -258,6 +266,15 @@ class PrunedLayer:
                               f"{self.state_shape}.")
             return
         self.pruner.loading_masks[self.name] = mask
+
+
+def _same(t: Tensor | None) -> Tensor | None:
+    return t
+
+
+def _transpose(t: Tensor | None) -> Tensor | None:
+    """A stored Conv1D-shaped tensor as the Linear's (a view; per-unit vectors too)."""
+    return t if t is None or t.dim() < 2 else t.t()
 
 
 def layer_of(module: nn.Module) -> PrunedLayer | None:

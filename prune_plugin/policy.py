@@ -25,6 +25,9 @@ from prune_plugin.errors import PolicyError
 Method = Literal["magnitude", "movement", "soft_movement", "l0"]
 Structure = Literal["unstructured", "neurons", "heads", "hybrid", "blocks"]
 UnitKind = Literal["neurons", "heads"]
+#: How a fused projection lays out its units (prune_plugin.families.unit_lines).
+FusedLayout = Literal["qkv_stacked", "qkv_interleaved", "qkv_grouped", "qkv_multi_query",
+                      "halves"]
 Scope = Literal["local", "global"]
 ScoreInit = Literal["constant", "uniform", "kaiming", "magnitude"]
 LambdaSchedule = Literal["cubic", "constant"]
@@ -115,8 +118,32 @@ class UnitGroupSpec(BaseModel):
     columns: list[str] = Field(min_length=1, description="Modules whose input columns are "
                                "split into the same units (e.g. 'output.dense').")
     units: int | None = Field(None, ge=1, description="Units per block; default for neurons: "
-                              "the rows modules' outputs; required for heads (with grouped "
-                              "key/value heads: the number of key/value heads).")
+                              "the columns modules' inputs; for heads the config's key/value "
+                              "heads, else its heads (with grouped key/value heads a unit is "
+                              "one key/value head and its query heads).")
+    fused: dict[str, FusedLayout] = Field(
+        default_factory=dict,
+        description="Rows modules that fuse several projections, and their layout: "
+                    "qkv_stacked [q heads | k heads | v heads] (Phi3, GPT-2), qkv_interleaved "
+                    "[q k v] per head (GPT-NeoX), qkv_grouped [its q heads, k, v] per key/value "
+                    "head (Falcon's new architecture), qkv_multi_query [q heads | k | v] with "
+                    "one shared key/value head, never pruned (Falcon-7B), halves [gate | up] "
+                    "(Phi3's gate_up_proj).")
+    query_heads: int | None = Field(None, ge=1, description="Query heads per block, for fused "
+                                    "qkv layouts; default: the config's num_attention_heads.")
+
+    @model_validator(mode="after")
+    def _check_fused(self) -> UnitGroupSpec:
+        for name, layout in self.fused.items():
+            if name not in self.rows:
+                raise ValueError(f"fused names {name!r}, which is not among rows {self.rows}. "
+                                 "Fix: list fused projections in rows.")
+            wanted = "neurons" if layout == "halves" else "heads"
+            if self.kind != wanted:
+                raise ValueError(f"fused layout {layout!r} of {name!r} splits {wanted}, and this "
+                                 f"group's kind is {self.kind!r}. Fix: kind {wanted!r}, or a "
+                                 f"{'qkv_* ' if self.kind == 'heads' else 'halves '}layout.")
+        return self
 
 
 class PruningPolicy(BaseModel):
@@ -153,7 +180,8 @@ class PruningPolicy(BaseModel):
         description="[rows, columns] of a block for structure 'blocks', e.g. [32, 32].")
     unit_groups: list[UnitGroupSpec] | None = Field(
         None, description="Which modules share units, for a model outside the known families "
-                          "(BERT, RoBERTa, DistilBERT, ViT, Llama-style).")
+                          "(prune_plugin.families: BERT-like, ViT, Llama-style, Phi, Phi3, "
+                          "GPT-2, GPT-NeoX, Falcon, T5).")
     scope: Scope = Field("local", description="Top-v per layer (local) or across all targeted "
                          "layers (global; structured: across the blocks of one unit kind). "
                          "Top-v methods only.")

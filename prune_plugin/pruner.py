@@ -460,8 +460,7 @@ class Pruner:
             if shrink:
                 for group in self.units:  # L0: a unit is kept while its gate opens
                     group.set_mask(self._kept_units(group))
-                shapes = shrink_groups(self.model, self.units)
-                record_shapes(self.model, shapes)
+                record_shapes(self.model, *shrink_groups(self.model, self.units))
         self.detach()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -474,11 +473,22 @@ class Pruner:
 
 # -- attaching -----------------------------------------------------------------------------------
 
-def _check_attachable(model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> None:
+def _check_attachable(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
     if get_pruner(model) is not None:
         raise AttachError("this model is already attached to a pruning policy. Fix: call "
                           "prune_plugin.detach(model) first, or reuse the existing optimizer.")
+    owners: dict[int, str] = {}
+    for name, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), name)
     for name, m in targets:
+        tied = owners.get(id(m.weight), name)
+        if tied != name:
+            raise AttachError(f"module {name!r} shares its weight with {tied!r} (tied weights, "
+                              "e.g. an output head tied to the token embedding): pruning one "
+                              "would prune both. Fix: exclude it, or untie the weights "
+                              "(config.tie_word_embeddings = False) before attaching.")
         if layer_of(m) is not None or SCORES_NAME in m._parameters or "forward" in m.__dict__:
             raise AttachError(f"module {name!r} already has pruning scores or a replaced "
                               "forward (attached through another root module?). Fix: detach "

@@ -4,22 +4,22 @@ A *unit* is what one score decides as a whole: an attention head (the rows of it
 and value projections and the columns of the output projection), an FFN neuron (a row of the
 up-projection and the column of the down-projection), or a block of one matrix. A
 :class:`UnitGroup` holds the units of one Transformer block's attention or FFN (or one matrix's
-blocks): one score vector, one mask over units, and the member Linears with how each maps units
-onto its weight (:class:`Layout`). Because every member of a unit goes at once, pruned heads and
-neurons can be removed (:func:`shrink_groups`), which is what makes a model faster with
-standard kernels.
+blocks): one score vector, one mask over units, and the member layers with how each maps units
+onto its weight (:class:`Layout`, fused projections included). Because every member of a unit
+goes at once, pruned heads and neurons can be removed (:func:`shrink_groups`), which is what
+makes a model faster with standard kernels.
 
-Which modules tie is architecture knowledge: :data:`FAMILIES` holds it for BERT, RoBERTa and
-the like, DistilBERT, ViT and Llama-style models (grouped key/value heads included: a unit is a
-key/value head with its query heads); a policy can name the groups of any other model
-(``unit_groups``).
+Which modules tie is architecture knowledge, in :mod:`prune_plugin.families`; a policy can
+name the groups of any other model (``unit_groups``), checked against the module shapes here.
+Layouts work on the weight as stored: GPT-2's ``Conv1D`` keeps ``[in, out]``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,47 +28,56 @@ from torch import Tensor, nn
 
 from prune_plugin.distributed import is_dtensor, is_zero_sharded_now, zero_slice
 from prune_plugin.errors import AttachError, TargetingError
+from prune_plugin.families import (Family, find_family, fused_head_dim, unit_lines,
+                                   unknown_family)
 from prune_plugin.policy import PruningPolicy, UnitGroupSpec
+from prune_plugin.targeting import is_transposed, linear_dims, prunable_modules
 
 if TYPE_CHECKING:
     from prune_plugin.hooks import PrunedLayer
 
-#: The groups of the known families, names relative to a repeated block (``...layer.N.``).
-FAMILIES: dict[str, list[UnitGroupSpec]] = {
-    "BERT, RoBERTa, ELECTRA": [
-        UnitGroupSpec(kind="heads", rows=["attention.self.query", "attention.self.key",
-                                      "attention.self.value"],
-                  columns=["attention.output.dense"]),
-        UnitGroupSpec(kind="neurons", rows=["intermediate.dense"], columns=["output.dense"])],
-    "DistilBERT": [
-        UnitGroupSpec(kind="heads", rows=["attention.q_lin", "attention.k_lin",
-                                          "attention.v_lin"], columns=["attention.out_lin"]),
-        UnitGroupSpec(kind="neurons", rows=["ffn.lin1"], columns=["ffn.lin2"])],
-    "ViT": [
-        UnitGroupSpec(kind="heads", rows=["attention.q_proj", "attention.k_proj",
-                                      "attention.v_proj"], columns=["attention.o_proj"]),
-        UnitGroupSpec(kind="neurons", rows=["mlp.fc1"], columns=["mlp.fc2"])],
-    "Llama, Mistral, Qwen2": [
-        UnitGroupSpec(kind="heads", rows=["self_attn.q_proj", "self_attn.k_proj",
-                                      "self_attn.v_proj"], columns=["self_attn.o_proj"]),
-        UnitGroupSpec(kind="neurons", rows=["mlp.gate_proj", "mlp.up_proj"],
-                  columns=["mlp.down_proj"])],
-}
 #: Config fields holding the number of heads units are counted in (key/value heads first:
 #: with grouped-query attention a unit is one key/value head and its query heads).
-HEAD_COUNT_FIELDS = ("num_key_value_heads", "num_attention_heads", "n_heads", "n_head")
+HEAD_COUNT_FIELDS = ("num_key_value_heads", "num_kv_heads", "num_attention_heads", "n_heads",
+                     "n_head")
+#: Head-count attributes rescaled on the attention module of a user's unit_groups.
+GENERIC_HEAD_COUNTS = ("num_attention_heads", "n_heads", "num_heads", "num_key_value_heads",
+                       "num_kv_heads", "all_head_size", "split_size",
+                       "config.num_attention_heads", "config.num_key_value_heads")
 SHAPES_KEY = "prune_plugin_shapes"
+ATTRIBUTES_KEY = "prune_plugin_attributes"
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How a unit vector (or block matrix) maps onto one member's weight: ``axis`` 0 (rows),
-    1 (columns) with ``size`` elements per unit, or 2-D blocks of ``block`` (rows, columns)."""
+    """How a unit vector (or block matrix) maps onto one member's stored weight: along ``axis``
+    (0: the weight's first dimension, 1: its second), ``size`` consecutive lines per unit, or
+    the unit of each line (``unit_of``: a fused projection; ``units`` marks lines no unit owns),
+    or 2-D blocks of ``block``. ``output``: the axis holds the layer's outputs."""
 
     axis: int
     size: int = 1
     block: tuple[int, int] | None = None
-    shape: tuple[int, int] = (0, 0)  # the member's weight shape
+    shape: tuple[int, int] = (0, 0)  # the member's weight shape, as stored
+    output: bool = True
+    units: int = 0
+    unit_of: Tensor | None = field(default=None, compare=False, repr=False)
+    _on_device: dict[torch.device, Tensor] = field(default_factory=dict, compare=False,
+                                                   repr=False)
+
+    def _unit_of(self, device: torch.device) -> Tensor:
+        found = self._on_device.get(device)
+        if found is None:
+            found = self._on_device[device] = self.unit_of.to(device)  # type: ignore[union-attr]
+        return found
+
+    def _lines(self, units: Tensor) -> Tensor:
+        """One value per line along the axis; lines no unit owns get 1 (kept; for scores the
+        value does not matter: the forward does not read it)."""
+        if self.unit_of is None:
+            return units.reshape(-1).repeat_interleave(self.size)
+        values = torch.cat([units.reshape(-1), units.new_ones(1)])
+        return values.index_select(0, self._unit_of(units.device))
 
     def expand(self, units: Tensor) -> Tensor:
         """The unit tensor on the weight's grid: broadcastable [out, 1] / [1, in], or [out, in]
@@ -77,8 +86,15 @@ class Layout:
             r, c = self.block
             full = units.repeat_interleave(r, 0).repeat_interleave(c, 1)
             return full[:self.shape[0], :self.shape[1]]
-        flat = units.repeat_interleave(self.size)
+        flat = self._lines(units)
         return flat.unsqueeze(1) if self.axis == 0 else flat.unsqueeze(0)
+
+    def per_unit(self, along: Tensor) -> Tensor:
+        """Sum one value per line into one per unit (lines no unit owns dropped)."""
+        if self.unit_of is None:
+            return along.view(-1, self.size).sum(1)
+        out = along.new_zeros(self.units + 1)
+        return out.index_add_(0, self._unit_of(along.device), along)[:self.units]
 
     def reduce(self, t: Tensor) -> Tensor:
         """Sum a weight-shaped tensor over each unit's elements."""
@@ -88,8 +104,18 @@ class Layout:
             padded = t.new_zeros(rows * r, cols * c)
             padded[:self.shape[0], :self.shape[1]] = t
             return padded.view(rows, r, cols, c).sum((1, 3))
-        along = t.sum(1 - self.axis)
-        return along.view(-1, self.size).sum(1)
+        return self.per_unit(t.sum(1 - self.axis))
+
+    def kept_lines(self, keep: Tensor) -> Tensor:
+        """The indices along the axis of the kept units' lines (and the shared ones), in their
+        order: a fused projection keeps its layout, with fewer heads or neurons."""
+        if self.unit_of is None:
+            return (keep.view(-1, 1) * self.size
+                    + torch.arange(self.size, device=keep.device)).view(-1)
+        kept = torch.zeros(self.units + 1, dtype=torch.bool, device=keep.device)
+        kept[keep] = True
+        kept[-1] = True
+        return kept[self._unit_of(keep.device)].nonzero().view(-1)
 
     def reduce_squares(self, weight: Tensor) -> Tensor:
         """The sum of squares of each unit's weights, in fp32; a DTensor ``weight`` (FSDP2,
@@ -121,7 +147,7 @@ class Layout:
         placements = [Partial() if p.is_shard() else Replicate() for p in weight.placements]
         along = DTensor.from_local(along, mesh, placements).redistribute(
             mesh, [Replicate()] * mesh.ndim).to_local()
-        return along.view(-1, self.size).sum(1)
+        return self.per_unit(along)
 
     def _reduce_zero_squares(self, weight: Tensor) -> Tensor:
         """ZeRO-3: this rank's flat slice of the weight, each element's square added to its row
@@ -136,7 +162,7 @@ class Layout:
         along = part.new_zeros(rows if self.axis == 0 else cols)
         along.index_add_(0, line, part * part)
         dist.all_reduce(along, group=weight.ds_process_group)
-        return along.view(-1, self.size).sum(1)
+        return self.per_unit(along)
 
 
 @dataclass
@@ -152,11 +178,13 @@ class UnitGroup:
     a mask over units, and the member Linears. Selection treats it like a layer with
     ``numel`` units."""
 
-    def __init__(self, name: str, kind: str, units: tuple[int, ...], members: list[Member]):
+    def __init__(self, name: str, kind: str, units: tuple[int, ...], members: list[Member],
+                 family: Family | None = None) -> None:
         self.name = name  # the first member's module name: where the scores are registered
         self.kind = kind
         self.shape = units
         self.members = members
+        self.family = family  # None: the policy's unit_groups (or blocks)
         self.mask: Tensor | None = None  # bool over units; None: all kept
         self._mask_buffer: Tensor | None = None
 
@@ -202,66 +230,154 @@ class UnitGroup:
             member.layer.mask = None  # members read the group's mask
 
 
-def _head_count(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for m in [model, *model.modules()] if config is None else [model]:
+def _config(model: nn.Module) -> Any:
+    for m in (model, *model.modules()):
         config = getattr(m, "config", None)
         if config is not None:
-            break
-    for name in HEAD_COUNT_FIELDS:
+            return config
+    return None
+
+
+def _config_count(config: Any, fields: tuple[str, ...]) -> int | None:
+    for name in fields:
         value = getattr(config, name, None) if config is not None else None
         if isinstance(value, int) and value > 0:
             return value
     return None
 
 
-def _specs(policy: PruningPolicy, modules: dict[str, nn.Module]
-           ) -> tuple[str, list[UnitGroupSpec]]:
+def _specs(policy: PruningPolicy, modules: dict[str, nn.Module], config: Any
+           ) -> tuple[str, Family | None, list[UnitGroupSpec]]:
     kinds = {"neurons": ("neurons",), "heads": ("heads",),
              "hybrid": ("heads", "neurons")}[policy.structure]
     if policy.unit_groups is not None:
-        specs = [g for g in policy.unit_groups if g.kind in kinds]
-        return "the policy's unit_groups", specs
-    for family, specs in FAMILIES.items():
-        if any(name.endswith("." + specs[0].rows[0]) or name == specs[0].rows[0]
-               for name in modules):
-            return family, [g for g in specs if g.kind in kinds]
-    shown = ", ".join(repr(n) for n in list(modules)[:8])
-    raise TargetingError(
-        f"structure {policy.structure!r} needs to know which modules share a head's or a "
-        f"neuron's weights, and this model is none of the known families ({', '.join(FAMILIES)}"
-        f"). Fix: name them in the policy, relative to a repeated block, e.g. unit_groups: "
-        "[{kind: neurons, rows: ['mlp.fc1'], columns: ['mlp.fc2']}, {kind: heads, rows: "
-        "['attn.q', 'attn.k', 'attn.v'], columns: ['attn.proj'], units: 12}]. Its Linear "
-        f"modules: {shown}.")
+        return "the policy's unit_groups", None, [g for g in policy.unit_groups
+                                                   if g.kind in kinds]
+    found = find_family(set(modules), config)
+    if found is None:
+        shown = ", ".join(repr(n) for n in list(modules)[:8])
+        raise unknown_family(shown)
+    family, specs = found
+    if "heads" in kinds and family.name == "Falcon" and getattr(config, "alibi", False):
+        raise TargetingError(
+            f"structure {policy.structure!r}: this Falcon model uses ALiBi, whose per-head "
+            "biases are built once for the model's head count, so a layer with fewer heads "
+            "cannot run. Fix: structure 'neurons', or 'unstructured'.")
+    return f"the {family.name} family", family, [g for g in specs if g.kind in kinds]
+
+
+def _plain_member(source: str, name: str, module: nn.Module, output: bool, units: int,
+                  kind: str) -> Layout:
+    dims = linear_dims(module)
+    dim = dims[0 if output else 1]
+    if dim % units:
+        raise TargetingError(f"{source}: {name!r} has {dim} {'rows' if output else 'columns'}, "
+                             f"not a multiple of the {units} {kind} of its block. Fix: set "
+                             "units in unit_groups.")
+    return Layout(axis=int(output == is_transposed(module)), size=dim // units,
+                  shape=_stored_shape(module), output=output, units=units)
+
+
+def _stored_shape(module: nn.Module) -> tuple[int, int]:
+    return tuple(getattr(module.weight, "ds_shape", module.weight.shape))  # type: ignore
+
+
+def _block_members(source: str, spec: UnitGroupSpec, prefix: str, modules: dict[str, nn.Module],
+                   units: int, query_heads: int) -> list[tuple[str, Layout]]:
+    """Each member of one block with its layout, checked: the members must split into the same
+    units (a fused projection named as plain, or wrong units, is refused here, before any
+    training: a shrink would change the outputs)."""
+    laid: list[tuple[str, Layout]] = []
+    for rel in (*spec.rows, *spec.columns):
+        name, module = prefix + rel, modules[prefix + rel]
+        output = rel in spec.rows
+        fused = spec.fused.get(rel) if output else None
+        if fused is None:
+            laid.append((name, _plain_member(source, name, module, output, units, spec.kind)))
+            continue
+        lines = linear_dims(module)[0]
+        try:
+            owner = unit_lines(fused, lines, units, query_heads)
+        except ValueError as e:
+            raise TargetingError(
+                f"{source}: {name!r} is declared fused as {fused!r}, but {e} ({units} units, "
+                f"{query_heads} query heads). Fix: correct fused, units or query_heads in "
+                "unit_groups.") from None
+        laid.append((name, Layout(axis=int(is_transposed(module)), shape=_stored_shape(module),
+                                  output=True, units=units, unit_of=owner)))
+    _check_consistent(source, spec, prefix, laid, units, query_heads)
+    return laid
+
+
+def _unit_width(spec: UnitGroupSpec, rel: str, layout: Layout, units: int,
+                query_heads: int) -> int:
+    """Lines of one unit's 'payload': a plain member's size; a fused qkv projection's query
+    lines per unit; a halves projection's lines per neuron in each half."""
+    fused = spec.fused.get(rel)
+    if fused is None:
+        return layout.size
+    if fused == "halves":
+        return 1
+    lines = layout.shape[layout.axis]
+    head_dim = fused_head_dim(fused, lines, units, query_heads)
+    return head_dim if fused == "qkv_multi_query" else head_dim * (query_heads // units)
+
+
+def _check_consistent(source: str, spec: UnitGroupSpec, prefix: str,
+                      laid: list[tuple[str, Layout]], units: int, query_heads: int) -> None:
+    relative = [*spec.rows, *spec.columns]
+    widths = {name: _unit_width(spec, rel, layout, units, query_heads)
+              for rel, (name, layout) in zip(relative, laid, strict=True)}
+    column = prefix + spec.columns[0]
+    width = widths[column]
+    for name, w in widths.items():
+        rel = name[len(prefix):]
+        if spec.kind == "heads":  # query and value rows span a head, key/value ones may be a part
+            ok = w == width if (rel in spec.columns or rel in spec.fused) else width % w == 0
+        else:
+            ok = w == width
+        if ok:
+            continue
+        unit = spec.kind[:-1]
+        fused_hint = "" if rel in spec.fused or rel in spec.columns else (
+            f" ({name!r} looks fused: several projections in one matrix)")
+        raise TargetingError(
+            f"{source}: in block {prefix!r}, {name!r} has {w} lines per {unit} and {column!r} "
+            f"{width}: they cannot hold the same {units} {spec.kind}{fused_hint}. Fix: describe "
+            "a fused projection in unit_groups' fused (qkv_stacked, qkv_interleaved, "
+            "qkv_grouped, qkv_multi_query, halves), or correct units/query_heads.")
 
 
 def find_unit_groups(model: nn.Module, policy: PruningPolicy,
-                     targets: list[tuple[str, nn.Linear]],
+                     targets: list[tuple[str, nn.Module]],
                      layers: dict[str, PrunedLayer]) -> list[UnitGroup]:
-    """The unit groups of ``model`` for ``policy.structure`` among the targeted Linears."""
+    """The unit groups of ``model`` for ``policy.structure`` among the targeted layers."""
     if policy.structure == "blocks":
-        r, c = policy.block_shape  # type: ignore[misc]
         groups = []
         for name, module in targets:
-            out, inp = module.weight.shape
-            layout = Layout(axis=-1, block=(r, c), shape=(out, inp))
-            groups.append(UnitGroup(name, "blocks", (math.ceil(out / r), math.ceil(inp / c)),
-                                     [Member(layers[name], layout)]))
+            r, c = policy.block_shape  # type: ignore[misc]
+            if is_transposed(module):
+                r, c = c, r
+            shape = tuple(module.weight.shape)
+            layout = Layout(axis=-1, block=(r, c), shape=shape)  # type: ignore[arg-type]
+            groups.append(UnitGroup(name, "blocks", (math.ceil(shape[0] / r),
+                                                     math.ceil(shape[1] / c)),
+                                    [Member(layers[name], layout)]))
         return groups
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    modules = prunable_modules(model)
     targeted = dict(targets)
-    source, specs = _specs(policy, linears)
+    config = _config(model)
+    source, family, specs = _specs(policy, modules, config)
     groups: list[UnitGroup] = []
     for spec in specs:
         first = spec.rows[0]
-        prefixes = [name[:len(name) - len(first)] for name in linears
+        prefixes = [name[:len(name) - len(first)] for name in modules
                     if name == first or name.endswith("." + first)]
         for prefix in prefixes:
             names = [prefix + n for n in (*spec.rows, *spec.columns)]
-            missing = [n for n in names if n not in linears]
+            missing = [n for n in names if n not in modules]
             if missing:
-                raise TargetingError(f"{source}: block {prefix!r} has no Linear {missing[0]!r} "
+                raise TargetingError(f"{source}: block {prefix!r} has no layer {missing[0]!r} "
                                      f"for its {spec.kind}. Fix: name the modules of each block "
                                      "in unit_groups.")
             chosen = [n for n in names if n in targeted]
@@ -273,25 +389,20 @@ def find_unit_groups(model: nn.Module, policy: PruningPolicy,
                     f"the {spec.kind} of block {prefix!r} tie {names}, but {left} are not "
                     "targeted (targets/exclude): a unit is pruned in all its modules or none. "
                     "Fix: target all of them, or none.")
-            units = spec.units or (_head_count(model) if spec.kind == "heads"
-                                   else linears[names[0]].out_features)
+            query_heads = spec.query_heads or _config_count(config, ("num_attention_heads",))
+            units = spec.units
+            if units is None and spec.kind == "heads":
+                multi_query = "qkv_multi_query" in spec.fused.values()
+                units = query_heads if multi_query else _config_count(config, HEAD_COUNT_FIELDS)
+            elif units is None:
+                units = linear_dims(modules[prefix + spec.columns[0]])[1]
             if units is None:
                 raise TargetingError(f"{source}: how many heads does block {prefix!r} have? "
                                      "Fix: give units in unit_groups.")
-            members = []
-            for n in names:
-                module = linears[n]
-                axis = 0 if n in (prefix + r for r in spec.rows) else 1
-                dim = module.out_features if axis == 0 else module.in_features
-                if dim % units:
-                    raise TargetingError(f"{n!r} has {dim} {'rows' if axis == 0 else 'columns'}, "
-                                         f"not a multiple of the {units} {spec.kind} of its "
-                                         "block. Fix: set units in unit_groups.")
-                shape = getattr(module.weight, "ds_shape", module.weight.shape)  # ZeRO-3
-                members.append(Member(layers[n], Layout(axis=axis, size=dim // units,
-                                                        shape=tuple(shape))))
-            groups.append(UnitGroup(names[0], spec.kind, (units,), members))
-    order = {name: i for i, name in enumerate(linears)}
+            laid = _block_members(source, spec, prefix, modules, units, query_heads or units)
+            members = [Member(layers[n], layout) for n, layout in laid]
+            groups.append(UnitGroup(names[0], spec.kind, (units,), members, family))
+    order = {name: i for i, name in enumerate(modules)}
     groups.sort(key=lambda group: order[group.name])  # model order: block by block
     if not groups:
         raise TargetingError(f"structure {policy.structure!r}: none of the targeted modules "
@@ -302,32 +413,40 @@ def find_unit_groups(model: nn.Module, policy: PruningPolicy,
 
 # -- shrinking ------------------------------------------------------------------------------------
 
-def _resize(module: nn.Linear, rows: Tensor | None, cols: Tensor | None) -> None:
-    """Keep only ``rows`` (output units) and ``cols`` (input units) of a Linear, in place."""
+def _resize(module: nn.Module, index: Tensor, layout: Layout) -> None:
+    """Keep only the lines ``index`` of the weight's ``layout.axis`` (the bias follows outputs),
+    in place; the module's own size attributes follow."""
     with torch.no_grad():
-        w = module.weight
-        if rows is not None:
-            w = w[rows]
-            if module.bias is not None:
-                module.bias = nn.Parameter(module.bias[rows].clone(),
-                                           requires_grad=module.bias.requires_grad)
-        if cols is not None:
-            w = w[:, cols]
+        w = module.weight.index_select(layout.axis, index)
+        if layout.output and module.bias is not None:
+            module.bias = nn.Parameter(module.bias[index].clone(),
+                                       requires_grad=module.bias.requires_grad)
         module.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
-    module.out_features, module.in_features = module.weight.shape
+    _set_sizes(module, tuple(module.weight.shape))
 
 
-_HEAD_ATTRS = ("num_attention_heads", "n_heads", "num_heads")
+def _set_sizes(module: nn.Module, shape: tuple[int, ...]) -> None:
+    if is_transposed(module):  # transformers' Conv1D: weight [nx, nf]
+        module.nx, module.nf = shape
+    else:
+        module.out_features, module.in_features = shape
 
 
-def shrink_groups(model: nn.Module, groups: list[UnitGroup]) -> dict[str, list[int]]:
-    """Remove the pruned heads and neurons of ``groups`` from ``model``: smaller Linears, the
+def shrink_groups(model: nn.Module, groups: list[UnitGroup]
+                  ) -> tuple[dict[str, list[int]], dict[str, dict[str, int]]]:
+    """Remove the pruned heads and neurons of ``groups`` from ``model``: smaller layers, the
     same outputs. A group with no unit left keeps one, its output columns zero. Returns the new
-    shape of every resized Linear, by name."""
+    shape of every resized layer and the attention modules' rescaled head counts, by name."""
     names = {id(m): n for n, m in model.named_modules()}
     shapes: dict[str, list[int]] = {}
+    attributes: dict[str, dict[str, int]] = {}
+    kept_in_place = []
     for group in groups:
         if group.kind == "blocks" or group.mask is None:
+            continue
+        if group.kind == "heads" and group.family is not None \
+                and not group.family.removable_heads:
+            kept_in_place.append(group.name)
             continue
         keep = group.mask.nonzero().view(-1)
         empty = keep.numel() == 0
@@ -335,72 +454,123 @@ def shrink_groups(model: nn.Module, groups: list[UnitGroup]) -> dict[str, list[i
             keep = torch.zeros(1, dtype=torch.long, device=group.mask.device)
         for member in group.members:
             module, layout = member.layer.module, member.layout
-            index = (keep.view(-1, 1) * layout.size
-                     + torch.arange(layout.size, device=keep.device)).view(-1)
-            _resize(module, index if layout.axis == 0 else None,
-                    index if layout.axis == 1 else None)
-            if empty and layout.axis == 1:
+            _resize(module, layout.kept_lines(keep), layout)
+            if empty and not layout.output:
                 with torch.no_grad():
                     module.weight.zero_()
             shapes[names[id(module)]] = list(module.weight.shape)
         if group.kind == "heads":
-            _set_head_counts(model, group, keep.numel(), names)
-    return shapes
+            attributes.update(_set_head_counts(model, group, keep.numel(), names))
+    if kept_in_place:
+        import warnings
+
+        family = groups[0].family.name if groups[0].family else ""
+        warnings.warn(f"shrink: the {family} layers share one position bias across a stack, so "
+                      f"the pruned heads of {len(kept_in_place)} attention modules stay in place "
+                      "(their weights zero, the outputs unchanged); neurons were removed.",
+                      stacklevel=3)
+    return shapes, attributes
 
 
 def _set_head_counts(model: nn.Module, group: UnitGroup, units_left: int,
-                     names: dict[int, str]) -> None:
-    """Keep the attention module's own head counts in line (the forwards of the supported
-    families infer heads from shapes; these attributes are for other code that reads them)."""
+                     names: dict[int, str]) -> dict[str, dict[str, int]]:
+    """Rescale the attention module's head counts (its forward reshapes by them): each
+    attribute that counts the group's units (a multiple of them) becomes that many per unit
+    left. Returns {module name: {attribute path: value}}."""
     owner = names[id(group.owner.module)]
-    parent_name = owner.rsplit(".", 1)[0]
-    parent = model.get_submodule(parent_name) if parent_name != owner else None
-    for module in (parent, getattr(parent, "self", None)):
-        if module is None:
-            continue
-        for attr in _HEAD_ATTRS:
-            value = getattr(module, attr, None)
-            if isinstance(value, int) and value % group.shape[0] == 0:
-                setattr(module, attr, value // group.shape[0] * units_left)
-        size = getattr(module, "attention_head_size", None)
-        if isinstance(getattr(module, "all_head_size", None), int) and isinstance(size, int):
-            module.all_head_size = size * getattr(module, "num_attention_heads", units_left)
+    parent_name = owner.rsplit(".", 1)[0] if "." in owner else ""
+    parent = model.get_submodule(parent_name)
+    paths = group.family.head_counts if group.family is not None else GENERIC_HEAD_COUNTS
+    changed: dict[str, int] = {}
+    units = group.shape[0]
+    for path in paths:
+        value = _get_path(parent, path)
+        if isinstance(value, int) and not isinstance(value, bool) and value % units == 0:
+            changed[path] = value // units * units_left
+    apply_attributes(parent, changed)
+    return {parent_name: changed} if changed else {}
+
+
+def _get_path(module: Any, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
+def apply_attributes(module: nn.Module, changed: dict[str, int]) -> None:
+    """Set ``changed`` (attribute paths) on ``module``. A path through ``config`` first gives
+    the module its own copy of the config, so other layers keep theirs."""
+    for path, value in changed.items():
+        target: Any = module
+        parts = path.split(".")
+        for part in parts[:-1]:
+            child = getattr(target, part)
+            if part == "config" and not getattr(child, "_prune_plugin_copy", False):
+                child = copy.copy(child)
+                child._prune_plugin_copy = True
+                setattr(target, part, child)
+            target = child
+        setattr(target, parts[-1], value)
 
 
 def load_shrunk(folder: str | Path, model_class: Any = None, **kwargs: Any) -> nn.Module:
-    """Load a model saved after ``finalize(model, shrink=True)``: Hugging Face's own
-    ``from_pretrained`` (key conversions, dtype, device placement included), its Linears resized
-    as recorded in the config (``prune_plugin_shapes``) right after the model is built.
-    ``model_class`` defaults to the config's architecture; the result is an instance of it."""
+    """Load a model saved after ``finalize(model, shrink=True)``: the stock class's own
+    ``from_pretrained`` (renamed keys, tied weights, dtype, device placement included), its
+    layers resized and head counts set as recorded in the config (``prune_plugin_shapes``,
+    ``prune_plugin_attributes``) right after the model is built, before the weights load.
+    ``model_class`` defaults to the config's architecture."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(folder)
     shapes = getattr(config, SHAPES_KEY, None) or {}
+    attributes = getattr(config, ATTRIBUTES_KEY, None) or {}
     if model_class is None:
         model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
     if not shapes:
         return model_class.from_pretrained(folder, **kwargs)
+    own_init = model_class.__dict__.get("__init__")
+    stock_init = model_class.__init__
 
-    def init_then_resize(self: nn.Module, config: Any, *args: Any, **kw: Any) -> None:
-        model_class.__init__(self, config, *args, **kw)
-        for name, shape in shapes.items():
-            module = self.get_submodule(name)
-            module.weight = nn.Parameter(module.weight.new_empty(shape))
-            if module.bias is not None and module.bias.shape[0] != shape[0]:
-                module.bias = nn.Parameter(module.bias.new_empty(shape[0]))
-            module.out_features, module.in_features = shape
+    def init_then_resize(self: nn.Module, *args: Any, **kw: Any) -> None:
+        stock_init(self, *args, **kw)
+        if type(self) is model_class:
+            resize_as_recorded(self, shapes, attributes)
 
-    shrunk = type(model_class.__name__, (model_class,), {"__init__": init_then_resize})
-    model = shrunk.from_pretrained(folder, **kwargs)
-    model.__class__ = model_class  # a stock instance, only its Linears smaller
-    return model
+    # The stock class itself, so that transformers' loading rules keyed on it apply; restored
+    # at once (not thread-safe against building the same class elsewhere meanwhile).
+    model_class.__init__ = init_then_resize
+    try:
+        return model_class.from_pretrained(folder, **kwargs)
+    finally:
+        if own_init is None:
+            del model_class.__init__
+        else:
+            model_class.__init__ = own_init
 
 
-def record_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
-    """Write the resized Linears' shapes into the model's config (saved by save_pretrained)."""
+def resize_as_recorded(model: nn.Module, shapes: dict[str, list[int]],
+                       attributes: dict[str, dict[str, int]]) -> None:
+    """Give a freshly built model the recorded layer shapes and head counts (the weights are
+    loaded after)."""
+    for name, shape in shapes.items():
+        module = model.get_submodule(name)
+        module.weight = nn.Parameter(module.weight.new_empty(shape))
+        out = shape[1] if is_transposed(module) else shape[0]
+        if module.bias is not None and module.bias.shape[0] != out:
+            module.bias = nn.Parameter(module.bias.new_empty(out))
+        _set_sizes(module, tuple(shape))
+    for name, changed in attributes.items():
+        apply_attributes(model.get_submodule(name), changed)
+
+
+def record_shapes(model: nn.Module, shapes: dict[str, list[int]],
+                  attributes: dict[str, dict[str, int]]) -> None:
+    """Write the resized layers' shapes and head counts into the model's config (saved by
+    save_pretrained)."""
     config = getattr(model, "config", None)
     if config is None:
         return
-    recorded = dict(getattr(config, SHAPES_KEY, None) or {})
-    recorded.update(shapes)
-    setattr(config, SHAPES_KEY, json.loads(json.dumps(recorded)))
+    for key, new in ((SHAPES_KEY, shapes), (ATTRIBUTES_KEY, attributes)):
+        recorded = dict(getattr(config, key, None) or {})
+        recorded.update(new)
+        setattr(config, key, json.loads(json.dumps(recorded)))

@@ -1,6 +1,7 @@
 """Which modules a policy prunes: the one documented matcher.
 
-A module is a target when it is an ``nn.Linear`` whose qualified name (as in
+A module is a target when it is a linear layer (``nn.Linear``, or transformers' ``Conv1D``,
+which GPT-2 uses and which stores its weight transposed, ``[in, out]``) whose qualified name (as in
 ``model.named_modules()``) matches one of ``policy.targets`` (``re.search``) and none of
 ``policy.exclude``, and that structure does not rule out:
 
@@ -13,12 +14,13 @@ A module is a target when it is an ``nn.Linear`` whose qualified name (as in
   traced, only the names in ``exclude`` protect its head).
 
 Matching nothing is an error that shows what exists, including layer types that hold weights
-but cannot be pruned (GPT-2's ``Conv1D``, convolutions).
+but cannot be pruned (convolutions).
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 
 from torch import nn
@@ -28,9 +30,31 @@ from prune_plugin.errors import TargetingError
 from prune_plugin.policy import PruningPolicy
 
 
-def find_targets(model: nn.Module, policy: PruningPolicy) -> list[tuple[str, nn.Linear]]:
+def is_transposed(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D``: ``y = x W + b``, weight ``[in, out]``
+    (found without importing transformers: a model holding one has imported it)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_transposed(module)
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs) of a prunable layer, whole under ZeRO-3."""
+    shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
+    return (shape[1], shape[0]) if is_transposed(module) else (shape[0], shape[1])
+
+
+def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable layer of ``model`` by qualified name, in model order."""
+    return {name: m for name, m in model.named_modules() if is_prunable(m)}
+
+
+def find_targets(model: nn.Module, policy: PruningPolicy) -> list[tuple[str, nn.Module]]:
     """The ``(name, module)`` pairs to prune, in model order. Raises TargetingError if none."""
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = list(prunable_modules(model).items())
     ruled_out = adapter_modules(model)
     heads = head_modules(model) if policy.exclude_heads else set()
     inc = [re.compile(p) for p in policy.targets]
@@ -50,11 +74,11 @@ def find_targets(model: nn.Module, policy: PruningPolicy) -> list[tuple[str, nn.
 
 
 def _nothing_matched(model: nn.Module, policy: PruningPolicy,
-                     linears: list[tuple[str, nn.Linear]], adapters: set[int],
+                     linears: list[tuple[str, nn.Module]], adapters: set[int],
                      heads: set[int]) -> str:
     shown = ", ".join(repr(n) for n, _ in linears[:8]) + (" ..." if len(linears) > 8 else "")
     message = (f"targets {policy.targets} with exclude {policy.exclude} match none of the "
-               f"model's {len(linears)} nn.Linear modules"
+               f"model's {len(linears)} linear layers"
                + (f" (some of them: {shown})" if linears else " (it has none)"))
     n_heads = sum(id(m) in heads for _, m in linears)
     n_adapters = sum(id(m) in adapters for _, m in linears)
@@ -66,7 +90,7 @@ def _nothing_matched(model: nn.Module, policy: PruningPolicy,
         kinds = ", ".join(f"{count} {kind} (e.g. {example!r})"
                           for kind, (count, example) in others.items())
         message += (f". It also has {kinds}, which prune_plugin cannot prune: it prunes "
-                    "nn.Linear layers only")
+                    "linear layers only (nn.Linear, transformers' Conv1D)")
     fix = " Fix: adjust 'targets'/'exclude'; they are regexes searched in module names"
     if n_heads:
         fix += ", and set exclude_heads: false to prune output heads too"
@@ -74,13 +98,14 @@ def _nothing_matched(model: nn.Module, policy: PruningPolicy,
 
 
 def unsupported_layers(model: nn.Module) -> dict[str, tuple[int, str]]:
-    """Module types that hold a matrix-like weight but are not ``nn.Linear`` (GPT-2's
-    ``Conv1D``, convolutions): {type name: (count, first module name)}."""
+    """Module types that hold a matrix-like weight but are not prunable (convolutions):
+    {type name: (count, first module name)}."""
     counts: Counter[str] = Counter()
     first: dict[str, str] = {}
     for name, m in model.named_modules():
         w = m._parameters.get("weight")
-        if isinstance(m, (nn.Linear, nn.Embedding, nn.EmbeddingBag)) or w is None or w.dim() < 2:
+        if is_prunable(m) or isinstance(m, (nn.Embedding, nn.EmbeddingBag)) or w is None \
+                or w.dim() < 2:
             continue
         kind = f"{type(m).__module__}.{type(m).__qualname__}"
         counts[kind] += 1
@@ -126,7 +151,7 @@ def head_modules(model: nn.Module) -> set[int]:
         if base is None:
             continue
         inside = {id(x) for x in base.modules()}
-        heads.update(id(x) for x in m.modules() if isinstance(x, nn.Linear) and id(x) not in inside)
+        heads.update(id(x) for x in m.modules() if is_prunable(x) and id(x) not in inside)
     if hf:
         return heads
     return _output_linears(model)
@@ -150,7 +175,7 @@ def _output_linears(model: nn.Module) -> set[int]:
         for node in output.all_input_nodes:  # each returned tensor
             while True:
                 target = modules.get(node.target) if node.op == "call_module" else None
-                if isinstance(target, nn.Linear):
+                if target is not None and is_prunable(target):
                     found.add(id(target))
                     break
                 inputs = node.all_input_nodes

@@ -296,13 +296,10 @@ def test_a_transformer_block_keeps_its_last_linear_targeted():
     assert [layer.name for layer in attach(Block(), movement()).layers] == ["up", "down"]
 
 
-def test_gpt2_conv1d_layers_are_named_as_unsupported():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2,
-                                       n_positions=32))
-    with pytest.raises(TargetingError, match=r"(?s)4 transformers\.pytorch_utils\.Conv1D.*"
-                                             r"transformer\.h\.0\.attn\.c_attn.*nn\.Linear"):
+def test_layers_that_cannot_be_pruned_are_named_when_nothing_matches():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    with pytest.raises(TargetingError, match=r"(?s)2 torch\.nn\.modules\.conv\.Conv2d.*'0'.*"
+                                             r"Conv1D"):
         attach(model, movement())
     assert get_pruner(model) is None
 
