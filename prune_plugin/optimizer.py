@@ -6,8 +6,11 @@ wrapped optimizer's own objects (with setters, since ZeRO swaps ``param_groups``
 schedulers built on it, ``GradScaler``, gradient clipping and accumulation work unchanged.
 
 The scores live in one extra param group of the wrapped optimizer, tagged
-``{"prune_plugin": "scores"}`` (found by tag, never by index), with the score learning rate
-and no weight decay.
+``{"prune_plugin": "scores"}`` (found by tag, never by index), with no weight decay. Its
+learning rate keeps its ratio to the weights': before each step it is set to ``score_lr`` times
+the first weight group's learning rate over that group's learning rate when wrapped, so any LR
+scheduler (warm-up and decay, OneCycleLR, CyclicLR, ones that set absolute values) moves the
+scores' rate with the weights' and none can silently replace ``score_lr``.
 
 What it adds, through a pre- and a post-step hook on the innermost torch optimizer (the one
 that really updates the parameters, under any wrappers such as accelerate's):
@@ -27,6 +30,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -36,6 +41,8 @@ from prune_plugin.policy import PruningPolicy
 from prune_plugin.pruner import Pruner, attach, get_pruner
 
 SCORE_GROUP_TAG = "prune_plugin"
+#: Key, in the score group, of the first weight group's learning rate when wrapped.
+BASE_LR_KEY = "prune_plugin_base_lr"
 
 
 def as_policy(policy: PruningPolicy | Mapping[str, Any] | str | Path) -> PruningPolicy:
@@ -118,6 +125,13 @@ class PruningOptimizer(torch.optim.Optimizer):
         if pruner is not None and pruner.policy != policy:
             raise AttachError("this model is already attached with another policy. Fix: "
                               "prune_plugin.detach(model) first, or wrap with the same policy.")
+        if pruner is not None and (driver := pruner.driver and pruner.driver()) is not None:
+            raise AttachError(
+                f"this model's pruning is already driven by a PruningOptimizer (around "
+                f"{type(driver.optimizer).__name__}); a second one would advance the schedule "
+                "again at each of its steps (two steps per iteration). Fix: wrap one optimizer "
+                "only, the one that steps once per iteration, and step the other unwrapped; to "
+                "replace the optimizer, call close() on the old wrapper first.")
         if pruner is None:
             pruner = attach(model, policy)
         self.pruner: Pruner = pruner
@@ -131,6 +145,7 @@ class PruningOptimizer(torch.optim.Optimizer):
                 pruner.detach()
             raise
         self._hook_inner()
+        pruner.driver = weakref.ref(self)
         pruner.on_detach(self._drop_score_group)
 
     @property
@@ -187,6 +202,8 @@ class PruningOptimizer(torch.optim.Optimizer):
         self.__dict__.update(state)  # a copy: its inner optimizer has lost our hooks
         self._patch_step_function()
         self._hook_inner()
+        if self.pruner.driver is None:  # the copy's own pruner (a deepcopy of both)
+            self.pruner.driver = weakref.ref(self)
         self.pruner.on_detach(self._drop_score_group)
 
     # -- score group -----------------------------------------------------------------------------
@@ -201,6 +218,12 @@ class PruningOptimizer(torch.optim.Optimizer):
         scores = self.pruner.scores
         if not scores:
             return  # magnitude pruning learns no scores
+        inner = _innermost(self.optimizer)
+        if isinstance(inner, torch.optim.LBFGS):
+            raise AttachError(
+                f"torch.optim.LBFGS takes exactly one param group, and {self.policy.method} "
+                "pruning adds one for its scores. Fix: method 'magnitude' (it learns no "
+                "scores), or an optimizer that takes param groups (AdamW, SGD).")
         ids = {id(s) for s in scores}
         holding = [g for g in self.optimizer.param_groups if any(id(p) in ids for p in g["params"])]
         if len(holding) == 1 and {id(p) for p in holding[0]["params"]} == ids:
@@ -209,12 +232,37 @@ class PruningOptimizer(torch.optim.Optimizer):
         for group in holding:  # built from model.parameters() after attaching: move them out
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         group = {"params": scores, "lr": self.policy.score_lr, SCORE_GROUP_TAG: "scores"}
+        first = self._weight_group()
+        if first is not None and _positive(first.get("lr")):
+            group[BASE_LR_KEY] = float(first["lr"])
         defaults = self.optimizer.defaults
         if "weight_decay" in defaults:
             group["weight_decay"] = 0.0
         if defaults.get("relative_step"):  # Adafactor would ignore lr: give it score_lr
             group.update(relative_step=False, scale_parameter=False, warmup_init=False)
         self.optimizer.add_param_group(group)
+
+    def close(self) -> None:
+        """Stop driving the pruning run, keeping it attached: the scores leave the wrapped
+        optimizer, and a new PruningOptimizer (say, around a rebuilt optimizer) can take over
+        with the run's step, scores and masks."""
+        self._drop_score_group()
+        if self.pruner.driver is not None and self.pruner.driver() is self:
+            self.pruner.driver = None
+        self.pruner.remove_on_detach(self._drop_score_group)
+
+    def _weight_group(self) -> dict[str, Any] | None:
+        return next((g for g in self.optimizer.param_groups if SCORE_GROUP_TAG not in g), None)
+
+    def follow_weight_lr(self) -> None:
+        """Set the scores' learning rate to score_lr x (the first weight group's lr / its lr when
+        wrapped): whatever a scheduler wrote into the score group is replaced."""
+        group, first = self.score_group(), self._weight_group()
+        if group is None or first is None or BASE_LR_KEY not in group:
+            return
+        lr = first.get("lr")
+        if _positive(lr):
+            group["lr"] = self.policy.score_lr * float(lr) / group[BASE_LR_KEY]
 
     def _drop_score_group(self) -> None:
         group = self.score_group()
@@ -252,12 +300,17 @@ class PruningOptimizer(torch.optim.Optimizer):
             self.pruner.add_penalty_grads(group["params"])
 
     def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+        if not self.pruner.closed and (self.pruner.driver is None
+                                       or self.pruner.driver() is not self):
+            raise RuntimeError("this PruningOptimizer was closed; another one drives the run. "
+                               "Fix: step the new wrapper.")
         if self.pruner.closed:
             raise RuntimeError("the model was detached or finalized; this PruningOptimizer has "
                                "nothing left to prune. Fix: keep training with the wrapped "
                                "optimizer (`.optimizer`).")
         hooked = bool(self._inner_hooks)
         self._inner_stepped = False
+        self.follow_weight_lr()
         if closure is None:
             if not hooked:
                 self.add_penalty_grads()
@@ -291,6 +344,11 @@ class PruningOptimizer(torch.optim.Optimizer):
         self.pruner.check_state(state_dict["pruning"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.pruner.load_state_dict(state_dict["pruning"])
+
+
+def _positive(lr: Any) -> bool:
+    """A plain positive learning rate (a tensor lr is left alone: reading it would sync)."""
+    return isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0
 
 
 def find_pruning_optimizer(optimizer: Any) -> PruningOptimizer | None:

@@ -56,6 +56,8 @@ class Pruner:
         self.model = model
         self.policy = policy
         self.method: PruningMethod = method_for(policy)
+        #: The PruningOptimizer stepping this run (a weakref): one at most.
+        self.driver: Callable[[], Any] | None = None
         self.layers: list[PrunedLayer] = []
         #: Structured pruning: the unit groups (heads, neurons, blocks) the layers belong to.
         self.units: list[UnitGroup] = []
@@ -418,6 +420,9 @@ class Pruner:
         """Call ``callback`` when the model is detached or finalized (not copied by deepcopy)."""
         self._on_detach.append(callback)
 
+    def remove_on_detach(self, callback: Callable[[], None]) -> None:
+        self._on_detach = [c for c in self._on_detach if c != callback]
+
     def detach(self) -> None:
         """Remove scores, masks and hooks: the model is bit-exactly what it was before."""
         if self._grad_sync is not None:
@@ -435,11 +440,12 @@ class Pruner:
         for callback in callbacks:
             callback()
 
-    def finalize(self, *, shrink: bool = False) -> None:
+    def finalize(self, *, shrink: bool = False, merge_adapters: bool = False) -> None:
         """Bake ``W * M`` into each pruned weight (in place; L0: its evaluation gate), then
         detach: a plain model. ``shrink`` (structured pruning) also removes the pruned heads
         and neurons: smaller Linears, the same outputs; their shapes go into the model's config
-        for :func:`prune_plugin.structure.load_shrunk`."""
+        for :func:`prune_plugin.structure.load_shrunk`. ``merge_adapters`` first merges the
+        PEFT adapters (LoRA) of pruned layers into them, so the masks apply to ``W + dW``."""
         if shrink and self.policy.structure in ("unstructured", "blocks"):
             raise AttachError(f"shrink removes pruned heads and neurons; structure "
                               f"{self.policy.structure!r} prunes single weights or blocks, "
@@ -452,6 +458,8 @@ class Pruner:
                 "prune_plugin.finalized_state_dict(model) (FSDP2) or prune_plugin.integrations."
                 "deepspeed.finalized_state_dict(engine) (ZeRO-3), on every rank, and save or load "
                 "it into an unsharded model.")
+        if merge_adapters:
+            self._merge_adapters()
         with torch.no_grad():
             for layer in self.layers:
                 gate = layer.gate()
@@ -463,11 +471,27 @@ class Pruner:
                 record_shapes(self.model, *shrink_groups(self.model, self.units))
         self.detach()
 
+    def _merge_adapters(self) -> None:
+        """Merge each PEFT tuner layer whose base layer is pruned (its ``merge()`` adds the
+        adapter's delta to the base weight), found without importing PEFT."""
+        pruned = {id(layer.module) for layer in self.layers}
+        tuners = [m for m in self.model.modules()
+                  if callable(getattr(m, "get_base_layer", None)) and callable(getattr(m, "merge",
+                                                                                       None))
+                  and isinstance(getattr(m, "adapter_layer_names", None), (tuple, list))
+                  and id(m.get_base_layer()) in pruned]
+        if not tuners:
+            raise AttachError("merge_adapters: no pruned layer carries a PEFT adapter. Fix: "
+                              "finalize without merge_adapters.")
+        for tuner in tuners:
+            tuner.merge()
+
     def __getstate__(self) -> dict[str, Any]:
         # A copy of the model (deepcopy, pickle) is not tied to the original's optimizer.
         state = dict(self.__dict__)
         state["_on_detach"] = []
         state["_pending_check"] = None
+        state["driver"] = None
         return state
 
 
@@ -602,14 +626,23 @@ def detach(model: nn.Module) -> nn.Module:
     return model
 
 
-def finalize(model: nn.Module, *, shrink: bool = False) -> nn.Module:
+def finalize(model: nn.Module, *, shrink: bool = False, merge_adapters: bool = False
+             ) -> nn.Module:
     """Bake ``W * M`` into each pruned ``weight`` (in place) and detach: a plain model.
 
     L0 uses its deterministic evaluation gate. ``shrink`` (structured pruning: neurons, heads,
     hybrid) removes the pruned units: smaller Linears, the same outputs, a faster model;
     ``prune_plugin.load_shrunk`` loads it back after ``save_pretrained``. Returns the model.
+
+    ``merge_adapters`` (a PEFT model whose base layers were pruned): merge the adapters into
+    the pruned layers before baking, so the merged model keeps the masks' sparsity (PEFT's
+    ``merge_and_unload()`` after ``finalize`` would add dense deltas back); returns the
+    unloaded base model. The adapters' deltas were dense in training: their pruned entries go.
     """
-    require_pruner(model, "finalize").finalize(shrink=shrink)
+    require_pruner(model, "finalize").finalize(shrink=shrink, merge_adapters=merge_adapters)
+    unload = getattr(model, "merge_and_unload", None)
+    if merge_adapters and callable(unload):
+        return unload()  # already merged: PEFT only swaps the base layers back in
     return model
 
 
