@@ -116,7 +116,7 @@ def sparsity_report(model: nn.Module, *, scope: str | None = None,
     targets (default: every Linear but the output heads).
     """
     pruner = get_pruner(model)
-    modules: dict[str, nn.Linear]
+    modules: dict[str, nn.Module]
     units: list[UnitSparsity] = []
     if pruner is not None:
         layers = [LayerSparsity(lay.name, kept, lay.numel)

@@ -37,24 +37,31 @@ def policy_of(case: dict[str, Any]):
     return PruningPolicy(**fields)
 
 
-def build_model() -> nn.Module:
+def build_model(kind: str = "bert") -> nn.Module:
     """A tiny BERT whose FFN has an odd width (51): FSDP2 shards it unevenly (26 + 25 rows);
-    4 heads, of which structured pruning at 25% keeps one per block."""
-    from transformers import BertConfig, BertForSequenceClassification
+    4 heads, of which structured pruning at 25% keeps one per block. ``gpt2``: a tiny GPT-2
+    (transformers' Conv1D layers, stored [in, out], the fused c_attn)."""
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4,
+                                          n_inner=52, n_positions=64, resid_pdrop=0.0,
+                                          embd_pdrop=0.0, attn_pdrop=0.0))
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=51, max_position_embeddings=64,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     return BertForSequenceClassification(config)
 
 
-def batch(step: int, rank: int, world: int, micro: int = 0, micros: int = 1
-          ) -> dict[str, torch.Tensor]:
+def batch(step: int, rank: int, world: int, micro: int = 0, micros: int = 1,
+          kind: str = "bert") -> dict[str, torch.Tensor]:
     """This rank's share of step ``step``'s global batch (micro-batch ``micro`` of ``micros``)."""
     g = torch.Generator().manual_seed(1000 + step)
     full = {"input_ids": torch.randint(0, 100, (GLOBAL_BATCH, 12), generator=g),
             "labels": torch.randint(0, 2, (GLOBAL_BATCH,), generator=g)}
+    if kind == "gpt2":  # a language model's labels: its inputs
+        full["labels"] = full["input_ids"]
     per = GLOBAL_BATCH // (world * micros)
     start = (rank * micros + micro) * per
     return {k: v[start:start + per] for k, v in full.items()}
@@ -63,7 +70,8 @@ def batch(step: int, rank: int, world: int, micro: int = 0, micros: int = 1
 def shard(model: nn.Module) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    for block in model.bert.encoder.layer:
+    blocks = model.transformer.h if hasattr(model, "transformer") else model.bert.encoder.layer
+    for block in blocks:
         fully_shard(block)
     fully_shard(model)
 
@@ -76,7 +84,8 @@ def run_case(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
                               sparsity_report)
 
     setup, policy = case["setup"], policy_of(case)
-    model = build_model()
+    kind = case.get("model", "bert")
+    model = build_model(kind)
     torch.manual_seed(1 + rank)  # ranks draw different random numbers, as real ones do
     wrapped: nn.Module = model
     micros = case.get("micros", 1)
@@ -101,12 +110,12 @@ def run_case(case: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
                 sync = wrapped.no_sync() if isinstance(wrapped, DDP) and not last \
                     else _nothing()
                 with sync:
-                    loss = wrapped(**batch(step, rank, world, micro, micros)).loss / micros
+                    loss = wrapped(**batch(step, rank, world, micro, micros, kind)).loss / micros
                     loss.backward()
             optimizer.step()
             optimizer.zero_grad()
         with torch.no_grad():  # an evaluation: FSDP2 keeps the root's parameters whole after
-            wrapped.eval()(**batch(0, rank, world))
+            wrapped.eval()(**batch(0, rank, world, kind=kind))
         pruner, report = get_pruner(model), sparsity_report(model)
         return {"state": finalized_state_dict(model), "step": pruner.step_count,
                 "kept": [layer.kept for layer in report.layers],

@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, default=None)
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--model", default="bert", help="bert, or gpt2 (Conv1D layers)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -76,6 +77,10 @@ def main() -> None:
     if args.zero_init:  # weights sharded from birth: attach must gather layer by layer
         with deepspeed.zero.Init(config_dict_or_path=config):
             model = TinyClassifier()
+    elif args.model == "gpt2":
+        from dist_worker import build_model
+
+        model = build_model("gpt2")
     else:
         model = tiny_bert(seed=0)
     for m in model.modules():  # deterministic: no dropout
@@ -99,6 +104,8 @@ def main() -> None:
     for step in range(start, args.steps):
         for micro_step in range(args.accumulation):
             batch = bert_batch(seed=step, batch=args.global_batch)
+            if args.model == "gpt2":  # a language model: its inputs are its labels
+                batch = {"input_ids": batch["input_ids"] % 100, "labels": batch["input_ids"] % 100}
             lo = (micro_step * world + rank) * micro
             inputs = {k: v[lo:lo + micro] for k, v in batch.items()}
             loss = engine(**inputs).loss

@@ -255,6 +255,24 @@ def test_structured_pruning_from_the_config_entry_under_zero2_and_zero3(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
+def test_gpt2_conv1d_under_zero3_matches_stage_0(tmp_path: Path) -> None:
+    """GPT-2's Conv1D layers (weights stored [in, out], the fused c_attn split into heads)
+    under ZeRO-3: unstructured movement and hybrid heads and neurons keep what stage 0 keeps,
+    with the same finalized weights."""
+    for structure in ("unstructured", "hybrid"):
+        ref = launch(tmp_path, f"g0-{structure}", "--stage", "0", "--model", "gpt2",
+                     "--structure", structure)
+        run = launch(tmp_path, f"g3-{structure}", "--stage", "3", "--model", "gpt2",
+                     "--structure", structure)
+        assert "error" not in run, run.get("error")
+        assert run["units"] == ref["units"] and run["kept"] == ref["kept"]
+        if structure == "hybrid":
+            assert len(run["units"]) == 4
+        assert _pattern_mismatch(run, ref) == 0 and _max_diff(run, ref) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
 def test_zero3_bf16_global_magnitude_under_zero_init(tmp_path: Path) -> None:
     """A model built under zero.Init (weights already sharded when attached), bf16, global
     Top-v: exactly k kept over all layers, bitwise the gathered Top-v's mask."""

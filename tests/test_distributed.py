@@ -81,6 +81,8 @@ DDP_CASES = [
     {"name": "ddp-wrap-first-l0", "setup": "ddp-wrap-first", "method": "l0"},
     {"name": "ddp-wrap-first-hybrid", "setup": "ddp-wrap-first",
      "policy": {"structure": "hybrid"}},
+    {"name": "ddp-wrap-first-gpt2-hybrid", "setup": "ddp-wrap-first", "model": "gpt2",
+     "policy": {"structure": "hybrid"}},
     {"name": "ddp-inner-given", "setup": "ddp-inner-given"},
 ]
 
@@ -114,7 +116,10 @@ FSDP_CASES = [
                                                "policy": {"structure": "hybrid"}}),
                          ("l0-hybrid", {"method": "l0", "policy": {"structure": "hybrid"}}),
                          # the pooler too: a pruned Linear under the root's fully_shard alone
-                         ("movement-root-layer", {"policy": {"exclude": []}})]]
+                         ("movement-root-layer", {"policy": {"exclude": []}}),
+                         # transformers' Conv1D, stored [in, out], sharded on its first dim
+                         ("gpt2-movement", {"model": "gpt2"}),
+                         ("gpt2-hybrid", {"model": "gpt2", "policy": {"structure": "hybrid"}})]]
 
 
 @pytest.mark.slow
@@ -131,7 +136,8 @@ def test_fsdp2_either_order_gives_every_rank_the_one_process_model(tmp_path: Pat
         results = runs[case["name"]]
         assert_ranks_equal(results)
         assert results[0]["sharding"] == "FSDP2"
-        dist_worker.build_model().load_state_dict(results[0]["state"])  # stock class, strict
+        # the stock class, strict
+        dist_worker.build_model(case.get("model", "bert")).load_state_dict(results[0]["state"])
         ref = single(case)
         assert_same_model(results[0], ref, atol=1e-4 if case.get("method") == "l0" else 1e-5)
         unstructured = "structure" not in case.get("policy", {})
