@@ -283,7 +283,8 @@ def _stored_shape(module: nn.Module) -> tuple[int, int]:
 
 
 def _block_members(source: str, spec: UnitGroupSpec, prefix: str, modules: dict[str, nn.Module],
-                   units: int, query_heads: int) -> list[tuple[str, Layout]]:
+                   units: int, query_heads: int, head_dim: int | None
+                   ) -> list[tuple[str, Layout]]:
     """Each member of one block with its layout, checked: the members must split into the same
     units (a fused projection named as plain, or wrong units, is refused here, before any
     training: a shrink would change the outputs)."""
@@ -305,7 +306,7 @@ def _block_members(source: str, spec: UnitGroupSpec, prefix: str, modules: dict[
                 "unit_groups.") from None
         laid.append((name, Layout(axis=int(is_transposed(module)), shape=_stored_shape(module),
                                   output=True, units=units, unit_of=owner)))
-    _check_consistent(source, spec, prefix, laid, units, query_heads)
+    _check_consistent(source, spec, prefix, laid, units, query_heads, head_dim)
     return laid
 
 
@@ -323,11 +324,34 @@ def _unit_width(spec: UnitGroupSpec, rel: str, layout: Layout, units: int,
     return head_dim if fused == "qkv_multi_query" else head_dim * (query_heads // units)
 
 
+def _head_dim(config: Any) -> int | None:
+    """The config's head size (``head_dim``, T5's ``d_kv``, else hidden size / heads)."""
+    for name in ("head_dim", "d_kv"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
+        return hidden // heads
+    return None
+
+
 def _check_consistent(source: str, spec: UnitGroupSpec, prefix: str,
-                      laid: list[tuple[str, Layout]], units: int, query_heads: int) -> None:
+                      laid: list[tuple[str, Layout]], units: int, query_heads: int,
+                      head_dim: int | None) -> None:
     relative = [*spec.rows, *spec.columns]
     widths = {name: _unit_width(spec, rel, layout, units, query_heads)
               for rel, (name, layout) in zip(relative, laid, strict=True)}
+    if spec.kind == "heads" and head_dim is not None:  # a unit holds whole heads
+        for name, w in widths.items():
+            if w % head_dim:
+                raise TargetingError(
+                    f"{source}: in block {prefix!r}, {name!r} has {w} lines per unit, not "
+                    f"whole heads of {head_dim} (the config's head size): {units} units "
+                    "cannot be this block's heads. Fix: set units to the number of key/value "
+                    "heads (grouped-query attention: a unit is a key/value head with its "
+                    "query heads), or query_heads.")
     column = prefix + spec.columns[0]
     width = widths[column]
     for name, w in widths.items():
@@ -399,7 +423,9 @@ def find_unit_groups(model: nn.Module, policy: PruningPolicy,
             if units is None:
                 raise TargetingError(f"{source}: how many heads does block {prefix!r} have? "
                                      "Fix: give units in unit_groups.")
-            laid = _block_members(source, spec, prefix, modules, units, query_heads or units)
+            head_dim = None if spec.query_heads else _head_dim(config)
+            laid = _block_members(source, spec, prefix, modules, units, query_heads or units,
+                                  head_dim)
             members = [Member(layers[n], layout) for n, layout in laid]
             groups.append(UnitGroup(names[0], spec.kind, (units,), members, family))
     order = {name: i for i, name in enumerate(modules)}

@@ -200,9 +200,10 @@ def _phi3_groups(**heads) -> PruningPolicy:
                               "columns": ["mlp.down_proj"], "units": 32}])
 
 
-@pytest.mark.parametrize("case", ["plain-fused-qkv", "plain-gate-up", "wrong-query-heads"])
+@pytest.mark.parametrize("case", ["plain-fused-qkv", "plain-gate-up", "wrong-query-heads",
+                                  "query-heads-as-units"])
 def test_a_unit_group_that_cannot_be_right_is_refused_before_training(case):
-    model = tiny("phi3")
+    model = tiny("llama" if case == "query-heads-as-units" else "phi3")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     if case == "plain-fused-qkv":
         p, match = _phi3_groups(units=2), "looks fused"
@@ -212,9 +213,16 @@ def test_a_unit_group_that_cannot_be_right_is_refused_before_training(case):
                               {"kind": "neurons", "rows": ["mlp.gate_up_proj"],
                                "columns": ["mlp.down_proj"], "units": 64}])
         match = "cannot hold the same"
-    else:
+    elif case == "wrong-query-heads":
         p = _phi3_groups(fused={"self_attn.qkv_proj": "qkv_stacked"}, query_heads=3)
         match = "qkv_stacked"
+    else:  # 8 query heads over 4 key/value heads: 8 units would split each key head in two
+        p = PruningPolicy(method="movement", structure="heads", final_remaining=0.25,
+                          total_steps=6, unit_groups=[
+                              {"kind": "heads", "rows": ["self_attn.q_proj", "self_attn.k_proj",
+                                                         "self_attn.v_proj"],
+                               "columns": ["self_attn.o_proj"], "units": 8}])
+        match = "not whole heads"
     with pytest.raises(TargetingError, match=match) as info:
         PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), p, model=model)
     assert "Fix:" in str(info.value)
