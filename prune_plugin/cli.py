@@ -63,8 +63,8 @@ def _report(args: argparse.Namespace) -> int:
     out = Path(args.run_dir)
     path = out / "sparsity.json"
     if not path.is_file():
-        raise SystemExit(f"{out} holds no sparsity.json: is it the output folder of a finished "
-                         "fine-prune run?")
+        raise StateError(f"{out} holds no sparsity.json. Fix: pass the output folder of a "
+                         "finished fine-prune run.")
     data = _read_json(path)
     try:
         report = SparsityReport.from_dict(data)
@@ -169,7 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except PruningError as err:  # the job's errors included
+        code = getattr(err, "exit_code", None)
+        if code is not None:  # a signal stopped the job at a safe point: not an error
+            print(f"\n{err}", file=sys.stderr)
+            return code
         # One clear line (or block) for the user's mistakes; real bugs keep their traceback.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -69,6 +69,80 @@ def quantize_rows(values: torch.Tensor, rows: torch.Tensor, n_rows: int
 CODECS = ("lzma", "zstd", "none")
 
 
+def _bounded_decompress(name: str, data: bytes, limit: int, key: str) -> bytes:
+    """Decompress at most ``limit`` bytes (what the manifest declares): a blob that expands
+    beyond it (a decompression bomb, a forged manifest) is refused before it is held."""
+    if name == "none":
+        out = data
+    elif name == "lzma":
+        import lzma
+
+        decompressor = lzma.LZMADecompressor()
+        try:
+            out = decompressor.decompress(data, max_length=limit + 1)
+        except lzma.LZMAError as err:
+            raise StateError(f"blob {key!r} is not valid lzma data ({err}).") from None
+    else:
+        import io
+
+        import zstandard
+
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+                out = reader.read(limit + 1)
+        except zstandard.ZstdError as err:
+            raise StateError(f"blob {key!r} is not valid zstd data ({err}).") from None
+    if len(out) > limit:
+        raise StateError(f"blob {key!r} decompresses to more than the {limit} bytes its "
+                         "manifest entry declares (a damaged or crafted file). Nothing was "
+                         "loaded.")
+    return out
+
+
+def _check_manifest(manifest: Any, blobs: dict[str, torch.Tensor]) -> None:
+    """Every field of a manifest, against what the decoder accepts and the blobs present:
+    a compressed file is data, never trusted."""
+    def bad(where: str, what: str) -> StateError:
+        return StateError(f"compressed checkpoint: {where}: {what}. The file is damaged or was "
+                          "not written by prune_plugin. Fix: compress the model again.")
+
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or manifest.get("version") != VERSION:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StateError(f"not a {FORMAT} v{VERSION} checkpoint (got {got!r}).")
+    if manifest.get("codec") not in CODECS:
+        raise bad("manifest", f"codec {manifest.get('codec')!r} is not one of {CODECS}")
+    params = manifest.get("params")
+    if not isinstance(params, dict):
+        raise bad("params", "missing or not a mapping")
+    for name, entry in params.items():
+        if not isinstance(entry, dict):
+            raise bad(name, "its entry is not a mapping")
+        if entry.get("dtype") not in _FROM_NAME:
+            raise bad(name, f"dtype {entry.get('dtype')!r} is not one of {sorted(_FROM_NAME)}")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool)
+                                                  and 0 <= d < 2**40 for d in shape):
+            raise bad(name, f"shape {shape!r} is not a list of sizes")
+        encoding = entry.get("encoding")
+        if encoding == "dense":
+            keys = [f"{name}:dense"]
+        elif encoding == "bitmask":
+            if len(shape) != 2:
+                raise bad(name, f"a bitmask entry needs a 2-D shape, got {shape}")
+            if entry.get("quantize") not in ("none", "int8"):
+                raise bad(name, f"quantize {entry.get('quantize')!r} is not 'none' or 'int8'")
+            keys = [f"{name}:mask", f"{name}:values"] + (
+                [f"{name}:scale"] if entry["quantize"] == "int8" else [])
+        else:
+            raise bad(name, f"encoding {encoding!r} is not 'dense' or 'bitmask'")
+        missing = [k for k in keys if k not in blobs]
+        if missing:
+            raise bad(name, f"blob {missing[0]!r} is missing")
+        if math.prod(shape) * _FROM_NAME[entry["dtype"]].itemsize > 2**40:
+            raise bad(name, f"shape {shape} declares more than 1 TiB")
+
+
 def _codec(name: str):
     """(compress, decompress) of a codec: lzma is Python's own (the default: the core needs
     no other package), zstd is as small here (within 1%) and faster to decode."""
@@ -141,29 +215,36 @@ def stored_bytes(manifest: dict[str, Any], *, prefix: str = "",
 def decompress_state_dict(blobs: dict[str, torch.Tensor], manifest: dict[str, Any]
                           ) -> dict[str, torch.Tensor]:
     """Rebuild the plain state dict from ``compress_state_dict``'s output."""
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise StateError(f"not a {FORMAT} v{VERSION} checkpoint (got {manifest.get('format')!r} "
-                         f"v{manifest.get('version')!r}).")
-    _, decompress = _codec(manifest["codec"])
+    _check_manifest(manifest, blobs)
+    codec = manifest["codec"]
+    if codec == "zstd":
+        _codec(codec)  # the missing-package error, before any blob
 
-    def read(key: str, dtype: torch.dtype) -> torch.Tensor:
-        data = decompress(tensor_bytes(blobs[key]))
+    def read(key: str, dtype: torch.dtype, count: int, exact: bool = True) -> torch.Tensor:
+        """``count`` elements of ``dtype`` (at most, unless ``exact``), bounded while
+        decompressing."""
+        data = _bounded_decompress(codec, tensor_bytes(blobs[key]), count * dtype.itemsize, key)
+        if len(data) % dtype.itemsize or (exact and len(data) != count * dtype.itemsize):
+            raise StateError(f"blob {key!r} holds {len(data)} bytes, its manifest entry "
+                             f"declares {count} x {dtype.itemsize}. The file is damaged.")
         return bytes_tensor(data).view(dtype) if data else torch.zeros(0, dtype=dtype)
 
     out: dict[str, torch.Tensor] = {}
     for name, entry in manifest["params"].items():
         dtype, shape = _FROM_NAME[entry["dtype"]], entry["shape"]
+        numel = math.prod(shape)
         if entry["encoding"] == "dense":
-            out[name] = read(f"{name}:dense", dtype).reshape(shape)  # owns fresh memory
+            out[name] = read(f"{name}:dense", dtype, numel).reshape(shape)  # fresh memory
             continue
-        numel = shape[0] * shape[1]
-        mask = unpack_bits(read(f"{name}:mask", torch.uint8), numel).view(shape)
+        mask = unpack_bits(read(f"{name}:mask", torch.uint8, (numel + 7) // 8), numel)
+        mask = mask.view(shape)
+        kept = int(mask.sum())
         if entry["quantize"] == "int8":
-            scale = read(f"{name}:scale", torch.float32)
+            scale = read(f"{name}:scale", torch.float32, shape[0])
             rows = mask.nonzero()[:, 0]
-            values = (read(f"{name}:values", torch.int8).float() * scale[rows]).to(dtype)
+            values = (read(f"{name}:values", torch.int8, kept).float() * scale[rows]).to(dtype)
         else:
-            values = read(f"{name}:values", dtype)
+            values = read(f"{name}:values", dtype, kept)
         dense = torch.zeros(shape, dtype=dtype)
         dense[mask] = values
         out[name] = dense
@@ -223,12 +304,29 @@ def load_compressed(path: str | Path) -> dict[str, torch.Tensor]:
     return decompress_state_dict(blobs, json.loads(meta["manifest"]))
 
 
+def _check_destination(source: Path, out: Path) -> None:
+    """Refuse, even with overwrite, a destination that is the source, holds it, lies inside
+    it, or is (or lies inside) a fine-pruning run folder: replacing it would lose that."""
+    src, dst = Path(source).resolve(), Path(out).resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise StateError(f"cannot decompress {str(source)!r} into {str(out)!r}: the destination "
+                         "is the compressed folder itself, holds it or lies inside it, and "
+                         "would replace it. Fix: give a new folder elsewhere.")
+    for folder in (dst, *dst.parents):
+        if (folder / "status.json").is_file():
+            raise StateError(f"cannot decompress into {str(out)!r}: "
+                             + ("it is" if folder == dst else f"it lies inside {str(folder)!r},")
+                             + " a fine-pruning run's folder, whose files belong to that run. "
+                             "Fix: give a new folder outside it.")
+
+
 def decompress_folder(compressed_dir: str | Path, out_dir: str | Path, *,
                       overwrite: bool = False) -> Path:
     """Write a plain checkpoint folder (``model.safetensors`` + the copied files) that the
     model's own ``from_pretrained`` loads. ``out_dir`` must be new or empty unless
     ``overwrite`` (it would replace a model's weights, e.g. exact ones by int8-rounded ones)."""
     compressed_dir, out_dir = Path(compressed_dir), Path(out_dir)
+    _check_destination(compressed_dir, out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise StateError(f"{str(out_dir)!r} is not an empty folder; decompressing into it would "
                          "replace what it holds. Fix: give a new folder, or pass --overwrite.")

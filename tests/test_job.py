@@ -81,9 +81,12 @@ def test_one_csv_file_with_sliced_splits_and_labels_counted_over_the_whole_split
 
 
 def test_output_folder_with_a_run_is_not_overwritten(assets, tmp_path, capsys):
+    from prune_plugin.integrations.run_folder import RunFolder
+
     out = tmp_path / "run"
     (out / "model").mkdir(parents=True)
     (out / "metrics.json").write_text("{}")
+    RunFolder(out).set_state("finished")
     with pytest.raises(JobError, match="already holds a finished run.*--overwrite"):
         run_job(load_job(data=job_dict(assets, out)), progress=False)
     assert (out / "metrics.json").read_text() == "{}"
