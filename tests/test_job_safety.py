@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import yaml
 
 from prune_plugin import StateError
 from prune_plugin.cli import main
-from prune_plugin.compress import compress_folder, decompress_folder, load_compressed
+from prune_plugin.compress import compress_folder, load_compressed
 from prune_plugin.integrations.job import JobError, load_job, run_job
 from prune_plugin.integrations.run_folder import RunFolder
 from prune_plugin.storage import read_safetensors, write_safetensors
