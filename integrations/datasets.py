@@ -82,9 +82,20 @@ def load_raw(path: str, name: str | None, splits: list[str]) -> dict[str, Any]:
             kwargs = {"data_files": str(folder)}
         try:
             raw = datasets.load_dataset(source, name, **kwargs)
-        except (ValueError, OSError, ConnectionError) as err:  # unknown config, no data
-            # files, a Hub id offline...
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        except Exception as err:  # noqa: BLE001 - unknown config, no data files, a Hub id
+            # offline, an empty or ragged CSV, bytes that are not UTF-8: one line each
+            cause = err
+            while cause.__cause__ is not None or cause.__context__ is not None:
+                cause = cause.__cause__ or cause.__context__  # the reader's own error
+            text = str(cause).strip() or str(err).strip()
+            if isinstance(cause, UnicodeDecodeError) or "utf8" in text.lower().replace("-", ""):
+                raise DataError(f"cannot read dataset {path!r}: it is not UTF-8 text "
+                                f"({text.splitlines()[0][:200]}). Fix: save it as UTF-8.") \
+                    from None
+            if "corresponds to no data" in text:
+                raise DataError(f"dataset {path!r} is empty (a header and no rows?). Fix: check "
+                                "the data file.") from None
+            first = text.splitlines()[0] if text else type(cause).__name__
             offline = " (with no network, a Hub id loads only from the local cache)" \
                 if folder is None else ""
             raise DataError(f"cannot load dataset {path!r} config {name!r}: {first[:300]}"
@@ -100,6 +111,9 @@ def load_raw(path: str, name: str | None, splits: list[str]) -> dict[str, Any]:
             raise DataError(f"dataset {path!r} ({name}) has no split {split!r}; it has "
                             f"{sorted(raw)}. Fix: set data.train_split / data.eval_split.")
         dataset = raw[split]
+        if len(dataset) == 0:
+            raise DataError(f"the {split!r} split of dataset {path!r} is empty (a header and no "
+                            "rows?). Fix: check the data file.")
         if lo is not None or hi is not None:
             n = len(dataset)
             rows = range(n)[slice(_bound(lo, n), _bound(hi, n))]
@@ -214,7 +228,29 @@ def infer_task(dataset: Any, label_column: str, task: Task | None) -> tuple[Task
         raise DataError(f"column {label_column!r} has label {values[0]}; classification "
                         "labels must be 0..N-1 (unlabelled test splits use -1). Fix: use a "
                         "labelled split.")
+    _check_rare_labels(dataset, label_column)
     return task, values[-1] + 1 if values else 0, None
+
+
+#: A class this rare (rows) beside classes this common looks like a typo, not a class.
+RARE, COMMON = 2, 100
+
+
+def _check_rare_labels(dataset: Any, label_column: str) -> None:
+    """Refuse integer labels where a class has at most RARE rows and every other at least
+    COMMON: a head would be created with a class for a typo (label 5 in a 2-class set)."""
+    from collections import Counter
+
+    counts = Counter(int(v) for v in dataset[label_column])
+    rare = sorted(v for v, n in counts.items() if n <= RARE)
+    common = [n for v, n in counts.items() if v not in rare]
+    if rare and common and min(common) >= COMMON:
+        rows = [i for i, v in enumerate(dataset[label_column]) if int(v) in rare][:3]
+        raise DataError(
+            f"column {label_column!r} has label(s) {rare} in only {sum(counts[v] for v in rare)}"
+            f" row(s) (row {', '.join(map(str, rows))}), while the other classes have "
+            f"{min(common):,} or more: a typo would add a class to the new head. Fix: correct "
+            "or drop those rows.")
 
 
 def check_labels(dataset: Any, label_column: str, task: Task, num_labels: int,

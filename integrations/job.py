@@ -21,6 +21,7 @@ folder changes without losing a run (``--overwrite``, ``--resume``, kills) is
 
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import math
@@ -130,9 +131,9 @@ class DataConfig(_Strict):
 class TrainingConfig(_Strict):
     max_steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
+    eval_batch_size: int = Field(128, ge=1, le=65536)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=65536)
     max_length: int = Field(128, ge=8)
     group_by_length: bool = Field(
         False, description="batch examples of similar length together: less padding, faster "
@@ -140,7 +141,7 @@ class TrainingConfig(_Strict):
     learning_rate: float = Field(3e-5, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear LR warm-up fraction")
     weight_decay: float = Field(0.0, ge=0)
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="0 .. 2^32 - 1 (numpy's range)")
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps")
     logging_steps: int = Field(50, ge=1)
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps")
@@ -170,7 +171,15 @@ class JobConfig(_Strict):
     shrink: bool = Field(False, description="write model/ with the pruned heads and neurons "
                          "removed (structure neurons, heads or hybrid): smaller and faster; "
                          "load it with prune_plugin.load_shrunk")
-    output_dir: str
+    output_dir: str = Field(description="a new folder, or a run folder of this job (with "
+                            "--resume or --overwrite)")
+
+    @model_validator(mode="after")
+    def _output(self) -> JobConfig:
+        if not self.output_dir.strip() or self.output_dir.strip() == ".":
+            raise ValueError("output_dir is empty: the run would be written into the current "
+                             "folder. Fix: name a new folder, e.g. output_dir: runs/sst2")
+        return self
 
 
 # -- config --------------------------------------------------------------------------------------
@@ -273,7 +282,8 @@ def resolve_policy(pruning: dict[str, Any] | str | None, total_steps: int
 def _check_teacher_vocab(student_tokenizer: Any, teacher_path: str) -> None:
     from transformers import AutoTokenizer
 
-    teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
+    teacher_tok = _load_hf("tokenizer of the teacher", teacher_path,
+                           AutoTokenizer.from_pretrained, teacher_path)
     if teacher_tok.get_vocab() != student_tokenizer.get_vocab():
         raise JobError(f"teacher {teacher_path!r} has another vocabulary than the student "
                        f"({len(teacher_tok)} vs {len(student_tokenizer)} tokens), so its logits "
@@ -284,9 +294,15 @@ def _check_teacher_vocab(student_tokenizer: Any, teacher_path: str) -> None:
 def _load_hf(what: str, name: str, load: Any, *args: Any, **kwargs: Any) -> Any:
     """``load(*args)`` with a one-line error for what Hugging Face raises on a model it cannot
     read (offline Hub id, damaged weights)."""
+    kwargs.setdefault("trust_remote_code", False)  # a job never runs a model folder's code
     try:
         return load(*args, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as err:
+        if "trust_remote_code" in str(err):
+            raise JobError(f"the {what} {name!r} needs its own Python code (trust_remote_code), "
+                           "and the job never runs code shipped with a model. Fix: use a model "
+                           "transformers supports natively, or prune it from your own script "
+                           "with PruningOptimizer.") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = (" With no network, a Hub id loads only from the local Hugging Face cache. Fix: "
                 "download it once (online), or pass a local folder or 'minilm'."
@@ -380,6 +396,12 @@ def prepare_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False
                        doc_stride=d.doc_stride)
     except DataError as err:
         raise JobError(str(err)) from None
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and tr.max_length > positions:
+        raise JobError(f"training.max_length {tr.max_length} is above the {positions} positions "
+                       f"of model {job.model!r}: longer inputs would fail mid-training. Fix: set "
+                       f"training.max_length to at most {positions}.")
+    _check_writable(folder.path, model_path, tr)
     steps_per_epoch = math.ceil(len(data.train) / (tr.batch_size * tr.gradient_accumulation_steps))
     total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))  # type: ignore[operator]
     policy = resolve_policy(job.pruning, total_steps)
@@ -391,7 +413,7 @@ def prepare_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False
                        f"but the {data.task} task has {data.num_labels}. Fix: start from the base "
                        "model, or set data.task / the dataset to match the head.")
     if teacher_path is not None:
-        teacher_config = AutoConfig.from_pretrained(teacher_path)
+        teacher_config = AutoConfig.from_pretrained(teacher_path, trust_remote_code=False)
         if not any(a.endswith(head) for a in teacher_config.architectures or []):
             raise JobError(f"teacher {teacher_path!r} is a {teacher_config.architectures} "
                            f"model, not a {head[3:]} one. Fix: use a teacher fine-tuned on "
@@ -407,6 +429,27 @@ def prepare_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False
         _check_same_job(folder, resolved)
     return PreparedJob(job, folder, state, model_path, teacher_path, tokenizer, data,
                        total_steps, policy, resolved)
+
+
+def _check_writable(out: Path, model_path: str, tr: TrainingConfig) -> None:
+    """The output can be written, and has room for what the run writes (an estimate: the
+    final model, and each kept checkpoint's model, optimizer state and scores)."""
+    import shutil
+
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise JobError(f"cannot write to {str(existing)!r} (read-only or not yours), where the "
+                       f"run's output {str(out)!r} goes. Fix: choose a writable output_dir.")
+    weights = sum(f.stat().st_size for f in Path(model_path).glob("*.safetensors")) \
+        if local_folder(model_path) is not None else 0
+    checkpoints = tr.save_total_limit + 1 if tr.save_steps else 0  # +1: the one being written
+    need = weights * (1 + 4 * checkpoints)  # model; model + Adam's 2 moments + scores
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise JobError(f"the run writes about {need / 1e9:.2f} GB ({checkpoints} checkpoints of "
+                       f"a {weights / 1e9:.2f} GB model, and the model), and {str(existing)!r} "
+                       f"has {free / 1e9:.2f} GB free. Fix: free some space, lower "
+                       "training.save_total_limit, or choose another output_dir.")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -425,13 +468,34 @@ RESUMABLE_CHANGES = {"output_dir", "training.logging_steps", "training.eval_step
                      "training.save_total_limit", "data.max_eval_samples"}
 
 
+def _saved_settings(folder: RunFolder) -> dict[str, Any] | None:
+    """The run's settings from a verified copy: the newest complete checkpoint's run record
+    (under its checksums), else config.resolved.yaml; None when the run wrote neither."""
+    checkpoint = folder.newest_complete_checkpoint()
+    if checkpoint is not None:
+        try:
+            saved = json.loads((checkpoint / RUN_RECORD).read_text()).get("settings")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if isinstance(saved, dict):
+            return saved
+    path = folder.path / "config.resolved.yaml"
+    if not path.exists():
+        return None  # stopped before writing it: nothing to compare
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise JobError(f"{path} is damaged, so --resume cannot check that the settings are the "
+                       "run's. Fix: --overwrite to start again with these settings.")
+    return saved
+
+
 def _check_same_job(folder: RunFolder, resolved: dict[str, Any]) -> None:
     """A resumed run continues the same job: refuse one whose settings changed."""
-    try:
-        saved = yaml.safe_load((folder.path / "config.resolved.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return  # the run stopped before writing it: nothing to compare
-    if not isinstance(saved, dict):
+    saved = _saved_settings(folder)
+    if saved is None:
         return
     before, after = _flat(saved), _flat(resolved)
     changed = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}"
@@ -443,8 +507,8 @@ def _check_same_job(folder: RunFolder, resolved: dict[str, Any]) -> None:
                        "to start a new run with the new settings.")
 
 
-def _run_callbacks(record: dict[str, float], pruning: bool, stop: _Stop | None = None
-                   ) -> list[Any]:
+def _run_callbacks(record: dict[str, float], pruning: bool, stop: _Stop | None = None,
+                   settings: dict[str, Any] | None = None) -> list[Any]:
     """The job's Trainer callbacks: a log at every checkpoint (so a resumed run's loss covers
     the whole run), the checkpoint's run record and completeness marker, and a stop with a
     clear error when the numbers diverge."""
@@ -481,8 +545,9 @@ def _run_callbacks(record: dict[str, float], pruning: bool, stop: _Stop | None =
             if not folder.is_dir():
                 return
             wall = record["before"] + time.time() - record["started"]
-            write_file(folder / RUN_RECORD, json.dumps({"train_wall_s": wall}))
-            mark_complete(folder)
+            write_file(folder / RUN_RECORD, json.dumps({"train_wall_s": wall,
+                                                        "settings": settings}))
+            mark_complete(folder)  # the settings too are under its checksums
 
     return [RunRecorder()]
 
@@ -563,13 +628,76 @@ def _run_locked(job: JobConfig, *, overwrite: bool, resume: bool, progress: bool
             + (f"; the previous run is still at {replaced}" if replaced else ""),
             stop.exit_code) from None
     except BaseException as err:
-        folder.set_state("failed", f"{type(err).__name__}: {err}"[:500])
+        try:
+            folder.set_state("failed", f"{type(err).__name__}: {err}"[:500])
+        except OSError:  # the disk that failed the run may fail the record too
+            pass
         if replaced is not None and isinstance(err, Exception):
             print(f"the previous run is still at {replaced}", flush=True)
+        if isinstance(err, OSError) and err.errno in _WRITE_ERRORS:
+            raise JobError(f"writing the run failed: {err.strerror} ({err.filename or folder.path})"
+                           f". Fix: {_WRITE_ERRORS[err.errno]}, then rerun with --resume (from "
+                           "the last complete checkpoint) or --overwrite.") from None
         raise
     folder.set_state("finished")
     folder.drop_replaced()
     return metrics
+
+
+_PRUNING_KEYS = ("pruning_scores", "pruning_mask", "pruning_step")
+
+
+def _check_checkpoint(model: Any, checkpoint: Path) -> None:
+    """A checkpoint resumes only the model it was written from: every tensor's name, shape and
+    dtype (read from the safetensors headers, no data), and the Trainer's step against the
+    checkpoint's number. The pruning state is checked when it loads."""
+    from safetensors import safe_open
+
+    expected = {k: v for k, v in model.state_dict(keep_vars=True).items()
+                if not k.rsplit(".", 1)[-1] in _PRUNING_KEYS}
+    files = sorted(checkpoint.glob("model*.safetensors"))
+    if not files:
+        raise JobError(f"{checkpoint} holds no model weights (model.safetensors). Fix: "
+                       "--overwrite to start again.")
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key.rsplit(".", 1)[-1] not in _PRUNING_KEYS:
+                    part = f.get_slice(key)
+                    found[key] = (tuple(part.get_shape()), part.get_dtype())
+    names = {"F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
+             "F64": "torch.float64", "I64": "torch.int64", "I32": "torch.int32",
+             "BOOL": "torch.bool", "U8": "torch.uint8", "I8": "torch.int8"}
+    problems = [f"{k} is not in the model" for k in found if k not in expected]
+    problems += [f"{k} is missing" for k, v in expected.items()  # tied weights: saved once
+                 if k not in found and not any(expected[n] is v for n in found if n in expected)]
+    for key, (shape, dtype) in found.items():
+        want = expected.get(key)
+        if want is not None and (tuple(want.shape) != shape or
+                                 str(want.dtype) != names.get(dtype, dtype)):
+            problems.append(f"{key} is {list(shape)} {dtype} there, {list(want.shape)} "
+                            f"{want.dtype} in the model")
+    state = checkpoint / "trainer_state.json"
+    try:
+        step = json.loads(state.read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        step = None
+    number = int(checkpoint.name.split("-")[1])
+    if step != number:
+        problems.append(f"its trainer_state.json says step {step}, its name {number}")
+    if problems:
+        raise JobError(f"checkpoint {checkpoint} does not belong to this run's model: "
+                       f"{'; '.join(problems[:4])}"
+                       + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else "")
+                       + ". Fix: --overwrite to start again, or remove that checkpoint to "
+                       "resume from an earlier one.")
+
+
+_WRITE_ERRORS = {errno.ENOSPC: "free some space (or lower training.save_total_limit)",
+                 errno.EDQUOT: "free some of your quota",
+                 errno.EROFS: "choose an output_dir on a writable file system",
+                 errno.EACCES: "choose an output_dir you can write to"}
 
 
 def _length_grouping(on: bool) -> dict[str, Any]:
@@ -640,7 +768,7 @@ def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool,
     common = dict(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                   data_collator=DataCollatorWithPadding(plan.tokenizer),
                   compute_metrics=lambda p: data.compute_metrics(p.predictions, p.label_ids),
-                  callbacks=_run_callbacks(record, policy is not None, stop))
+                  callbacks=_run_callbacks(record, policy is not None, stop, plan.resolved))
     if policy is None and teacher is None:
         trainer = Trainer(**common)
     else:
@@ -648,6 +776,8 @@ def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool,
                                  distill_alpha=job.teacher.alpha if job.teacher else 0.0,
                                  distill_temperature=job.teacher.temperature if job.teacher
                                  else 1.0)
+    if checkpoint is not None:
+        _check_checkpoint(model, checkpoint)
     windows = f" ({len(data.train)} windows)" if qa else ""
     print(f"fine-pruning {job.model} on {d.path} ({d.name or data.task}): "
           f"{data.train_examples} training examples{windows}, {plan.total_steps} steps, method "

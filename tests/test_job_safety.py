@@ -243,3 +243,130 @@ def test_a_loss_that_grows_by_orders_of_magnitude_stops_the_run(job_assets, tmp_
     with pytest.raises(JobError, match=r"diverged at step \d+: the training loss grew from"):
         run_job(load_job(data=job), progress=False)
     assert RunFolder(tmp_path / "run").state() == "failed"
+
+
+# -- checked before training: nothing written before they pass --------------------------------
+
+def _csv_job(job_assets, tmp_path: Path, text: bytes | str) -> dict:
+    path = tmp_path / "data.csv"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    job = job_dict(job_assets, tmp_path / "run")
+    job["data"] = {"path": str(path), "text_columns": ["sentence"], "eval_split": "train"}
+    return job
+
+
+@pytest.mark.parametrize("case,match", [
+    ("header-only", "is empty"),
+    ("ragged", "cannot load dataset"),
+    ("latin-1", "not UTF-8"),
+    ("label-typo", r"label\(s\) \[5\] in only 1 row"),
+])
+def test_bad_data_files_are_one_line_errors_before_anything_is_written(job_assets, tmp_path,
+                                                                       case, match):
+    rows = "".join(f"movie {i} was {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(240))
+    text = {"header-only": "sentence,label\n",
+            "ragged": "sentence,label\na,1\nb,0,extra,cells\n" + rows,
+            "latin-1": ("sentence,label\n" + rows + "caf\xe9 cr\xe8me,1\n").encode("latin-1"),
+            "label-typo": "sentence,label\n" + rows + "a typo,5\n"}[case]
+    job = _csv_job(job_assets, tmp_path, text)
+    with pytest.raises(JobError, match=match) as info:
+        run_job(load_job(data=job), progress=False)
+    assert "\n" not in str(info.value) and "Fix:" in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("batch_size", 10**12, "less than or equal to 65536"),
+    ("seed", -1, "greater than or equal to 0"),
+    ("seed", 2**40, "less than or equal to 4294967295"),
+    ("max_length", 1024, "above the 64 positions"),
+])
+def test_out_of_range_training_settings_are_refused_before_training(job_assets, tmp_path,
+                                                                    field, value, match):
+    job = job_dict(job_assets, tmp_path / "run")
+    job["training"][field] = value
+    with pytest.raises(JobError, match=match):
+        run_job(load_job(data=job), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_little_free_space_is_refused_before_training(job_assets, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    job = job_dict(job_assets, tmp_path / "run")
+    job["training"]["save_steps"] = 2
+    with pytest.raises(JobError, match=r"the run writes about .* GB free. Fix: free some space"):
+        run_job(load_job(data=job), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_run_is_marked_failed(job_assets, tmp_path,
+                                                                      monkeypatch):
+    import errno
+
+    from prune_plugin.integrations import job as job_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x.png"))
+    monkeypatch.setattr(job_module, "plot_sparsity", full)
+    with pytest.raises(JobError, match=r"writing the run failed: No space left on device.*"
+                                       r"Fix: free some space") as info:
+        run_job(load_job(data=job_dict(job_assets, tmp_path / "run")), progress=False)
+    assert "\n" not in str(info.value)
+    assert RunFolder(tmp_path / "run").state() == "failed"
+
+
+def test_a_model_that_needs_its_own_code_is_refused_without_running_it(job_assets, tmp_path):
+    from .models import tiny_hf_folder
+
+    model = tiny_hf_folder(tmp_path / "custom")
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="mycustom", auto_map={"AutoConfig": "configuration_my.MyConfig"})
+    (model / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "ran"
+    (model / "configuration_my.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    job = job_dict(job_assets, tmp_path / "run")
+    job["model"] = str(model)
+    with pytest.raises(JobError, match=r"needs its own Python code \(trust_remote_code\)"):
+        run_job(load_job(data=job), progress=False)
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+# -- resume checks the checkpoint and the settings against verified copies ---------------------
+
+def _interrupted_run(job_assets, tmp_path: Path) -> tuple[dict, RunFolder]:
+    job = job_dict(job_assets, tmp_path / "run")
+    job["training"].update(max_steps=8, save_steps=2, logging_steps=2)
+    run_job(load_job(data=job), progress=False)
+    folder = RunFolder(tmp_path / "run")
+    folder.set_state("running")  # as a kill leaves it
+    return job, folder
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_another_model_is_refused_on_resume(job_assets, tmp_path):
+    from prune_plugin.integrations.run_folder import mark_complete
+
+    job, folder = _interrupted_run(job_assets, tmp_path)
+    newest = folder.newest_complete_checkpoint()
+    other = Path(job_assets["other_vocab"])  # 3 more tokens: another embedding shape
+    for f in newest.glob("model*.safetensors"):
+        f.unlink()
+    for f in other.glob("*.safetensors"):
+        (newest / f.name).write_bytes(f.read_bytes())
+    (newest / "prune_plugin.complete.json").unlink()
+    mark_complete(newest)  # a valid completeness marker over the wrong tensors
+    with pytest.raises(JobError, match=r"does not belong to this run's model: .*word_embeddings"):
+        run_job(load_job(data=job), resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_a_damaged_settings_file_does_not_skip_the_changed_settings_check(job_assets, tmp_path):
+    job, folder = _interrupted_run(job_assets, tmp_path)
+    (folder.path / "config.resolved.yaml").write_bytes(b"\x00\xff{{ not yaml")
+    changed = load_job(data=job, overrides={"training.learning_rate": 5e-4})
+    with pytest.raises(JobError, match=r"settings changed: training.learning_rate"):
+        run_job(changed, resume=True, progress=False)
