@@ -173,6 +173,8 @@ class PruningSchedule:
     def step(self, *args: Any, **kwargs: Any) -> None:
         if self.scheduler is not None:
             self.scheduler.step(*args, **kwargs)
+        # ZeRO-1/2 show the optimizer one group at a time while stepping: here all are seen
+        self.optimizer.follow_weight_lr()
         self.pruner.step()
 
     def state_dict(self) -> dict[str, Any]:

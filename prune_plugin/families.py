@@ -31,6 +31,9 @@ class Family:
     it) and the head-count attributes of its attention module."""
 
     name: str
+    #: The transformers ``config.model_type`` values it describes: a model with a config is
+    #: matched by type (OpenAI-GPT has GPT-2's names and BLOOM Falcon's, not their forwards).
+    model_types: tuple[str, ...]
     groups: Specs | Callable[[Any], Specs]
     #: Attributes of the attention module (the parent of a heads group's first member) that
     #: count heads or head-sized widths; a ``config.`` path gives the module its own config copy.
@@ -72,41 +75,43 @@ def _t5_attention(name: str) -> UnitGroupSpec:
 
 
 FAMILIES: list[Family] = [
-    Family("BERT, RoBERTa, ELECTRA", [
+    Family("BERT, RoBERTa, ELECTRA", ("bert", "roberta", "electra", "xlm-roberta", "camembert",
+                                    "roberta-prelayernorm", "megatron-bert"), [
         _heads(["attention.self.query", "attention.self.key", "attention.self.value"],
                ["attention.output.dense"]),
         _neurons(["intermediate.dense"], ["output.dense"])],
         head_counts=("num_attention_heads", "all_head_size")),
-    Family("DistilBERT", [
+    Family("DistilBERT", ("distilbert",), [
         _heads(["attention.q_lin", "attention.k_lin", "attention.v_lin"], ["attention.out_lin"]),
         _neurons(["ffn.lin1"], ["ffn.lin2"])], head_counts=("n_heads",)),
-    Family("ViT", [
+    Family("ViT", ("vit", "deit"), [
         _heads(["attention.q_proj", "attention.k_proj", "attention.v_proj"],
                ["attention.o_proj"]),
         _neurons(["mlp.fc1"], ["mlp.fc2"])], head_counts=("num_heads", "num_attention_heads")),
-    Family("Llama, Mistral, Qwen2", [
+    Family("Llama, Mistral, Qwen2", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                   "mixtral", "qwen2_moe", "qwen3_moe"), [
         _heads(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
                ["self_attn.o_proj"]),
         _neurons(["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"])]),
-    Family("Phi", [
+    Family("Phi", ("phi",), [
         _heads(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.dense"]),
         _neurons(["mlp.fc1"], ["mlp.fc2"])]),
-    Family("Phi3", [
+    Family("Phi3", ("phi3",), [
         _heads(["self_attn.qkv_proj"], ["self_attn.o_proj"],
                fused={"self_attn.qkv_proj": "qkv_stacked"}),
         _neurons(["mlp.gate_up_proj"], ["mlp.down_proj"], fused={"mlp.gate_up_proj": "halves"})],
         # its forward splits qkv at config.num_attention_heads * head_dim
         head_counts=("num_key_value_heads", "config.num_attention_heads",
                      "config.num_key_value_heads")),
-    Family("GPT-NeoX", [
+    Family("GPT-NeoX", ("gpt_neox",), [
         _heads(["attention.query_key_value"], ["attention.dense"],
                fused={"attention.query_key_value": "qkv_interleaved"}),
         _neurons(["mlp.dense_h_to_4h"], ["mlp.dense_4h_to_h"])]),
-    Family("Falcon", _falcon, head_counts=("num_heads", "num_kv_heads")),
-    Family("GPT-2", [
+    Family("Falcon", ("falcon",), _falcon, head_counts=("num_heads", "num_kv_heads")),
+    Family("GPT-2", ("gpt2",), [
         _heads(["attn.c_attn"], ["attn.c_proj"], fused={"attn.c_attn": "qkv_stacked"}),
         _neurons(["mlp.c_fc"], ["mlp.c_proj"])], head_counts=("num_heads", "split_size")),
-    Family("T5", [
+    Family("T5", ("t5", "mt5"), [
         _t5_attention("SelfAttention"), _t5_attention("EncDecAttention"),
         _neurons(["DenseReluDense.wi"], ["DenseReluDense.wo"]),
         _neurons(["DenseReluDense.wi_0", "DenseReluDense.wi_1"], ["DenseReluDense.wo"])],
@@ -160,11 +165,16 @@ def fused_head_dim(layout: FusedLayout, lines: int, units: int, query_heads: int
     return lines // (query_heads + 2 * units)
 
 
-def find_family(names: set[str], config: Any) -> tuple[Family, Specs] | None:
-    """The first family whose groups each appear whole wherever they appear in a block, with
-    both its heads and its neurons found (by the modules' qualified ``names``), and its specs
-    for ``config``."""
+def find_family(names: set[str], config: Any, kinds: tuple[str, ...]
+                ) -> tuple[Family, Specs] | None:
+    """The family of a model: by ``config.model_type`` when it has one (then its groups must
+    match), else the first family each of whose groups appears whole wherever it appears in a
+    block (by the modules' qualified ``names``); either way every kind in ``kinds`` (heads,
+    neurons) must be found. Returns it with its specs for ``config``."""
+    model_type = getattr(config, "model_type", None)
     for family in FAMILIES:
+        if model_type and model_type not in family.model_types:
+            continue
         specs = family.specs(config)
         kinds_found: set[str] = set()
         for spec in specs:
@@ -177,7 +187,7 @@ def find_family(names: set[str], config: Any) -> tuple[Family, Specs] | None:
             if prefixes:
                 kinds_found.add(spec.kind)
         else:
-            if kinds_found == {"heads", "neurons"}:
+            if set(kinds) <= kinds_found:
                 return family, specs
     return None
 

@@ -77,7 +77,9 @@ class PruningMethod:
             scores = torch.empty_like(like).uniform_(-value, value)
         elif kind == "kaiming":
             scores = torch.empty_like(like)
-            nn.init.kaiming_uniform_(scores, a=math.sqrt(5))
+            # the fan-in of the Linear's [out, in]: Conv1D stores [in, out]
+            nn.init.kaiming_uniform_(scores.t() if getattr(selectable, "transposed", False)
+                                     else scores, a=math.sqrt(5))
         else:
             # magnitude: |W| (or unit norms) normalised per layer, so that one scale fits every
             # layer and model (a layer's |W| is ~1e-2 while score updates are ~score_lr a step)

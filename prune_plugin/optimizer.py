@@ -131,7 +131,8 @@ class PruningOptimizer(torch.optim.Optimizer):
                 f"{type(driver.optimizer).__name__}); a second one would advance the schedule "
                 "again at each of its steps (two steps per iteration). Fix: wrap one optimizer "
                 "only, the one that steps once per iteration, and step the other unwrapped; to "
-                "replace the optimizer, call close() on the old wrapper first.")
+                "replace the optimizer, call close() on the old wrapper first (without it: "
+                "prune_plugin.get_pruner(model).driver().close()).")
         if pruner is None:
             pruner = attach(model, policy)
         self.pruner: Pruner = pruner
@@ -146,7 +147,7 @@ class PruningOptimizer(torch.optim.Optimizer):
             raise
         self._hook_inner()
         pruner.driver = weakref.ref(self)
-        pruner.on_detach(self._drop_score_group)
+        pruner.on_detach(_weakly(self._drop_score_group))
 
     @property
     def policy(self) -> PruningPolicy:
@@ -204,7 +205,7 @@ class PruningOptimizer(torch.optim.Optimizer):
         self._hook_inner()
         if self.pruner.driver is None:  # the copy's own pruner (a deepcopy of both)
             self.pruner.driver = weakref.ref(self)
-        self.pruner.on_detach(self._drop_score_group)
+        self.pruner.on_detach(_weakly(self._drop_score_group))
 
     # -- score group -----------------------------------------------------------------------------
 
@@ -249,7 +250,6 @@ class PruningOptimizer(torch.optim.Optimizer):
         self._drop_score_group()
         if self.pruner.driver is not None and self.pruner.driver() is self:
             self.pruner.driver = None
-        self.pruner.remove_on_detach(self._drop_score_group)
 
     def _weight_group(self) -> dict[str, Any] | None:
         return next((g for g in self.optimizer.param_groups if SCORE_GROUP_TAG not in g), None)
@@ -344,6 +344,18 @@ class PruningOptimizer(torch.optim.Optimizer):
         self.pruner.check_state(state_dict["pruning"])
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.pruner.load_state_dict(state_dict["pruning"])
+
+
+def _weakly(method: Callable[[], None]) -> Callable[[], None]:
+    """A callback that does not keep its object alive (the pruner outlives a dropped
+    wrapper, which a new one may then replace)."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> None:
+        bound = ref()
+        if bound is not None:
+            bound()
+    return call
 
 
 def _positive(lr: Any) -> bool:

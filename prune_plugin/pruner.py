@@ -420,9 +420,6 @@ class Pruner:
         """Call ``callback`` when the model is detached or finalized (not copied by deepcopy)."""
         self._on_detach.append(callback)
 
-    def remove_on_detach(self, callback: Callable[[], None]) -> None:
-        self._on_detach = [c for c in self._on_detach if c != callback]
-
     def detach(self) -> None:
         """Remove scores, masks and hooks: the model is bit-exactly what it was before."""
         if self._grad_sync is not None:
@@ -501,14 +498,15 @@ def _check_attachable(model: nn.Module, targets: list[tuple[str, nn.Module]]) ->
     if get_pruner(model) is not None:
         raise AttachError("this model is already attached to a pruning policy. Fix: call "
                           "prune_plugin.detach(model) first, or reuse the existing optimizer.")
-    owners: dict[int, str] = {}
+    holders: dict[int, dict[int, str]] = {}  # parameter -> the modules holding it
     for name, m in model.named_modules():
         for p in m._parameters.values():
             if p is not None:
-                owners.setdefault(id(p), name)
+                holders.setdefault(id(p), {})[id(m)] = name
     for name, m in targets:
-        tied = owners.get(id(m.weight), name)
-        if tied != name:
+        others = [n for i, n in holders.get(id(m.weight), {}).items() if i != id(m)]
+        if others:
+            tied = others[0]
             raise AttachError(f"module {name!r} shares its weight with {tied!r} (tied weights, "
                               "e.g. an output head tied to the token embedding): pruning one "
                               "would prune both. Fix: exclude it, or untie the weights "

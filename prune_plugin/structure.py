@@ -16,7 +16,6 @@ Layouts work on the weight as stored: GPT-2's ``Conv1D`` keeps ``[in, out]``.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -28,8 +27,8 @@ from torch import Tensor, nn
 
 from prune_plugin.distributed import is_dtensor, is_zero_sharded_now, zero_slice
 from prune_plugin.errors import AttachError, TargetingError
-from prune_plugin.families import (Family, find_family, fused_head_dim, unit_lines,
-                                   unknown_family)
+from prune_plugin.families import (FAMILIES, Family, find_family, fused_head_dim,
+                                   unit_lines, unknown_family)
 from prune_plugin.policy import PruningPolicy, UnitGroupSpec
 from prune_plugin.targeting import is_transposed, linear_dims, prunable_modules
 
@@ -41,9 +40,8 @@ if TYPE_CHECKING:
 HEAD_COUNT_FIELDS = ("num_key_value_heads", "num_kv_heads", "num_attention_heads", "n_heads",
                      "n_head")
 #: Head-count attributes rescaled on the attention module of a user's unit_groups.
-GENERIC_HEAD_COUNTS = ("num_attention_heads", "n_heads", "num_heads", "num_key_value_heads",
-                       "num_kv_heads", "all_head_size", "split_size",
-                       "config.num_attention_heads", "config.num_key_value_heads")
+GENERIC_HEAD_COUNTS = ("num_attention_heads", "n_heads", "n_head", "num_heads",
+                       "num_key_value_heads", "num_kv_heads", "all_head_size", "split_size")
 SHAPES_KEY = "prune_plugin_shapes"
 ATTRIBUTES_KEY = "prune_plugin_attributes"
 
@@ -250,20 +248,31 @@ def _specs(policy: PruningPolicy, modules: dict[str, nn.Module], config: Any
            ) -> tuple[str, Family | None, list[UnitGroupSpec]]:
     kinds = {"neurons": ("neurons",), "heads": ("heads",),
              "hybrid": ("heads", "neurons")}[policy.structure]
-    if policy.unit_groups is not None:
-        return "the policy's unit_groups", None, [g for g in policy.unit_groups
-                                                   if g.kind in kinds]
-    found = find_family(set(modules), config)
+    if policy.unit_groups is not None:  # a known model type still says how to shrink it
+        model_type = getattr(config, "model_type", None)
+        family = next((f for f in FAMILIES if model_type in f.model_types), None)
+        return "the policy's unit_groups", family, [g for g in policy.unit_groups
+                                                     if g.kind in kinds]
+    found = find_family(set(modules), config, kinds)
     if found is None:
         shown = ", ".join(repr(n) for n in list(modules)[:8])
         raise unknown_family(shown)
     family, specs = found
-    if "heads" in kinds and family.name == "Falcon" and getattr(config, "alibi", False):
-        raise TargetingError(
-            f"structure {policy.structure!r}: this Falcon model uses ALiBi, whose per-head "
-            "biases are built once for the model's head count, so a layer with fewer heads "
-            "cannot run. Fix: structure 'neurons', or 'unstructured'.")
     return f"the {family.name} family", family, [g for g in specs if g.kind in kinds]
+
+
+#: Model types whose attention adds per-head biases built once for the model's head count.
+ALIBI_MODEL_TYPES = ("bloom", "mpt")
+
+
+def _refuse_alibi_heads(policy: PruningPolicy, config: Any) -> None:
+    if policy.structure in ("heads", "hybrid") and (
+            getattr(config, "alibi", False) is True
+            or getattr(config, "model_type", None) in ALIBI_MODEL_TYPES):
+        raise TargetingError(
+            f"structure {policy.structure!r}: this model uses ALiBi, whose per-head biases are "
+            "built once for the model's head count, so a layer with fewer heads cannot run. "
+            "Fix: structure 'neurons', or 'unstructured'.")
 
 
 def _plain_member(source: str, name: str, module: nn.Module, output: bool, units: int,
@@ -391,6 +400,7 @@ def find_unit_groups(model: nn.Module, policy: PruningPolicy,
     modules = prunable_modules(model)
     targeted = dict(targets)
     config = _config(model)
+    _refuse_alibi_heads(policy, config)
     source, family, specs = _specs(policy, modules, config)
     groups: list[UnitGroup] = []
     for spec in specs:
@@ -523,19 +533,47 @@ def _get_path(module: Any, path: str) -> Any:
     return module
 
 
+class ConfigOverlay:
+    """One layer's view of the model's shared config with its own head counts: every other
+    field is read from (and written to) the shared config, so later changes to it (the
+    attention implementation, say) still reach the layer."""
+
+    def __init__(self, base: Any) -> None:
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_own", {})
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_base", "_own"):  # copy and pickle probes
+            raise AttributeError(name)
+        own = self.__dict__["_own"]
+        return own[name] if name in own else getattr(self.__dict__["_base"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.__dict__["_own"]:
+            self.__dict__["_own"][name] = value
+        else:
+            setattr(self.__dict__["_base"], name, value)
+
+    def own(self, name: str, value: Any) -> None:
+        self.__dict__["_own"][name] = value
+
+
 def apply_attributes(module: nn.Module, changed: dict[str, int]) -> None:
-    """Set ``changed`` (attribute paths) on ``module``. A path through ``config`` first gives
-    the module its own copy of the config, so other layers keep theirs."""
+    """Set ``changed`` (attribute paths) on ``module``. A ``config.`` path gives the module a
+    :class:`ConfigOverlay` of the shared config with that count, so other layers keep
+    theirs."""
     for path, value in changed.items():
-        target: Any = module
         parts = path.split(".")
+        if parts[0] == "config" and len(parts) == 2:
+            overlay = module.config
+            if not isinstance(overlay, ConfigOverlay):
+                overlay = ConfigOverlay(overlay)
+                module.config = overlay
+            overlay.own(parts[1], value)
+            continue
+        target: Any = module
         for part in parts[:-1]:
-            child = getattr(target, part)
-            if part == "config" and not getattr(child, "_prune_plugin_copy", False):
-                child = copy.copy(child)
-                child._prune_plugin_copy = True
-                setattr(target, part, child)
-            target = child
+            target = getattr(target, part)
         setattr(target, parts[-1], value)
 
 
@@ -552,6 +590,9 @@ def load_shrunk(folder: str | Path, model_class: Any = None, **kwargs: Any) -> n
     attributes = getattr(config, ATTRIBUTES_KEY, None) or {}
     if model_class is None:
         model_class = getattr(transformers, (config.architectures or ["AutoModel"])[0])
+    mapping = getattr(model_class, "_model_mapping", None)
+    if mapping is not None:  # an Auto class: the concrete class it would build
+        model_class = mapping[type(config)]
     if not shapes:
         return model_class.from_pretrained(folder, **kwargs)
     own_init = model_class.__dict__.get("__init__")

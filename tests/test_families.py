@@ -249,3 +249,111 @@ def test_a_users_fused_unit_groups_shrink_exactly():
     masked = logits(model, data)
     finalize(model, shrink=True)
     torch.testing.assert_close(logits(model, data), masked, atol=1e-5, rtol=0)
+
+
+# -- found by review: families told apart by model type, and what a shrink must keep ---------
+
+def test_openai_gpt_has_gpt2_names_but_is_not_taken_for_gpt2():
+    """Its attention reshapes by n_head, which GPT-2's family does not rescale: matched by
+    model type it is unknown, and with the user's unit_groups the generic counts apply."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.OpenAIGPTLMHeadModel(tf.OpenAIGPTConfig(vocab_size=VOCAB, n_embd=32, n_layer=2,
+                                                       n_head=8, n_positions=64,
+                                                       initializer_range=0.5))
+    with pytest.raises(TargetingError, match="none of the known families"):
+        PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), policy("hybrid"),
+                         model=model)
+    p = PruningPolicy(method="movement", structure="hybrid", final_remaining=0.25,
+                      total_steps=6, warmup_steps=1, cooldown_steps=2, score_init="uniform",
+                      score_init_value=1.0, unit_groups=[
+                          {"kind": "heads", "rows": ["attn.c_attn"], "columns": ["attn.c_proj"],
+                           "fused": {"attn.c_attn": "qkv_stacked"}},
+                          {"kind": "neurons", "rows": ["mlp.c_fc"], "columns": ["mlp.c_proj"]}])
+    opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), p, model=model)
+    for step in range(6):
+        model(**batch("gpt2", seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    data = batch("gpt2", seed=9)
+    masked = logits(model, data)
+    finalize(model, shrink=True)
+    assert model.transformer.h[0].attn.n_head == 2
+    torch.testing.assert_close(logits(model, data), masked, atol=1e-5, rtol=0)
+
+
+def test_bloom_heads_are_refused_alibi_and_neurons_work():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2,
+                                               n_head=8))
+    for structure in ("heads", "hybrid"):
+        with pytest.raises(TargetingError, match="ALiBi"):
+            PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), policy(structure),
+                             model=model)
+    p = PruningPolicy(method="movement", structure="neurons", final_remaining=0.25,
+                      total_steps=6, unit_groups=[{"kind": "neurons",
+                                                   "rows": ["mlp.dense_h_to_4h"],
+                                                   "columns": ["mlp.dense_4h_to_h"]}])
+    PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), p, model=model)
+
+
+def test_a_mixture_of_experts_llama_prunes_heads():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.MixtralForCausalLM(tf.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, intermediate_size=64, num_local_experts=2))
+    opt = train(model, "llama", "heads")
+    assert {g.kind for g in opt.pruner.units} == {"heads"}
+    data = batch("llama", seed=9)
+    masked = logits(model, data)
+    finalize(model, shrink=True)
+    torch.testing.assert_close(logits(model, data), masked, atol=1e-5, rtol=0)
+
+
+def test_a_head_tied_to_an_embedding_registered_after_it_is_refused():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = nn.Linear(8, 16, bias=False)  # registered first
+            self.embed = nn.Embedding(16, 8)
+            self.embed.weight = self.out.weight
+
+        def forward(self, ids):
+            return self.out(self.embed(ids))
+
+    model = Tied()
+    p = PruningPolicy(method="magnitude", final_remaining=0.25, total_steps=2,
+                      exclude_heads=False, exclude=[])
+    with pytest.raises(Exception, match="shares its weight with 'embed'"):
+        PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), p, model=model)
+
+
+def test_phi3_layers_follow_later_changes_to_the_shared_config(tmp_path):
+    model = tiny("phi3")
+    train(model, "phi3", "hybrid")
+    finalize(model, shrink=True)
+    attention = model.model.layers[0].self_attn
+    assert attention.config.num_attention_heads == 2  # its own count: 1 of 4 kv heads kept
+    assert model.config.num_attention_heads == 8
+    model.config.some_new_field = 3  # the layer reads through to the shared config
+    assert attention.config.some_new_field == 3
+    copy.deepcopy(model)  # the overlay copies
+
+
+def test_load_shrunk_resolves_an_auto_class(tmp_path):
+    import transformers as tf
+
+    model = tiny("gpt_neox")
+    train(model, "gpt_neox", "hybrid")
+    data = batch("gpt_neox", seed=9)
+    finalize(model, shrink=True)
+    expected = logits(model, data)
+    model.save_pretrained(tmp_path)
+    loaded = load_shrunk(tmp_path, tf.AutoModelForCausalLM)
+    assert type(loaded) is type(model)
+    torch.testing.assert_close(logits(loaded, data), expected, atol=1e-5, rtol=0)

@@ -146,3 +146,17 @@ def test_finalize_merges_peft_adapters_through_the_masks():
     assert type(query) is nn.Linear
     torch.testing.assert_close(query.weight, expected)
     assert int(torch.count_nonzero(query.weight)) == round(0.25 * query.weight.numel())
+
+
+def test_a_dropped_wrapper_does_not_block_a_new_one():
+    import gc
+
+    model = MLP()
+    opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), movement(), model=model)
+    loss(model, 0).backward()
+    opt.step()
+    del opt
+    gc.collect()  # e.g. a notebook cell run again
+    again = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), movement(),
+                             model=model)
+    assert again.step_count == 1
