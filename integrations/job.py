@@ -606,7 +606,11 @@ def _run_locked(job: JobConfig, *, overwrite: bool, resume: bool, progress: bool
     if resume and plan.state == "finished":
         print(f"{folder.path} holds a finished run: nothing to resume. (--overwrite starts it "
               "again.)")
-        return json.loads((folder.path / "metrics.json").read_text())
+        try:
+            return json.loads((folder.path / "metrics.json").read_text())
+        except (OSError, ValueError):
+            raise JobError(f"{folder.path} is marked finished, but its metrics.json is missing "
+                           "or damaged. Fix: --overwrite to run it again.") from None
     replaced = folder.move_aside() if overwrite and plan.state is not None else None
     if replaced is not None:
         print(f"the previous run is kept at {replaced} until this one finishes", flush=True)

@@ -284,3 +284,66 @@ def test_a_job_killed_at_random_moments_ends_like_the_uninterrupted_run(job_asse
 def test_the_plugin_errors_are_its_typed_errors():
     for error in (PolicyError, StateError, TargetingError, AttachError, JobError):
         assert issubclass(error, PruningError)
+
+
+# -- output folders in any state: the job deletes only what it wrote (issue 29) ---------------
+
+FOLDER_ENTRY = st.sampled_from(["user-file", "user-dir", "record-finished", "record-failed",
+                                "record-running", "record-damaged", "nested-run",
+                                "link-to-run", "checkpoints"])
+
+
+@cases(60)
+@given(entries=st.lists(FOLDER_ENTRY, max_size=4, unique=True),
+       where=st.sampled_from(["out", "out/checkpoints", "link", "out/model"]),
+       flags=st.sampled_from([(False, False), (True, False), (False, True)]))
+def test_any_output_folder_state_loses_none_of_the_users_files(job_assets, tmp_path_factory,
+                                                                monkeypatch, entries, where,
+                                                                flags):
+    """A folder built from any mix of the user's files, run records in every state, a run
+    nested inside, a symlink to another run; the job is pointed at it (or inside it) with
+    --overwrite, --resume or neither. Training is stubbed (a result file): what is checked is
+    the folder logic. Allowed: success or a one-line JobError; every file the job did not
+    write is still there, unchanged."""
+    from prune_plugin.integrations import job as job_module
+    from prune_plugin.integrations.run_folder import RunFolder
+
+    root = tmp_path_factory.mktemp("folders")
+    out, other = root / "out", root / "other-run"
+    RunFolder(other).set_state("finished")
+    (other / "metrics.json").write_text("{}")
+    out.mkdir()
+    for entry in entries:
+        if entry == "user-file":
+            (out / "notes.txt").write_text("mine")
+        elif entry == "user-dir":
+            (out / "mydata").mkdir()
+            (out / "mydata" / "a.csv").write_text("1,2")
+        elif entry.startswith("record-") and entry != "record-damaged":
+            RunFolder(out).set_state(entry.removeprefix("record-"))
+        elif entry == "record-damaged":
+            (out / "status.json").write_text("{not json")
+        elif entry == "nested-run":
+            RunFolder(out / "inner").set_state("finished")
+        elif entry == "link-to-run":
+            (out / "link").symlink_to(other)
+        elif entry == "checkpoints":
+            (out / "checkpoints").mkdir()
+    (root / "link").symlink_to(other)
+    has_record = (out / "status.json").exists()
+    users = {p: p.read_bytes() for p in [*root.rglob("*")] if p.is_file() and not p.is_symlink()
+             and not (has_record and out in p.parents)}  # a run folder's files are the job's
+    others = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
+
+    def stub(plan, *, resume, progress, stop=None):
+        job_module.write_file(plan.folder.path / "metrics.json", '{"stub": true}')
+        return {"stub": True}
+    monkeypatch.setattr(job_module, "_train_and_write", stub)
+    overwrite, resume = flags
+    job = job_module.load_job(data=job_dict(job_assets, root / where))
+    try:
+        job_module.run_job(job, overwrite=overwrite, resume=resume, progress=False)
+    except job_module.JobError as err:
+        assert "\n" not in str(err).strip() and "Fix:" in str(err)
+    for path, data in {**users, **others}.items():
+        assert path.is_file() and path.read_bytes() == data, f"lost or changed: {path}"
