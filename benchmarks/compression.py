@@ -110,7 +110,8 @@ def _report(b: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", action="append", default=[], help="finished fine-prune run")
-    parser.add_argument("--glue", default=str(Path(__file__).resolve().parents[2] / "shared/data/glue"))
+    parser.add_argument("--glue",
+                        default=str(Path(__file__).resolve().parents[2] / "shared/data/glue"))
     parser.add_argument("--out", default="benchmarks/out/compression.json")
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -5,10 +5,10 @@ generation, dense against shrunk, on CPU.
     python benchmarks/generation.py --replot        # redraw the plot from the JSON
 
 Models (random weights: speed does not depend on them): a Llama-style decoder (hidden 768,
-12 layers, 12 heads and 12 key/value heads, SwiGLU FFN 2,048, vocabulary 32,000, untied output head: 134M
-parameters) and GPT-2 small (124M, its Conv1D layers). Each is shrunk to 50%, 30% and 20% of
-its units kept in every block (heads and FFN neurons, ``structure: hybrid``; magnitude masks:
-which units go does not change speed), through ``finalize(shrink=True)``.
+12 layers, 12 heads and 12 key/value heads, SwiGLU FFN 2,048, vocabulary 32,000, untied output
+head: 134M parameters) and GPT-2 small (124M, its Conv1D layers). Each is shrunk to 50%, 30%
+and 20% of its units kept in every block (heads and FFN neurons, ``structure: hybrid``;
+magnitude masks: which units go does not change speed), through ``finalize(shrink=True)``.
 
 Latency: batch 1, a 32-token prompt, 64 new tokens, the time per generated token. Throughput:
 batch 8 with the same prompt length and new tokens, generated tokens per second. Median of

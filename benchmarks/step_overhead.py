@@ -80,7 +80,8 @@ def make_variant(name: str, model_name: str, device: str):
         opt = torch.optim.AdamW(params, lr=3e-5, fused=True)
     if name in POLICIES:
         opt = PruningOptimizer(opt, policy_for(name), model=model)
-    batch = {k: v.to(device) for k, v in batch_for(model_name, batch=BATCH[device][model_name]).items()}
+    batch = {k: v.to(device)
+             for k, v in batch_for(model_name, batch=BATCH[device][model_name]).items()}
     autocast = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" \
         else contextlib.nullcontext()
 
@@ -191,10 +192,11 @@ def selection_times(repeats: int, device: str) -> dict:
         flat = torch.cat([s.detach().reshape(-1) for s in pruner.scores]).normal_()
         k = round(KEEP * n)
         if device == "cuda":
-            result["torch_topk_s"] = timed(lambda: torch.topk(flat, k, sorted=False))
-            result["torch_sort_s"] = timed(lambda: torch.sort(flat))
+            result["torch_topk_s"] = timed(lambda flat=flat, k=k: torch.topk(flat, k, sorted=False))
+            result["torch_sort_s"] = timed(lambda flat=flat: torch.sort(flat))
         else:
-            result["full_kthvalue_s"] = median_time(lambda: torch.kthvalue(flat, n - k + 1), 3)
+            result["full_kthvalue_s"] = median_time(
+                lambda flat=flat, n=n, k=k: torch.kthvalue(flat, n - k + 1), 3)
         print("selection", scope, n, round(t_normal, 4), round(t_tied, 4), flush=True)
         detach(model)
     return result

@@ -182,6 +182,11 @@ class JobConfig(_Strict):
         return self
 
 
+#: The job file's sections, by dotted location (for "Did you mean").
+_SECTIONS: dict[str, type[BaseModel]] = {"": JobConfig, "data": DataConfig,
+                                         "training": TrainingConfig, "teacher": TeacherConfig}
+
+
 # -- config --------------------------------------------------------------------------------------
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -217,11 +222,7 @@ def load_job(path: str | Path | None = None, *, overrides: dict[str, Any] | None
     try:
         job = JobConfig.model_validate(data)
     except ValidationError as err:
-        lines = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            msg = str(e["msg"]).removeprefix("Value error, ")
-            lines.append(f"{loc or '(job)'}: {msg} (got {e.get('input')!r})")
+        lines = [_job_error_line(e) for e in err.errors()]
         raise JobError(f"invalid job ({path or 'config'}):\n  - " + "\n  - ".join(lines)) \
             from None
     fields = policy_fields(job.pruning)
@@ -235,6 +236,27 @@ def load_job(path: str | Path | None = None, *, overrides: dict[str, Any] | None
         every = every if isinstance(every, int) and every > 0 else 1
         resolve_policy(fields, job.training.max_steps or every * max(2, -(-10**6 // every)))
     return job
+
+
+def _job_error_line(e: Any) -> str:
+    """One line per validation error, in the policy's style: the field, what is wrong, the
+    value (short), and for an unknown key the field it probably meant."""
+    import difflib
+
+    loc = ".".join(str(p) for p in e["loc"])
+    msg = str(e["msg"]).removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        *parent, key = [str(p) for p in e["loc"]]
+        section = _SECTIONS.get(".".join(parent), JobConfig)
+        close = difflib.get_close_matches(key, list(section.model_fields), n=1)
+        hint = f" Did you mean {'.'.join([*parent, close[0]])!r}?" if close else (
+            f" Its fields: {', '.join(section.model_fields)}.")
+        return f"{loc}: unknown field.{hint}"
+    if e["type"] == "missing":
+        return f"{loc}: required, and missing."
+    shown = repr(e.get("input"))
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return f"{loc or '(job)'}: {msg} (got {shown})"
 
 
 def resolve_model(name: str) -> str:
@@ -592,11 +614,39 @@ def run_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False,
     try:
         folder.check(overwrite=overwrite, resume=resume)  # before the lock: nothing created
         lock = folder.lock()
-        with lock, _Stop() as stop:
+        with lock, _Stop() as stop, _progress_bars(progress):
             return _run_locked(job, overwrite=overwrite, resume=resume, progress=progress,
                                stop=stop)
     except RunFolderError as err:
         raise JobError(str(err)) from None
+
+
+class _progress_bars:
+    """``progress=False`` hides every bar: the Trainer's, and those of datasets' map and of
+    save_pretrained's shard writing; restored after."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self) -> None:
+        if not self.on:
+            import datasets
+            from transformers.utils import logging as hf_logging
+
+            self._datasets = datasets.is_progress_bar_enabled()
+            self._hf = hf_logging.is_progress_bar_enabled()
+            datasets.disable_progress_bars()
+            hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.on:
+            import datasets
+            from transformers.utils import logging as hf_logging
+
+            if self._datasets:
+                datasets.enable_progress_bars()
+            if self._hf:
+                hf_logging.enable_progress_bar()
 
 
 def _run_locked(job: JobConfig, *, overwrite: bool, resume: bool, progress: bool,
@@ -658,7 +708,7 @@ def _check_checkpoint(model: Any, checkpoint: Path) -> None:
     from safetensors import safe_open
 
     expected = {k: v for k, v in model.state_dict(keep_vars=True).items()
-                if not k.rsplit(".", 1)[-1] in _PRUNING_KEYS}
+                if k.rsplit(".", 1)[-1] not in _PRUNING_KEYS}
     files = sorted(checkpoint.glob("model*.safetensors"))
     if not files:
         raise JobError(f"{checkpoint} holds no model weights (model.safetensors). Fix: "

@@ -13,7 +13,7 @@ from prune_plugin.report import SparsityReport, sparsity_report
 from prune_plugin.state import load_pruning_state, save_pruning_state
 from prune_plugin.structure import load_shrunk
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AttachError",

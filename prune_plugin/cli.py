@@ -129,7 +129,10 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prune_plugin import __version__
+
     parser = argparse.ArgumentParser(prog="prune-plugin", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"prune-plugin {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     fp = sub.add_parser("fine-prune", help="run a fine-pruning job from a YAML file")
     fp.add_argument("job", help="job YAML")

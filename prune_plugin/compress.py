@@ -251,7 +251,7 @@ def decompress_state_dict(blobs: dict[str, torch.Tensor], manifest: dict[str, An
     return out
 
 
-# -- checkpoint folders (e.g. from save_pretrained) -------------------------------------------------
+# -- checkpoint folders (e.g. from save_pretrained) ---------------------------------------------
 
 def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], list[Path]]:
     index = folder / "model.safetensors.index.json"

@@ -2,12 +2,15 @@
 
 Every rank must end each step with the same masks. What that takes depends on the engine:
 
-| engine | scores | what this module does |
-|---|---|---|
-| one process, DDP with the plugin attached first | whole on every rank | nothing (DDP averages the scores' gradients like any parameter's) |
-| DDP built before the plugin | whole, unknown to DDP | :class:`ScoreGradAverager`: rank 0's initial scores broadcast, one bucketed all-reduce of the score gradients per backward, launched when the last one is ready |
-| FSDP2 (``fully_shard``), either order | DTensor shards like the weight's | :class:`DTensorSharding`: exact Top-v over the shards; :func:`gathered` makes a layer's shards whole for its forward when FSDP does not |
-| DeepSpeed ZeRO-3 | ZeRO partitions | the DeepSpeed integration's :class:`Sharding` |
+- one process, or DDP with the plugin attached first: scores whole on every rank; nothing to
+  do (DDP averages the scores' gradients like any parameter's);
+- DDP built before the plugin: scores whole, unknown to DDP; :class:`ScoreGradAverager`
+  broadcasts rank 0's initial scores and launches one bucketed all-reduce of the score
+  gradients per backward, when the last one is ready;
+- FSDP2 (``fully_shard``), either order: scores are DTensor shards like the weight's;
+  :class:`DTensorSharding` selects the exact Top-v over the shards, and :func:`gathered` makes a
+  layer's shards whole for its forward when FSDP does not;
+- DeepSpeed ZeRO-3: scores are ZeRO partitions; the DeepSpeed integration's :class:`Sharding`.
 
 :class:`Sharding` is the seam the pruner calls: this rank's real elements of a tensor, and a
 sum across the ranks that share them. The base class is the null object (whole tensors, one

@@ -3,12 +3,12 @@
 Every per-method decision lives here, so the rest of the plugin asks a method object instead
 of comparing method names:
 
-| method | scores | mask of a forward | chosen by | penalty |
-|---|---|---|---|---|
-| magnitude | none | Top-v of \\|W\\| | the cubic schedule (Eq. 5) | - |
-| movement | S, straight-through (Eq. 2) | Top-v of S | the cubic schedule | - |
-| soft_movement | S, straight-through | sigmoid(S) > tau | tau on the cubic schedule | lambda * mean sigmoid(S) |
-| l0 | log-alpha S, through the gate | hard-concrete gate, sampled per forward | - | lambda * mean E[L0] |
+- magnitude: no scores; the mask is the Top-v of abs(W), v on the cubic schedule (Eq. 5);
+- movement: scores S, straight-through (Eq. 2); the Top-v of S on the cubic schedule;
+- soft_movement: S, straight-through; sigmoid(S) > tau, tau on the cubic schedule; penalty
+  lambda * mean sigmoid(S);
+- l0: log-alpha S, through the gate; a hard-concrete gate sampled per forward; penalty
+  lambda * mean E[L0].
 
 With ``final_remaining`` (beyond the paper) soft movement keeps its threshold and a controller
 scales lambda so the kept fraction follows v(t) (:class:`SoftMovementControlled`, or a global
