@@ -3,8 +3,9 @@
 - ``effective_weight``: W * gate, the one place that multiplies a weight by its mask or gate.
 - ``masked_linear``: y = x (W * M)^T + b as one autograd function. With scores it is the
   straight-through estimator of hard and soft movement pruning (Eq. 2): dL/dS = dL/dW' * W,
-  dL/dW = dL/dW' * M. The mask is 1 byte per weight and W * M is rebuilt in backward instead of
-  being saved, so masking adds no weight-sized tensor to what autograd keeps.
+  dL/dW = dL/dW' * M. The mask is 1 byte per weight; W * M is rebuilt in backward instead of
+  being saved (under autocast its low-precision cast is kept, as autocast keeps the cast
+  weight of a dense linear), so masking adds no weight-sized tensor to what autograd keeps.
 - ``l0_linear``: the same for L0 regularization, with the hard-concrete gate sampled from
   16-bit noise that is the only thing saved (2 bytes per weight); the gate and W * gate are
   rebuilt in backward.
@@ -28,29 +29,47 @@ from torch import Tensor
 
 
 def effective_weight(weight: Tensor, gate: Tensor | None) -> Tensor:
-    """W' = W * gate (a bool mask or a continuous L0 gate); W itself when ``gate`` is None."""
+    """W' = W * gate (a bool mask or a continuous L0 gate); W itself when ``gate`` is None.
+    A bool mask multiplies as it is, cast inside the one kernel (``W * M.to(dtype)`` was a
+    cast pass, then the multiply); the values are bitwise the same."""
     if gate is None:
         return weight
+    if gate.dtype == torch.bool:
+        return weight * gate
     return weight * gate.to(weight.dtype)
+
+
+def _autocast_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes this linear in, when it differs from the weight's."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype != weight.dtype else None
 
 
 class _MaskedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor | None,
                 mask: Tensor | None) -> Tensor:
-        out = F.linear(x, effective_weight(weight, mask), bias)
-        ctx.save_for_backward(x, weight, mask)
+        masked = effective_weight(weight, mask)
+        low = _autocast_dtype(x, weight)
+        if low is not None:  # autocast: W * M cast once, and kept for the input gradient as
+            masked = masked.to(low)  # autocast keeps the cast weight of a dense linear
+        out = F.linear(x, masked, bias)
+        ctx.save_for_backward(x, weight, mask, masked if low is not None else None)
         ctx.has_bias = bias is not None
         ctx.scores_shape = None if scores is None else scores.shape
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, weight, mask = ctx.saved_tensors
+        x, weight, mask, low = ctx.saved_tensors
         need_x, need_w, need_b, need_s, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_s = None
         if need_x:
-            grad_x = (grad_out @ effective_weight(weight, mask).to(grad_out.dtype)).to(x.dtype)
+            masked = low if low is not None else effective_weight(weight, mask)
+            grad_x = (grad_out @ masked.to(grad_out.dtype)).to(x.dtype)
         if need_w or need_s:
             grad_masked = _weight_grad(grad_out, x).to(weight.dtype)  # dL/dW' with W' = W * M
             if need_s:

@@ -1,0 +1,54 @@
+"""The step's cost is counted (benchmarks/step_cost.py: aten ops and bytes of one training step
+under FakeTensorMode) and bounded here: the counts are deterministic, so a change that adds a
+pass or a kernel per layer to any method's step fails this test. The bounds are today's
+counts on the tiny model (torch 2.13) plus 3%; lower them when a change cuts the cost."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import step_cost  # noqa: E402
+
+#: variant -> (ops, bytes) of one step of the tiny BERT at batch 4 x 16 (see the module doc).
+BOUNDS = {
+    "dense": (272, 3_778_048),
+    "magnitude": (381, 5_362_084),
+    "movement": (383, 5_689_860),
+    "movement-global": (361, 5_689_376),
+    "soft_movement": (410, 5_609_524),
+    "l0": (914, 11_081_780),
+    "movement-hybrid": (399, 4_451_100),
+}
+MARGIN = 1.03
+
+
+@pytest.mark.parametrize("variant", list(BOUNDS))
+def test_a_training_step_costs_no_more_ops_or_bytes_than_today(variant):
+    ops = step_cost.count_step("tiny", step_cost.VARIANTS[variant], batch=4, seq=16)
+    count, nbytes = len(ops), sum(b for _, b, _ in ops)
+    bound_ops, bound_bytes = BOUNDS[variant]
+    assert count <= bound_ops * MARGIN, f"{count} ops (bound {bound_ops})"
+    assert nbytes <= bound_bytes * MARGIN, f"{nbytes} bytes (bound {bound_bytes})"
+    if variant != "dense":  # the count sees the pruning: more than dense, never less
+        assert count > BOUNDS["dense"][0] and nbytes > BOUNDS["dense"][1]
+
+
+def test_the_counter_sees_a_pass_added_to_the_step(monkeypatch):
+    """A deliberate extra pass over every masked weight (forward and backward) is counted:
+    one more op and one more weight-sized read and write per pruned layer and pass."""
+    from prune_plugin import masks
+
+    def count() -> tuple[int, int]:
+        ops = step_cost.count_step("tiny", step_cost.VARIANTS["movement"], batch=4, seq=16)
+        return len(ops), sum(b for _, b, _ in ops)
+
+    base_ops, base_bytes = count()
+    original = masks.effective_weight
+    monkeypatch.setattr(masks, "effective_weight",
+                        lambda w, g: original(w, g) if g is None else original(w, g) * 1.0)
+    ops, nbytes = count()
+    assert ops >= base_ops + 12 and nbytes > base_bytes  # 12 pruned layers
