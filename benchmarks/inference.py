@@ -51,7 +51,7 @@ def hybrid(remaining: float) -> dict:
 
 def train(out: Path) -> None:
     from prune_plugin.integrations.job import load_job, run_job
-    from prune_plugin.integrations.run_folder import RunFolder
+    from prune_plugin.integrations.job.run_folder import RunFolder
 
     dense = out / "dense"
     if RunFolder(dense).state() != "finished":

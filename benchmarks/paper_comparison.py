@@ -327,7 +327,7 @@ def _majority_rate(task: dict) -> float:
     """The accuracy of always answering the most frequent validation label."""
     from collections import Counter
 
-    from prune_plugin.integrations.datasets import load_raw
+    from prune_plugin.integrations.job.datasets import load_raw
 
     d = task["data"]
     split = load_raw(d["path"], d.get("name"), ["validation"])["validation"]

@@ -246,7 +246,7 @@ def _cli(job_file: Path, *flags: str) -> subprocess.Popen:
 def test_a_job_killed_at_random_moments_ends_like_the_uninterrupted_run(job_assets, tmp_path):
     from safetensors.torch import load_file
 
-    from prune_plugin.integrations.run_folder import RunFolder
+    from prune_plugin.integrations.job.run_folder import RunFolder
 
     full = tmp_path / "full"
     started = time.perf_counter()
@@ -306,7 +306,7 @@ def test_any_output_folder_state_loses_none_of_the_users_files(job_assets, tmp_p
     the folder logic. Allowed: success or a one-line JobError; every file the job did not
     write is still there, unchanged."""
     from prune_plugin.integrations import job as job_module
-    from prune_plugin.integrations.run_folder import RunFolder
+    from prune_plugin.integrations.job.run_folder import RunFolder
 
     root = tmp_path_factory.mktemp("folders")
     out, other = root / "out", root / "other-run"

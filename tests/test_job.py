@@ -66,7 +66,7 @@ def test_one_csv_file_with_sliced_splits_and_labels_counted_over_the_whole_split
                                                                                     tmp_path):
     from transformers import AutoTokenizer
 
-    from prune_plugin.integrations.datasets import prepare
+    from prune_plugin.integrations.job.datasets import prepare
 
     rows = ["sentence,label"] + [f"good movie {i},{int(i % 2)}" for i in range(29)]
     (tmp_path / "reviews.csv").write_text("\n".join(rows + ["the plot was awful,2"]))
@@ -81,7 +81,7 @@ def test_one_csv_file_with_sliced_splits_and_labels_counted_over_the_whole_split
 
 
 def test_output_folder_with_a_run_is_not_overwritten(assets, tmp_path, capsys):
-    from prune_plugin.integrations.run_folder import RunFolder
+    from prune_plugin.integrations.job.run_folder import RunFolder
 
     out = tmp_path / "run"
     (out / "model").mkdir(parents=True)

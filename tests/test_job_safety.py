@@ -19,7 +19,7 @@ from prune_plugin import StateError
 from prune_plugin.cli import main
 from prune_plugin.compress import compress_folder, load_compressed
 from prune_plugin.integrations.job import JobError, load_job, run_job
-from prune_plugin.integrations.run_folder import RunFolder
+from prune_plugin.integrations.job.run_folder import RunFolder
 from prune_plugin.storage import read_safetensors, write_safetensors
 
 from .models import job_dict
@@ -348,7 +348,7 @@ def _interrupted_run(job_assets, tmp_path: Path) -> tuple[dict, RunFolder]:
 
 @pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_refused_on_resume(job_assets, tmp_path):
-    from prune_plugin.integrations.run_folder import mark_complete
+    from prune_plugin.integrations.job.run_folder import mark_complete
 
     job, folder = _interrupted_run(job_assets, tmp_path)
     newest = folder.newest_complete_checkpoint()

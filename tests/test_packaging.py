@@ -28,3 +28,6 @@ def test_integrations_are_installed_as_a_subpackage():
 
     # the top-level integrations/ folder is what the package exposes as prune_plugin.integrations
     assert Path(hf.__file__).resolve() == REPO / "integrations" / "transformers.py"
+    import prune_plugin.integrations.job.run_folder as run_folder  # the job: its own subpackage
+
+    assert Path(run_folder.__file__).resolve() == REPO / "integrations" / "job" / "run_folder.py"

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from prune_plugin.integrations import question_answering as qa
-from prune_plugin.integrations.datasets import DataError, load_raw
+from prune_plugin.integrations.job import question_answering as qa
+from prune_plugin.integrations.job.datasets import DataError, load_raw
 from prune_plugin.integrations.job import JobError, load_job, run_job
 
 from .models import tiny_hf_folder, tiny_qa_folder, tiny_squad_file

@@ -57,8 +57,8 @@ def test_main_job_fine_prunes_minilm_on_its_shipped_sst2_then_compress_and_reloa
 def test_fine_prune_minilm_on_squad_and_reload(tmp_path):
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
-    from prune_plugin.integrations import question_answering as qa
-    from prune_plugin.integrations.datasets import load_raw
+    from prune_plugin.integrations.job import question_answering as qa
+    from prune_plugin.integrations.job.datasets import load_raw
 
     out = tmp_path / "run"
     code = main(["fine-prune", str(EXAMPLES / "squad-dev.yaml"), "--dataset", str(SQUAD),

@@ -17,7 +17,7 @@ from prune_plugin import (NumericalError, PolicyError, PruningOptimizer, Pruning
                           StateError, load_pruning_state, save_pruning_state)
 from prune_plugin.cli import main
 from prune_plugin.integrations.job import JobError, load_job, prepare_job, run_job
-from prune_plugin.integrations.run_folder import COMPLETE, RunFolder
+from prune_plugin.integrations.job.run_folder import COMPLETE, RunFolder
 
 from .models import MLP, job_dict, mlp_batch
 
@@ -123,7 +123,7 @@ def test_string_labels_are_classes_and_empty_texts_are_named(job_assets, tmp_pat
     import datasets
     from transformers import AutoTokenizer
 
-    from prune_plugin.integrations.datasets import DataError, prepare
+    from prune_plugin.integrations.job.datasets import DataError, prepare
 
     tokenizer = AutoTokenizer.from_pretrained(job_assets["model"])
     rows = {"text": ["good movie", "bad plot", "fun", "dull"] * 3,

@@ -349,7 +349,7 @@ def prepare(tokenizer: Any, *, path: str, name: str | None, text_columns: list[s
 
 def _prepare_qa(tokenizer: Any, train: Any, evaluation: Any, text_columns: list[str],
                 answers: str, max_length: int, doc_stride: int) -> TaskData:
-    from prune_plugin.integrations import question_answering as qa
+    from prune_plugin.integrations.job import question_answering as qa
 
     feature = train.features[answers]
     if not (isinstance(feature, dict) and {"text", "answer_start"} <= set(feature)):

@@ -16,7 +16,7 @@ field, the value and a fix). The run writes to the output folder:
 Nothing is written before the whole job has been checked (config, policy, model, data, output
 folder): :func:`prepare_job` does every check, :func:`run_job` then runs it. How the output
 folder changes without losing a run (``--overwrite``, ``--resume``, kills) is
-:mod:`prune_plugin.integrations.run_folder`.
+:mod:`prune_plugin.integrations.job.run_folder`.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prune_plugin.errors import PolicyError, PruningError
-from prune_plugin.integrations.datasets import local_folder
-from prune_plugin.integrations.run_folder import RunFolder, RunFolderError, write_file
+from prune_plugin.integrations.job.datasets import local_folder
+from prune_plugin.integrations.job.run_folder import RunFolder, RunFolderError, write_file
 from prune_plugin.policy import PruningPolicy, read_policy_file
 from prune_plugin.report import plot_sparsity
 from prune_plugin.storage import write_folder
@@ -389,7 +389,7 @@ def prepare_job(job: JobConfig, *, overwrite: bool = False, resume: bool = False
     Raises JobError at the first problem and writes nothing."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from prune_plugin.integrations.datasets import DataError, prepare
+    from prune_plugin.integrations.job.datasets import DataError, prepare
 
     folder = RunFolder(job.output_dir)
     try:
@@ -536,7 +536,7 @@ def _run_callbacks(record: dict[str, float], pruning: bool, stop: _Stop | None =
     clear error when the numbers diverge."""
     from transformers import TrainerCallback
 
-    from prune_plugin.integrations.run_folder import mark_complete
+    from prune_plugin.integrations.job.run_folder import mark_complete
 
     class RunRecorder(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
