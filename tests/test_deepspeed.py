@@ -15,7 +15,7 @@ from prune_plugin.integrations import deepspeed as ds
 from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_count,
                                     topv_mask_reference, topv_thresholds)
 
-from .launch import free_port
+from .launch import ROOT, free_port
 from .launch import run_ranks as launch_ranks
 from .launch import run_two_nodes
 from .models import tiny_bert
@@ -301,3 +301,21 @@ def test_trainer_with_deepspeed_zero3_prunes_and_exports(tmp_path: Path) -> None
     model = AutoModelForSequenceClassification.from_pretrained(out / "final")
     assert not any("pruning_scores" in k for k in model.state_dict())
     assert sparsity_report(model).remaining == pytest.approx(0.3, abs=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_the_deepspeed_example_prunes_to_its_target_and_saves_a_stock_model(tmp_path: Path
+                                                                           ) -> None:
+    """examples/deepspeed_zero3.py, as docs/distributed.md says to run it (2 ranks, ZeRO-3
+    from the config entry): 10% kept at the end, and the saved model loads with its class."""
+    from transformers import BertForSequenceClassification
+
+    from prune_plugin import sparsity_report as plain_report
+
+    out = launch_ranks(ROOT / "examples" / "deepspeed_zero3.py", "--out",
+                       str(tmp_path / "model"))
+    assert "remaining: 10.00% of the pruned weights" in out
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "model")
+    assert not any("pruning" in k for k in model.state_dict())
+    assert plain_report(model).remaining == pytest.approx(0.10, abs=1e-3)
