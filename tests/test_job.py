@@ -29,6 +29,12 @@ def test_job_writes_a_plain_model_that_reproduces_the_metrics(assets, tmp_path):
     assert sparsity["remaining"] == pytest.approx(0.2, abs=1e-3) == metrics["remaining"]
     resolved = (out / "config.resolved.yaml").read_text()
     assert "total_steps: 6" in resolved
+    # the run over its steps (logging_steps 2): what sparsity.png draws first
+    history = sparsity["history"]
+    assert [h["step"] for h in history] == [2, 4, 6]
+    kept = [h["remaining"] for h in history]
+    assert kept == sorted(kept, reverse=True) and kept[-1] == pytest.approx(0.2, abs=1e-3)
+    assert all(h["loss"] > 0 for h in history)
 
     # The stock class loads it: no pruning keys, the kept weights, the same accuracy.
     model = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()

@@ -235,6 +235,8 @@ def test_a_signal_stops_at_a_safe_point_and_the_run_resumes(job_assets, tmp_path
     metrics = run_job(load_job(job), resume=True, progress=False)
     assert folder.state() == "finished" and metrics["steps"] == steps
     assert metrics["resumed_at_step"] == int(saved.name.split("-")[1])
+    history = json.loads((folder.path / "sparsity.json").read_text())["history"]
+    assert [h["step"] for h in history] == list(range(1, steps + 1))  # the whole run's logs
 
 
 def test_a_loss_that_grows_by_orders_of_magnitude_stops_the_run(job_assets, tmp_path):

@@ -6,8 +6,9 @@ field, the value and a fix). The run writes to the output folder:
 
     model/               the finalized plain model + tokenizer (stock ``from_pretrained``)
     metrics.json         evaluation metrics, steps, wall time, remaining weights
-    sparsity.json        per-layer remaining weights
-    sparsity.png         remaining weights per layer (like the paper's Figure 6)
+    sparsity.json        per-layer remaining weights, and the run's logs (step, loss, kept)
+    sparsity.png         the kept fraction and loss over the steps, per layer where they
+                         differ (like the paper's Figure 6), heads and neurons per block
     config.resolved.yaml the job as run (flags applied, total_steps filled in)
     status.json          running | failed (with the error) | finished
     checkpoints/         Trainer checkpoints (model, optimizer and pruning state), each marked
@@ -529,7 +530,7 @@ def _check_same_job(folder: RunFolder, resolved: dict[str, Any]) -> None:
                        "to start a new run with the new settings.")
 
 
-def _run_callbacks(record: dict[str, float], pruning: bool, stop: _Stop | None = None,
+def _run_callbacks(record: dict[str, Any], pruning: bool, stop: _Stop | None = None,
                    settings: dict[str, Any] | None = None) -> list[Any]:
     """The job's Trainer callbacks: a log at every checkpoint (so a resumed run's loss covers
     the whole run), the checkpoint's run record and completeness marker, and a stop with a
@@ -553,6 +554,9 @@ def _run_callbacks(record: dict[str, float], pruning: bool, stop: _Stop | None =
             loss = (logs or {}).get("loss")
             if loss is None:
                 return
+            # PruningTrainer's logs carry the kept fraction; a dense run's do not (None)
+            record["history"].append({"step": state.global_step, "loss": loss,
+                                      "remaining": logs.get("remaining")})
             if not math.isfinite(loss):
                 raise JobError(_diverged(f"the training loss is {loss}", state.global_step,
                                          kwargs.get("model"), pruning))
@@ -568,7 +572,8 @@ def _run_callbacks(record: dict[str, float], pruning: bool, stop: _Stop | None =
                 return
             wall = record["before"] + time.time() - record["started"]
             write_file(folder / RUN_RECORD, json.dumps({"train_wall_s": wall,
-                                                        "settings": settings}))
+                                                        "settings": settings,
+                                                        "history": record["history"]}))
             mark_complete(folder)  # the settings too are under its checksums
 
     return [RunRecorder()]
@@ -781,13 +786,15 @@ def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool,
     tr, d, out = job.training, job.data, folder.path
     qa = plan.question_answering
     checkpoint = None
-    record = {"before": 0.0}
+    record: dict[str, Any] = {"before": 0.0, "history": []}
     if resume:
         folder.drop_incomplete_checkpoints()
         checkpoint = folder.newest_complete_checkpoint()
         try:
-            record["before"] = json.loads((checkpoint / RUN_RECORD).read_text())["train_wall_s"]
-        except (OSError, ValueError, KeyError):
+            saved = json.loads((checkpoint / RUN_RECORD).read_text())
+            record["before"] = saved["train_wall_s"]
+            record["history"] = list(saved.get("history", []))  # the run's logs so far
+        except (OSError, ValueError, KeyError, TypeError):
             pass
         print(f"resuming from {checkpoint.name}", flush=True)
     write_file(out / "config.resolved.yaml", yaml.safe_dump(plan.resolved, sort_keys=False))
@@ -881,7 +888,7 @@ def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool,
         "teacher": plan.teacher_path, "seed": tr.seed, "shrunk": job.shrink,
         "structure": policy.structure if policy else None,
         "train_examples": data.train_examples, "eval_examples": data.eval_examples}
-    layers = report.as_dict()
+    layers = {**report.as_dict(), "history": record["history"]}
     write_file(out / "sparsity.json", json.dumps(layers, indent=2))
     plot_sparsity(layers, out / "sparsity.png", f"{job.model} {metrics['method']}")
     write_file(out / "metrics.json", json.dumps(metrics, indent=2))
