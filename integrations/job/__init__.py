@@ -774,6 +774,9 @@ def _length_grouping(on: bool) -> dict[str, Any]:
 def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool,
                      stop: _Stop | None = None) -> dict[str, Any]:
     import torch
+
+    if not torch.cuda.is_available():  # accelerate imports DeepSpeed when it is installed,
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # which warns that it found no GPU
     from transformers import (AutoModelForQuestionAnswering,
                               AutoModelForSequenceClassification, DataCollatorWithPadding,
                               Trainer, TrainingArguments)
