@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 
 from prune_plugin.errors import StateError
-from prune_plugin.storage import (bytes_tensor, read_safetensors, tensor_bytes, write_folder,
-                                  write_safetensors)
+from prune_plugin.storage import (bytes_tensor, holds_run_record, read_safetensors, tensor_bytes,
+                                  write_folder, write_safetensors)
 
 FORMAT = "prune_plugin.compressed"
 VERSION = 1
@@ -313,7 +313,7 @@ def _check_destination(source: Path, out: Path) -> None:
                          "is the compressed folder itself, holds it or lies inside it, and "
                          "would replace it. Fix: give a new folder elsewhere.")
     for folder in (dst, *dst.parents):
-        if (folder / "status.json").is_file():
+        if holds_run_record(folder):
             raise StateError(f"cannot decompress into {str(out)!r}: "
                              + ("it is" if folder == dst else f"it lies inside {str(folder)!r},")
                              + " a fine-pruning run's folder, whose files belong to that run. "

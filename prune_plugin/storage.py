@@ -145,3 +145,18 @@ def read_safetensors(path: str | Path, *, what: str = "file"
                              "damaged (a disk or copy error). Fix: use another copy, or write "
                              "it again.")
     return tensors, metadata
+
+
+#: The record a fine-pruning job keeps in its output folder (prune_plugin.integrations.job).
+RUN_RECORD_NAME = "status.json"
+
+
+def holds_run_record(folder: Path) -> bool:
+    """Whether ``folder`` is a fine-pruning run's output folder: its ``status.json`` is a
+    mapping with a ``state`` (a user's own file of that name is not). The job's files belong to
+    that run: nothing else writes into it or replaces it."""
+    try:
+        record = json.loads((Path(folder) / RUN_RECORD_NAME).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(record, dict) and "state" in record

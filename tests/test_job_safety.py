@@ -62,6 +62,16 @@ def test_a_folder_inside_another_run_is_never_an_output(job_assets, tmp_path, in
     assert tree(run) == before
 
 
+def test_a_users_own_status_json_above_the_output_is_not_a_run(job_assets, tmp_path):
+    """Only the job's record (a mapping with a state) makes a run folder: a project folder
+    with its own status.json of another shape still takes runs below it."""
+    (tmp_path / "status.json").write_text('["my tool\'s status"]')
+    out = tmp_path / "runs" / "a"
+    run_job(load_job(data=job_dict(job_assets, out)), progress=False)
+    assert RunFolder(out).state() == "finished"
+    assert (tmp_path / "status.json").read_text() == '["my tool\'s status"]'
+
+
 def test_a_symlink_into_another_run_is_never_followed(job_assets, tmp_path):
     run = tmp_path / "run"
     before = fake_finished_run(run)

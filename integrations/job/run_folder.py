@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 from prune_plugin.errors import PruningError
-from prune_plugin.storage import write_atomic
+from prune_plugin.storage import RUN_RECORD_NAME, holds_run_record, write_atomic
 
-STATUS = "status.json"
+STATUS = RUN_RECORD_NAME
 #: The record's marker: status.json files the job wrote say so.
 RECORD_KIND = "prune-plugin fine-prune"
 COMPLETE = "prune_plugin.complete.json"
@@ -93,19 +93,15 @@ class RunFolder:
         self._check_place()
         if not self.path.is_dir():
             return None
-        record = self.path / STATUS
-        if not record.is_file():
+        if not holds_run_record(self.path):  # a status.json of another shape is not ours
             if any(self.path.iterdir()):
                 shown = ", ".join(sorted(p.name for p in self.path.iterdir())[:5])
                 raise RunFolderError(
                     f"output_dir {str(self.path)!r} is not empty ({shown}) and holds no run of "
-                    "this job (no status.json), so the job will not write into it, nor replace "
-                    "it with --overwrite. Fix: choose a new or empty output_dir.")
+                    "this job (no status.json record), so the job will not write into it, nor "
+                    "replace it with --overwrite. Fix: choose a new or empty output_dir.")
             return None
-        try:
-            state = json.loads(record.read_text())["state"]
-        except (OSError, ValueError, KeyError, TypeError):
-            state = "failed"  # a damaged status: treat the run as unfinished
+        state = json.loads((self.path / STATUS).read_text())["state"]
         if state == "running":
             return "interrupted"  # its process is gone: a kill, a crash, a lost machine
         if state in ("finished", "failed", "interrupted"):
@@ -127,14 +123,13 @@ class RunFolder:
             if parent.exists() and not parent.is_dir():
                 raise RunFolderError(f"output_dir {str(self.path)!r} is under {str(parent)!r}, "
                                      "which is a file. Fix: choose another output_dir.")
-            if (parent / STATUS).is_file():
+            if holds_run_record(parent):
                 raise RunFolderError(
                     f"output_dir {str(self.path)!r} is inside the run folder {str(parent)!r}"
                     + (f" (through a symlink: {str(real)!r})" if real != self.path.absolute()
                        else "") + ", whose files belong to that run. Fix: choose a folder "
                     "outside any run's output.")
-        if self.path.is_symlink() and (real / STATUS).is_file() \
-                and real != self.path.absolute():
+        if self.path.is_symlink() and holds_run_record(real) and real != self.path.absolute():
             raise RunFolderError(f"output_dir {str(self.path)!r} is a symlink to the run folder "
                                  f"{str(real)!r}. Fix: use that path itself, or another folder.")
 
