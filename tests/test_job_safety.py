@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -385,3 +386,48 @@ def test_a_damaged_settings_file_does_not_skip_the_changed_settings_check(job_as
     changed = load_job(data=job, overrides={"training.learning_rate": 5e-4})
     with pytest.raises(JobError, match=r"settings changed: training.learning_rate"):
         run_job(changed, resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_a_checkpoints_optimizer_state_of_another_shape_is_refused_on_resume(job_assets,
+                                                                            tmp_path):
+    """It reached AdamW's fused kernel, which aborted the process without a word."""
+    from prune_plugin.integrations.job.run_folder import mark_complete
+
+    job, folder = _interrupted_run(job_assets, tmp_path)
+    newest = folder.newest_complete_checkpoint()
+    saved = torch.load(newest / "optimizer.pt", weights_only=True)
+    state = saved["optimizer"]["state"]
+    first = next(iter(state))
+    state[first]["exp_avg"] = torch.zeros(3, 3)
+    torch.save(saved, newest / "optimizer.pt")
+    (newest / "prune_plugin.complete.json").unlink()
+    mark_complete(newest)
+    with pytest.raises(JobError, match=r"optimizer state does not fit this model: exp_avg"):
+        run_job(load_job(data=job), resume=True, progress=False)
+    assert folder.state() == "failed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_before_training_starts_stops_at_once_in_one_line(job_assets, tmp_path, sig,
+                                                                   code):
+    """The other moment: the run folder is marked running and the model is loading, no step
+    has run. The job stops at once, marks the run interrupted, and says there is no
+    checkpoint to resume: one line, no traceback."""
+    job = _job_file(job_assets, tmp_path, steps=300)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "prune_plugin", "fine-prune", str(job),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    status = tmp_path / "run" / "status.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not status.is_file():
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "--overwrite" in lines[0]
+    assert json.loads(status.read_text())["state"] == "interrupted"

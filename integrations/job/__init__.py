@@ -542,6 +542,7 @@ def _run_callbacks(record: dict[str, Any], pruning: bool, stop: _Stop | None = N
     class RunRecorder(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
             record["started"] = time.time()
+            _check_optimizer_state(kwargs.get("optimizer"))  # loaded from a checkpoint
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             if stop is not None and stop.signum is not None:  # a signal: stop here, saved
@@ -701,6 +702,23 @@ def _run_locked(job: JobConfig, *, overwrite: bool, resume: bool, progress: bool
     folder.set_state("finished")
     folder.drop_replaced()
     return metrics
+
+
+def _check_optimizer_state(optimizer: Any) -> None:
+    """Every per-parameter tensor of the optimizer's state (Adam's moments, momentum) has its
+    parameter's shape: a resumed checkpoint's state of another shape would reach the fused
+    update kernel, which aborts the process without a message."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if hasattr(value, "shape") and value.dim() > 0 and value.shape != p.shape:
+                    raise JobError(
+                        f"the checkpoint's optimizer state does not fit this model: {key} of "
+                        f"shape {list(value.shape)} for a parameter of shape {list(p.shape)}. "
+                        "Fix: --overwrite to start again, or remove that checkpoint to resume "
+                        "from an earlier one.")
 
 
 _PRUNING_KEYS = ("pruning_scores", "pruning_mask", "pruning_step")
