@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--model", default="bert", help="bert, or gpt2 (Conv1D layers)")
+    parser.add_argument("--onecycle", action="store_true",
+                        help="a OneCycleLR with a scalar max_lr (it sets every group's lr)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -87,15 +89,19 @@ def main() -> None:
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     try:
+        scheduler = (lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=2e-3, total_steps=args.steps + 1)) if args.onecycle else None
         engine, _, _, _ = initialize(model=model, config=config,
-                                     optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+                                     optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                     lr_scheduler=scheduler)
     except (DeepSpeedConfigError, PruningError) as err:  # a refusal the test expects: report it, leave cleanly
         if rank == 0:
             torch.save({"error": str(err)}, args.out)
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
         return
-    pruner = find_pruning_optimizer(engine.optimizer).pruner
+    wrapper = find_pruning_optimizer(engine.optimizer)
+    pruner = wrapper.pruner
     start = 0
     if args.resume:
         engine.load_checkpoint(args.resume)
@@ -118,11 +124,17 @@ def main() -> None:
     mismatch = gathered_topv_mismatch(pruner) if args.structure == "unstructured" and (
         args.method in ("magnitude", "movement") or args.target is not None) else 0
     units = [(g.kind, int(g.mask.sum()), g.numel) for g in pruner.units]
+    score_group = wrapper.score_group()
+    lrs = {"score": score_group["lr"] if score_group else None,
+           "weight": next(g["lr"] for g in wrapper.param_groups if "prune_plugin" not in g),
+           "base": score_group.get("prune_plugin_base_lr") if score_group else None,
+           "score_lr": pruner.policy.score_lr}
     state = finalized_state_dict(engine)
     if rank == 0:
         torch.save({"losses": losses, "kept": {x.name: x.kept for x in report.layers},
                     "total": report.total, "remaining": report.remaining, "state": state,
-                    "step": pruner.step_count, "gathered_mismatch": mismatch, "units": units, "global_steps": engine.global_steps}, args.out)
+                    "step": pruner.step_count, "gathered_mismatch": mismatch, "units": units,
+                    "global_steps": engine.global_steps, "lrs": lrs}, args.out)
     # Leave together: a rank exiting with gloo's threads still live aborts ("terminate called
     # without an active exception"), which failed a CI run once.
     torch.distributed.barrier()

@@ -319,3 +319,17 @@ def test_the_deepspeed_example_prunes_to_its_target_and_saves_a_stock_model(tmp_
     model = BertForSequenceClassification.from_pretrained(tmp_path / "model")
     assert not any("pruning" in k for k in model.state_dict())
     assert plain_report(model).remaining == pytest.approx(0.10, abs=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_the_scores_lr_follows_the_weights_under_zero_1_and_2(tmp_path: Path) -> None:
+    """ZeRO-1/2 show the optimizer one param group at a time while stepping, so the wrapper
+    never saw both groups there; the engine's schedule slot makes the scores' lr follow: a
+    OneCycleLR with a scalar max_lr (it writes every group's lr) leaves the scores at
+    score_lr x weight lr / the weight lr when wrapped."""
+    for stage in ("1", "2"):
+        run = launch(tmp_path, f"lr{stage}", "--stage", stage, "--onecycle")
+        lrs = run["lrs"]
+        assert lrs["weight"] != pytest.approx(1e-3)  # the schedule moved it
+        assert lrs["score"] == pytest.approx(lrs["score_lr"] * lrs["weight"] / lrs["base"])
