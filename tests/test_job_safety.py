@@ -413,7 +413,7 @@ def test_a_checkpoints_optimizer_state_of_another_shape_is_refused_on_resume(job
 def test_a_signal_before_training_starts_stops_at_once_in_one_line(job_assets, tmp_path, sig,
                                                                    code):
     """The other moment: the run folder is marked running and the model is loading, no step
-    has run. The job stops at once, marks the run interrupted, and says there is no
+    has run. The job stops before training, marks the run interrupted, and says there is no
     checkpoint to resume: one line, no traceback."""
     job = _job_file(job_assets, tmp_path, steps=300)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -428,6 +428,6 @@ def test_a_signal_before_training_starts_stops_at_once_in_one_line(job_assets, t
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "interrupted" in line]
-    assert len(lines) == 1 and "--overwrite" in lines[0]
+    lines = [line for line in err.splitlines() if "--overwrite" in line]
+    assert len(lines) == 1 and signal.Signals(sig).name in lines[0]
     assert json.loads(status.read_text())["state"] == "interrupted"

@@ -64,8 +64,10 @@ class JobInterrupted(JobError):
 
 
 class _Stop:
-    """Ctrl-C and SIGTERM during training: the first asks the run to stop after the current
-    step (with a checkpoint), a second stops at once; outside training, at once."""
+    """Ctrl-C and SIGTERM: the first asks the job to stop at its next safe point (in training:
+    after the current step, with a checkpoint; before it: between its phases), a second stops
+    at once. The handler only sets a flag: an exception raised from it could land anywhere
+    (inside a library's cleanup, where it is lost or turns into a kill by the signal)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -88,12 +90,20 @@ class _Stop:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if not self.training or self.signum is not None:
-            self.signum = signum
+        if self.signum is not None:  # the second: at once
             raise KeyboardInterrupt
         self.signum = signum
-        print("\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)",
+        print("\nstopping " + ("after this step, with a checkpoint" if self.training else
+                               "before training") + " (Ctrl-C again to stop at once)",
               flush=True)
+
+    def check(self, what: str) -> None:
+        """At a safe point outside training: stop if a signal came, saying ``what``."""
+        if self.signum is not None:
+            import signal
+
+            raise JobInterrupted(f"{signal.Signals(self.signum).name} stopped the job {what}",
+                                 self.exit_code)
 
     @property
     def exit_code(self) -> int:
@@ -658,6 +668,7 @@ class _progress_bars:
 def _run_locked(job: JobConfig, *, overwrite: bool, resume: bool, progress: bool,
                 stop: _Stop) -> dict[str, Any]:
     plan = prepare_job(job, overwrite=overwrite, resume=resume)  # the folder checked again
+    stop.check("before it wrote anything. Fix: run it again.")
     folder = plan.folder
     if resume and plan.state == "finished":
         print(f"{folder.path} holds a finished run: nothing to resume. (--overwrite starts it "
@@ -868,6 +879,9 @@ def _train_and_write(plan: PreparedJob, *, resume: bool, progress: bool,
     t0 = time.time()
     record["started"] = t0
     if stop is not None:
+        saved = "--resume to continue from its last checkpoint" if checkpoint is not None \
+            else "--overwrite to start again (no checkpoint yet)"
+        stop.check(f"before training started. Fix: rerun the same command with {saved}.")
         stop.training = True
     try:
         train_out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
