@@ -124,8 +124,61 @@ def _decompress(args: argparse.Namespace) -> int:
 def _schema(args: argparse.Namespace) -> int:
     from prune_plugin.policy import PruningPolicy
 
-    print(json.dumps(PruningPolicy.model_json_schema(), indent=2))
+    if args.markdown:
+        print(policy_reference(), end="")
+    else:
+        print(json.dumps(PruningPolicy.model_json_schema(), indent=2))
     return 0
+
+
+def policy_reference() -> str:
+    """docs/policies.md's reference: a table per method, from its model (fields, defaults,
+    descriptions). A default that depends on the mode is shown in each mode."""
+    from prune_plugin.policy import METHOD_POLICIES, PruningPolicy
+
+    shared = PruningPolicy.model_fields
+    out = ["### Every method", "", "| field | default | meaning |", "|---|---|---|"]
+    example = METHOD_POLICIES["magnitude"](method="magnitude", total_steps=1000)
+    out += [_row(name, info, {"": example}) for name, info in shared.items() if name != "method"]
+    out.append("")
+    for method, model in METHOD_POLICIES.items():
+        modes: dict[str, dict[str, object]] = {"": {}}
+        if "final_remaining" in model.model_fields \
+                and not model.model_fields["final_remaining"].is_required() \
+                and model.model_fields["final_remaining"].default is None:
+            modes["with final_remaining"] = {"final_remaining": 0.1}
+        if "remaining_control" in model.model_fields:
+            modes["with remaining_control topv"] = {"final_remaining": 0.1,
+                                                    "remaining_control": "topv"}
+        built = {mode: model(method=method, total_steps=1000, **extra)
+                 for mode, extra in modes.items()}
+        given = {name for extra in modes.values() for name in extra}
+        out += [f"### `{method}`: {model.__name__}", "", (model.__doc__ or "").split("\n\n")[0]
+                .replace("\n    ", " ").strip(), "", "| field | default | meaning |",
+                "|---|---|---|"]
+        out += [_row(name, info, {"": built[""]} if name in given else built)
+                for name, info in model.model_fields.items() if name not in shared]
+        out.append("")
+    return "\n".join(out)
+
+
+def _row(name: str, info: Any, built: dict[str, Any]) -> str:
+    if info.is_required():
+        default = "required"
+    else:
+        values = {mode: getattr(p, name) for mode, p in built.items()}
+        default = _shown(values[""]) + "".join(f"; {mode}: {_shown(v)}"
+                                               for mode, v in values.items()
+                                               if mode and v != values[""])
+    return f"| `{name}` | {default} | {(info.description or '').replace('|', chr(92) + '|')} |"
+
+
+def _shown(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list) and value and hasattr(value[0], "model_dump"):
+        return "`[...]`"
+    return f"`{json.dumps(value)}`".replace("|", "\\|")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace the files of a folder that is not empty")
     dp.set_defaults(func=_decompress)
     sp = sub.add_parser("schema", help="print the policy's JSON schema")
+    sp.add_argument("--markdown", action="store_true",
+                    help="the reference tables of docs/policies.md instead")
     sp.set_defaults(func=_schema)
     return parser
 

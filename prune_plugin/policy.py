@@ -1,11 +1,17 @@
-"""`PruningPolicy`: what to prune, how, and on which schedule.
+"""The pruning policy: one strict pydantic v2 model per method, one discriminated union.
 
-One strict pydantic v2 model, built from Python, JSON, YAML or a DeepSpeed config entry.
-One unit everywhere: a *remaining* fraction is the fraction of weights KEPT (the paper's v).
+``PruningPolicy(method="movement", ...)`` builds the method's own model
+(:class:`MagnitudePolicy`, :class:`MovementPolicy`, :class:`SoftMovementPolicy`,
+:class:`L0Policy`); each declares exactly the fields its method uses, with their real
+defaults, so a field of another method is refused by the type, and validation, dumps and the
+JSON schema (:data:`AnyPolicy`) come from the declarations. Built from Python, JSON, YAML or a
+DeepSpeed config entry; every error names the field, the value, what is allowed and a fix
+(:class:`~prune_plugin.errors.PolicyError`). One unit everywhere: a *remaining* fraction is the
+fraction of weights KEPT (the paper's v).
 
-Method-specific fields are refused for the other methods, so a typo'd or misplaced
-hyperparameter never silently does nothing. Every error names the field, the value, the
-allowed values and a fix (:class:`~prune_plugin.errors.PolicyError`).
+Defaults that depend on an earlier field (soft movement and L0 at a requested
+``final_remaining``) are default factories of that field, so they are declared where the field
+is. Policies saved by an earlier version load through :func:`migrate`.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler,
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, TypeAdapter,
                       ValidationError, field_validator, model_serializer, model_validator)
 
 from prune_plugin.errors import PolicyError
@@ -46,63 +52,6 @@ CONTROLLED_MAX_LAMBDA = 3000.0
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     r"(^|\.)(classifier|qa_outputs|lm_head|score|pooler|cls|head)(\.|$)",
 )
-
-# Which methods each method-specific field belongs to (checked against fields the user set).
-_FIELD_METHODS: dict[str, tuple[str, ...]] = {
-    "scope": ("magnitude", "movement"),
-    "initial_remaining": ("magnitude", "movement", "soft_movement", "l0"),
-    "final_remaining": ("magnitude", "movement", "soft_movement", "l0"),
-    "score_lr": ("movement", "soft_movement", "l0"),
-    "score_init": ("movement", "soft_movement", "l0"),
-    "score_init_value": ("movement", "soft_movement", "l0"),
-    "score_init_offset": ("movement", "soft_movement", "l0"),
-    "initial_threshold": ("soft_movement",),
-    "final_threshold": ("soft_movement",),
-    "final_lambda": ("soft_movement", "l0"),
-    "lambda_schedule": ("soft_movement", "l0"),
-    "remaining_control": ("soft_movement",),
-    "l0_beta": ("l0",),
-    "l0_left": ("l0",),
-    "l0_right": ("l0",),
-    "l0_gate_gradient": ("l0",),
-    "l0_warmup_gates": ("l0",),
-}
-
-# Fields that soft movement and L0 use only with a requested final_remaining (without one, their
-# lambda sets the sparsity), by method; read by validation, dumps and saved-policy loading.
-_REQUESTED_ONLY: dict[str, tuple[str, ...]] = {
-    "initial_remaining": ("soft_movement", "l0"),
-    "remaining_control": ("soft_movement",),
-}
-
-
-def _applies(field: str, method: str, requested: bool) -> bool:
-    """Whether ``field`` means something to ``method``, with (``requested``) or without a
-    requested final_remaining."""
-    if method not in _FIELD_METHODS.get(field, (method,)):
-        return False
-    return requested or method not in _REQUESTED_ONLY.get(field, ())
-
-
-# Fields added after the first saved runs, with the behaviour of a saved policy that lacks them.
-_BEHAVIOUR_BEFORE: dict[str, Any] = {
-    "remaining_control": "topv", "score_init_offset": 0.0, "l0_gate_gradient": "clamped",
-    "l0_warmup_gates": "sampled"}
-
-# Defaults that depend on the method: the original code's settings (its README, Sec. "How to
-# fine-prune?"). L0 starts its log-alpha scores at logit(0.9) = 2.197 so ~90% of gates are open.
-# One exception, on evidence (benchmarks/collapse.py, RESULTS.md): hard movement (and L0 with
-# a requested final_remaining, and soft movement's remaining_control topv: Top-vs of the
-# scores too) starts its scores from the normalised |W| so that its first masks are magnitude
-# masks; from the paper's constant scores it collapses to the majority class at short
-# budgets. score_init: constant is the paper's.
-_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "magnitude": {"final_remaining": 0.1},
-    "movement": {"score_init": "magnitude", "score_init_value": 0.0, "final_remaining": 0.1},
-    "soft_movement": {"score_init_value": 0.0, "final_lambda": 400.0, "lambda_schedule": "cubic"},
-    "l0": {"score_init_value": L0_OPEN_LOG_ALPHA, "final_lambda": 125.0,
-           "lambda_schedule": "constant", "score_lr": 1e-1},
-}
 
 
 class UnitGroupSpec(BaseModel):
@@ -146,8 +95,55 @@ class UnitGroupSpec(BaseModel):
         return self
 
 
+# -- the fields, described once ---------------------------------------------------------------
+# Each method's model below declares which of these it has and their defaults there.
+
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+InitialRemaining = Annotated[float, Field(gt=0.0, le=1.0, description=(
+    "v_i: fraction of weights (structured: of units) kept during warm-up."))]
+FinalRemaining = Annotated[float, Field(gt=0.0, le=1.0, description=(
+    "v_f: fraction of weights (structured: of units) kept at the end."))]
+ScopeField = Annotated[Scope, Field(description=(
+    "Top-v per layer (local) or across all targeted layers (global; structured: across the "
+    "blocks of one unit kind)."))]
+ScoreLr = Annotated[float, Field(gt=0.0, description="Learning rate of the scores (their own "
+                                 "param group, no weight decay; follows the weights' lr "
+                                 "schedule).")]
+ScoreInitField = Annotated[ScoreInit, Field(description=(
+    "constant (score_init_value) | uniform (U(-value, value)) | kaiming | magnitude (|W| / "
+    "mean |W| of the layer, times score_init_value: the first masks are magnitude masks; "
+    "beyond the paper, RESULTS.md). constant is the paper's."))]
+ScoreInitValue = Annotated[float, Field(allow_inf_nan=False, description=(
+    "The constant, the uniform bound or the magnitude scale of score_init. Default: 1 for "
+    "magnitude, else 0 (L0: 2.197, the paper's logit(0.9))."))]
+ScoreInitOffset = Annotated[float, Field(allow_inf_nan=False, description=(
+    "Added to every initial score (beyond the paper)."))]
+FinalLambda = Annotated[float, Field(ge=0.0, allow_inf_nan=False, description=(
+    "Regularizer weight reached at the end."))]
+LambdaScheduleField = Annotated[LambdaSchedule, Field(description=(
+    "cubic: lambda follows the cubic schedule to final_lambda; constant: final_lambda from "
+    "step 0."))]
+Threshold = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+def _requested(data: dict[str, Any]) -> bool:
+    """Whether soft movement or L0 follow a requested final_remaining (data: the fields
+    validated so far, for default factories)."""
+    return data.get("final_remaining") is not None
+
+
+def _magnitude_scale(fallback: float) -> Any:
+    """score_init_value's default: 1 for magnitude scores (scale 1, for L0's log-alpha too: at
+    the paper's 2.197 the weights at a 3% Top-v's edge sit at log-alpha ~6.5, where 99% of
+    sampled gates clamp at 1 and their scores learn nothing; RESULTS.md), else ``fallback``."""
+    return lambda data: 1.0 if data.get("score_init") == "magnitude" else fallback
+
+
 class PruningPolicy(BaseModel):
-    """A validated pruning policy.
+    """A validated pruning policy: the base of the four methods' models.
+
+    ``PruningPolicy(method=..., ...)``, :meth:`from_dict`, :meth:`from_file` and
+    ``PruningPolicy.model_validate(...)`` give the model of the method named.
 
     Example:
         >>> PruningPolicy(method="movement", final_remaining=0.10, warmup_steps=500,
@@ -182,74 +178,20 @@ class PruningPolicy(BaseModel):
         None, description="Which modules share units, for a model outside the known families "
                           "(prune_plugin.families: BERT-like, ViT, Llama-style, Phi, Phi3, "
                           "GPT-2, GPT-NeoX, Falcon, T5).")
-    scope: Scope = Field("local", description="Top-v per layer (local) or across all targeted "
-                         "layers (global; structured: across the blocks of one unit kind). "
-                         "Top-v methods only.")
-    initial_remaining: float = Field(1.0, gt=0.0, le=1.0,
-                                     description="v_i: fraction of weights (structured: of "
-                                                 "units) kept during warm-up.")
-    final_remaining: float | None = Field(
-        None, gt=0.0, le=1.0,
-        description="v_f: fraction of weights kept at the end (magnitude, movement: default "
-                    "0.1). Soft movement and L0: when set, the run ends at exactly v_f with no "
-                    "lambda calibration (beyond the paper; soft movement: see "
-                    "remaining_control; L0: the masks are a global Top-v of the scores on the "
-                    "cubic schedule, lambda fades out as the open gates reach v(t), and the "
-                    "cool-down keeps the Top-v's gates open); unset, lambda sets the sparsity, "
-                    "as in the paper.")
     warmup_steps: int = Field(0, ge=0, description="t_i: optimizer steps before pruning starts.")
     cooldown_steps: int = Field(0, ge=0, description="t_f: final steps held at the end value.")
     total_steps: int = Field(ge=1, description="T: total optimizer steps of the run.")
     mask_update_every: int = Field(1, ge=1, description="Recompute masks every this many steps.")
-    score_lr: float = Field(1e-2, gt=0.0, description="Learning rate of the scores.")
-    score_init: ScoreInit = Field("constant", description="constant (score_init_value) | uniform "
-                                  "(U(-value, value)) | kaiming | magnitude (|W| / mean |W| of "
-                                  "the layer, times score_init_value, default 1: the "
-                                  "first masks are magnitude masks; beyond the paper). Default: "
-                                  "magnitude for movement, for L0 with final_remaining and "
-                                  "for soft movement's remaining_control topv, constant "
-                                  "otherwise; constant is the paper's.")
-    score_init_value: float = Field(0.0, allow_inf_nan=False)
-    score_init_offset: float = Field(0.0, allow_inf_nan=False,
-                                     description="Added to every initial score (beyond the "
-                                     "paper). Default 0; 2.197 (the paper's L0 start) for L0 "
-                                     "with final_remaining, whose log-alpha is then ranked by "
-                                     "|W| with every gate starting open.")
-    initial_threshold: float = Field(0.0, ge=0.0, lt=1.0, description="tau_i, on sigmoid(S).")
-    final_threshold: float = Field(0.1, ge=0.0, lt=1.0, description="tau_f: mask = sigmoid(S) > "
-                                   "tau, as in the original code (sigmoied_threshold).")
-    final_lambda: float = Field(0.0, ge=0.0, allow_inf_nan=False,
-                                description="Regularizer weight reached at the end.")
-    lambda_schedule: LambdaSchedule = Field(
-        "cubic", description="cubic: lambda follows the threshold schedule to final_lambda "
-                             "(soft movement); constant: final_lambda from step 0 (L0).")
-    remaining_control: RemainingControl = Field(
-        "lambda", description="Soft movement with final_remaining, how the run follows v(t) "
-        "(both beyond the paper). lambda: the paper's mask sigmoid(S) > tau on zero scores, "
-        "lambda (final_lambda, default 3000, is its ceiling) scaled by a controller so that "
-        "the remaining fraction follows v(t), never below it, and a global Top-v to exactly "
-        "v_f from the cool-down on. topv: the masks are a global Top-v of the scores, which "
-        "start from |W| / mean |W|. Default: lambda when the pruning window lets the scores "
-        "reach the threshold (score_lr x (total - warm-up - cool-down steps) >= "
-        "2 |logit(0.1)|: 440 steps at the default score_lr) or a threshold is set, topv "
-        "otherwise (RESULTS.md).")
-    l0_beta: float = Field(2.0 / 3.0, gt=0.0, description="Hard-concrete temperature b.")
-    l0_left: float = Field(-0.1, lt=0.0, description="Hard-concrete stretch l < 0.")
-    l0_right: float = Field(1.1, gt=1.0, description="Hard-concrete stretch r > 1.")
-    l0_gate_gradient: L0GateGradient = Field(
-        "clamped", description="clamped (the paper's): a sampled gate clamped at 1 passes no "
-        "gradient to its score. straight_through (beyond the paper): the score gradient passes "
-        "the clamp at 1 as if unclamped, so open gates' scores still learn. Default: "
-        "straight_through for L0 with final_remaining, clamped otherwise.")
-    l0_warmup_gates: L0WarmupGates = Field(
-        "sampled", description="The gates of the warm-up's training forwards (the first "
-        "warmup_steps steps). sampled (the paper's): hard-concrete samples, as in the rest of "
-        "the run. open (beyond the paper): gates of value 1, so the warm-up trains the dense "
-        "model, while the scores learn from the sampled gates' gradient (straight-through).")
 
-    schema_version: ClassVar[int] = 1
+    #: The version of the saved form (a dump); :func:`migrate` reads every earlier one.
+    schema_version: ClassVar[int] = 2
 
-    # -- construction -------------------------------------------------------------------------
+    # -- construction: the method's model -------------------------------------------------------
+
+    def __new__(cls, *args: Any, **data: Any) -> PruningPolicy:
+        if cls is PruningPolicy:  # PruningPolicy(method=...): that method's model
+            cls = _model_of(data)
+        return super().__new__(cls)
 
     def __init__(self, /, **data: Any) -> None:
         try:
@@ -260,6 +202,8 @@ class PruningPolicy(BaseModel):
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> PruningPolicy:  # type: ignore[override]
         try:
+            if cls is PruningPolicy:
+                return _ADAPTER.validate_python(obj, **kwargs)
             return super().model_validate(obj, **kwargs)
         except ValidationError as err:
             raise _policy_error(err) from None
@@ -267,9 +211,20 @@ class PruningPolicy(BaseModel):
     @classmethod
     def model_validate_json(cls, data: str | bytes, **kwargs: Any) -> PruningPolicy:  # type: ignore[override]
         try:
+            if cls is PruningPolicy:
+                return _ADAPTER.validate_json(data, **kwargs)
             return super().model_validate_json(data, **kwargs)
         except ValidationError as err:
             raise _policy_error(err) from None
+
+    @classmethod
+    def model_json_schema(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The union's schema (one definition per method) for PruningPolicy, a method's own
+        for its model."""
+        if cls is PruningPolicy:
+            return {"title": "PruningPolicy", "description": "A pruning policy: the model of "
+                    "the method named by 'method'.", **_ADAPTER.json_schema(*args, **kwargs)}
+        return super().model_json_schema(*args, **kwargs)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "policy") -> PruningPolicy:
@@ -283,7 +238,7 @@ class PruningPolicy(BaseModel):
             raise PolicyError(f"{source}: field names must be text, got {odd[0]!r}. Fix: write "
                               'it as {"method": "movement", "total_steps": ...}.')
         try:
-            return super().model_validate(data)
+            return _ADAPTER.validate_python(data)
         except ValidationError as err:
             raise _policy_error(err, source=source) from None
 
@@ -292,44 +247,21 @@ class PruningPolicy(BaseModel):
         """Load a policy from a ``.json``, ``.yaml`` or ``.yml`` file."""
         return cls.from_dict(read_policy_file(path), source=str(path))
 
-    # -- validation ---------------------------------------------------------------------------
-
-    @model_validator(mode="before")
     @classmethod
-    def _method_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("method"), str):
-            defaults = dict(_METHOD_DEFAULTS.get(data["method"], {}))
-            requested = data.get("final_remaining") is not None
-            control = "topv"
-            if data["method"] == "soft_movement" and requested:
-                control = data["remaining_control"] if "remaining_control" in data \
-                    else default_remaining_control(data)
-                defaults["remaining_control"] = control  # (shown in dumps: chosen by the run)
-            if data["method"] in ("soft_movement", "l0") and requested:
-                if control == "topv":
-                    # a global Top-v of the scores, like hard movement: from constant scores
-                    # it collapses the same way (RESULTS.md)
-                    defaults["score_init"] = "magnitude"
-                    if data["method"] == "l0":
-                        # gates that start open learn through the clamp at 1 (RESULTS.md)
-                        defaults["l0_gate_gradient"] = "straight_through"
-                else:
-                    # the controller's ceiling: enough to follow v(t) down to a few percent
-                    # (3,000 tracked the schedule where the paper's mode needed 634 for 10%
-                    # and 1,081 for 3%; RESULTS.md)
-                    defaults["final_lambda"] = CONTROLLED_MAX_LAMBDA
-            if data.get("score_init", defaults.get("score_init")) == "magnitude":
-                # scale 1, for L0's log-alpha too: at the paper's 2.197 the weights at a 3%
-                # Top-v's edge sit at log-alpha ~6.5, where 99% of sampled gates clamp at 1 and
-                # their scores learn nothing; the ranking stays |W|'s and collapses (RESULTS.md)
-                defaults["score_init_value"] = 1.0
-                if data["method"] == "l0" and requested:
-                    # ... on top of the paper's start, so every gate starts open: gates below 1
-                    # shrink the pretrained weights, which stopped STS-B (RESULTS.md); the
-                    # straight-through clamp above keeps their scores learning
-                    defaults["score_init_offset"] = L0_OPEN_LOG_ALPHA
-            data = {**defaults, **data}
-        return data
+    def from_saved_json(cls, text: str | bytes) -> PruningPolicy:
+        """A policy that a run saved (:meth:`to_json`), by this version or an earlier one
+        (:func:`migrate`)."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return cls.model_validate_json(text)  # (raises the PolicyError naming the problem)
+        return cls.model_validate(migrate(data))
+
+    def to_json(self) -> str:
+        """The policy as JSON; :meth:`from_saved_json` reads it back."""
+        return self.model_dump_json(indent=2)
+
+    # -- validation shared by every method ----------------------------------------------------
 
     @field_validator("targets", "exclude")
     @classmethod
@@ -347,16 +279,7 @@ class PruningPolicy(BaseModel):
         return patterns
 
     @model_validator(mode="after")
-    def _cross_field(self) -> PruningPolicy:
-        # Defaults injected for this method are applicable by construction; the check is
-        # about fields the user set for another method.
-        for name in sorted(self.model_fields_set):
-            methods = _FIELD_METHODS.get(name)
-            if methods is not None and self.method not in methods:
-                raise ValueError(
-                    f"field {name!r} (= {getattr(self, name)!r}) does not apply to method "
-                    f"{self.method!r}; it is used by {', '.join(map(repr, methods))}. "
-                    f"Fix: remove {name!r} or change 'method'.")
+    def _schedule_and_structure(self) -> PruningPolicy:
         if self.warmup_steps + self.cooldown_steps > self.total_steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) + cooldown_steps ({self.cooldown_steps}) "
@@ -371,33 +294,12 @@ class PruningPolicy(BaseModel):
                 f"the masks of step {self.total_steps // every * every}, short of the final "
                 f"target. Fix: set mask_update_every to a divisor of {self.total_steps} (e.g. "
                 f"{', '.join(map(str, divisors[-3:]))}) or total_steps to a multiple of {every}.")
-        if self.final_remaining is not None and self.final_remaining > self.initial_remaining:
+        initial = getattr(self, "initial_remaining", None)
+        final = getattr(self, "final_remaining", None)
+        if final is not None and initial is not None and final > initial:
             raise ValueError(
-                f"final_remaining ({self.final_remaining}) is above initial_remaining "
-                f"({self.initial_remaining}); pruning only removes weights. Fix: set "
-                f"final_remaining <= initial_remaining.")
-        if self.final_threshold < self.initial_threshold:
-            raise ValueError(
-                f"final_threshold ({self.final_threshold}) is below initial_threshold "
-                f"({self.initial_threshold}); the threshold only rises. Fix: swap them.")
-        for name in sorted(self.model_fields_set & _REQUESTED_ONLY.keys()):
-            if not _applies(name, self.method, self.targets_remaining):
-                raise ValueError(f"{name} (= {getattr(self, name)!r}) applies to {self.method} "
-                                 "only with final_remaining (a requested sparsity), and none "
-                                 "is set: lambda sets the sparsity. Fix: set final_remaining "
-                                 f"too, or remove {name}.")
-        if self.targets_remaining and self.method == "soft_movement" \
-                and self.remaining_control == "topv":
-            chosen = sorted({"initial_threshold", "final_threshold"} & self.model_fields_set)
-            if chosen:
-                raise ValueError(f"{', '.join(chosen)} and final_remaining exclude each other "
-                                 "with remaining_control 'topv': the threshold moves so that "
-                                 "exactly that fraction remains. Fix: remove one of them, or "
-                                 "set remaining_control: lambda (the paper's threshold).")
-        if self.method == "soft_movement" and not self.targets_remaining \
-                and self.lambda_schedule == "cubic" and self.final_threshold == 0.0:
-            raise ValueError("final_threshold is 0 with lambda_schedule 'cubic': lambda would "
-                             "stay 0 and nothing is pruned. Fix: set final_threshold in (0, 1).")
+                f"final_remaining ({final}) is above initial_remaining ({initial}); pruning only "
+                f"removes weights. Fix: set final_remaining <= initial_remaining.")
         if self.structure == "blocks" and self.block_shape is None:
             raise ValueError("structure 'blocks' needs block_shape, e.g. [32, 32]. Fix: set "
                              "block_shape.")
@@ -410,62 +312,255 @@ class PruningPolicy(BaseModel):
         if self.unit_groups is not None and self.structure in ("unstructured", "blocks"):
             raise ValueError(f"unit_groups apply to structures neurons, heads and hybrid, not "
                              f"{self.structure!r}. Fix: remove unit_groups or set structure.")
-        if self.structure != "unstructured" and self.score_init in ("kaiming",):
+        score_init = getattr(self, "score_init", None)
+        if self.structure != "unstructured" and score_init == "kaiming":
             raise ValueError("score_init 'kaiming' needs one score per weight; structured "
                              "pruning has one per unit. Fix: use constant, uniform or "
                              "magnitude.")
-        if self.score_init == "uniform" and self.score_init_value <= 0:
+        value = getattr(self, "score_init_value", None)
+        if score_init == "uniform" and value is not None and value <= 0:
             raise ValueError(f"score_init 'uniform' draws from U(-value, value) but "
-                             f"score_init_value is {self.score_init_value}. Fix: set a "
-                             "positive score_init_value.")
+                             f"score_init_value is {value}. Fix: set a positive "
+                             "score_init_value.")
         return self
 
     @model_serializer(mode="wrap")
-    def _canonical(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Dumps hold only the fields that apply to the method, so they validate back."""
-        data = handler(self)
-        requested = self.targets_remaining
-        unused = {"initial_threshold", "final_threshold"} \
-            if requested and self.remaining_control == "topv" else set()
-        if self.method in ("soft_movement", "l0") and not requested:
-            unused.add("final_remaining")  # (None: lambda sets the sparsity)
-        return {k: v for k, v in data.items()
-                if k not in unused and _applies(k, self.method, requested)}
+    def _without_unset_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dumps leave out the options that are off (None): a mode's fields outside it."""
+        return {k: v for k, v in handler(self).items() if v is not None}
 
     # -- derived --------------------------------------------------------------------------------
 
     @property
     def targets_remaining(self) -> bool:
-        """Whether soft movement or L0 follow a requested remaining fraction (not the paper's
-        lambda-set sparsity)."""
-        return self.method in ("soft_movement", "l0") and self.final_remaining is not None
+        """Whether a regularized method follows a requested remaining fraction instead of the
+        paper's lambda-set sparsity (always False for the Top-v methods, whose schedule is
+        the remaining fraction)."""
+        return False
+
+
+class MagnitudePolicy(PruningPolicy):
+    """Magnitude pruning: the Top-v of |W| on the cubic schedule (Eq. 5); no scores."""
+
+    method: Literal["magnitude"]
+    scope: ScopeField = "local"
+    initial_remaining: InitialRemaining = 1.0
+    final_remaining: FinalRemaining = 0.1
+
+
+class MovementPolicy(PruningPolicy):
+    """Hard movement pruning: the Top-v of learned scores, straight-through (Eqs. 2, 4)."""
+
+    method: Literal["movement"]
+    scope: ScopeField = "local"
+    initial_remaining: InitialRemaining = 1.0
+    final_remaining: FinalRemaining = 0.1
+    score_lr: ScoreLr = 1e-2
+    # |W|-started scores: from the paper's constant scores hard movement collapses to the
+    # majority class at short budgets (benchmarks/collapse.py, RESULTS.md)
+    score_init: ScoreInitField = "magnitude"
+    score_init_value: ScoreInitValue = Field(default_factory=_magnitude_scale(0.0))
+    score_init_offset: ScoreInitOffset = 0.0
+
+
+class SoftMovementPolicy(PruningPolicy):
+    """Soft movement pruning: mask sigmoid(S) > tau, tau on the cubic schedule, and the penalty
+    lambda * mean sigmoid(S). With ``final_remaining`` (beyond the paper) the run ends at
+    exactly that fraction, following it by ``remaining_control``."""
+
+    method: Literal["soft_movement"]
+    final_remaining: Fraction | None = Field(None, description=(
+        "v_f, a requested sparsity (beyond the paper): the run ends at exactly v_f with no "
+        "lambda calibration, following v(t) by remaining_control. Unset: lambda and tau set "
+        "the sparsity, as in the paper."))
+    initial_remaining: Fraction | None = Field(
+        default_factory=lambda data: 1.0 if _requested(data) else None,
+        description="v_i with final_remaining (default 1).")
+    remaining_control: RemainingControl | None = Field(None, description=(
+        "With final_remaining, how the run follows v(t) (both beyond the paper). lambda: the "
+        "paper's mask sigmoid(S) > tau on zero scores, lambda (final_lambda, default 3000, is "
+        "its ceiling) scaled by a controller so that the remaining fraction follows v(t), "
+        "never below it, and a global Top-v to exactly v_f from the cool-down on. topv: the "
+        "masks are a global Top-v of the scores, which start from |W| / mean |W|. Default: "
+        "lambda when the pruning window lets the scores reach the threshold (score_lr x "
+        "(total - warm-up - cool-down steps) >= 2 |logit(0.1)|: 440 steps at the default "
+        "score_lr) or a threshold is set, topv otherwise (RESULTS.md)."))
+    initial_threshold: Threshold | None = Field(
+        default_factory=lambda data: None if data.get("remaining_control") == "topv" else 0.0,
+        description="tau_i, on sigmoid(S) (none under remaining_control topv).")
+    final_threshold: Threshold | None = Field(
+        default_factory=lambda data: None if data.get("remaining_control") == "topv" else 0.1,
+        description="tau_f: mask = sigmoid(S) > tau, as in the original code "
+                    "(sigmoied_threshold); none under remaining_control topv.")
+    score_lr: ScoreLr = 1e-2
+    # topv ranks the scores like hard movement, and collapses the same way from constant ones
+    score_init: ScoreInitField = Field(
+        default_factory=lambda data: "magnitude" if data.get("remaining_control") == "topv"
+        else "constant")
+    score_init_value: ScoreInitValue = Field(default_factory=_magnitude_scale(0.0))
+    score_init_offset: ScoreInitOffset = 0.0
+    # the controller's ceiling: enough to follow v(t) down to a few percent (3,000 tracked the
+    # schedule where the paper's mode needed 634 for 10% and 1,081 for 3%; RESULTS.md)
+    final_lambda: FinalLambda = Field(
+        default_factory=lambda data: CONTROLLED_MAX_LAMBDA
+        if data.get("remaining_control") == "lambda" else 400.0)
+    lambda_schedule: LambdaScheduleField = "cubic"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_control(cls, data: Any) -> Any:
+        # the default depends on which fields the user set, which a default factory cannot see
+        if isinstance(data, dict) and data.get("final_remaining") is not None \
+                and "remaining_control" not in data:
+            data = {**data, "remaining_control": default_remaining_control(data)}
+        return data
+
+    @model_validator(mode="after")
+    def _modes(self) -> SoftMovementPolicy:
+        if self.final_remaining is None:
+            for name in ("initial_remaining", "remaining_control"):
+                if getattr(self, name) is not None:
+                    raise ValueError(_needs_requested(name, getattr(self, name), self.method))
+            if self.lambda_schedule == "cubic" and self.final_threshold == 0.0:
+                raise ValueError("final_threshold is 0 with lambda_schedule 'cubic': lambda "
+                                 "would stay 0 and nothing is pruned. Fix: set "
+                                 "final_threshold in (0, 1).")
+        if self.initial_threshold is not None and self.final_threshold is not None \
+                and self.final_threshold < self.initial_threshold:
+            raise ValueError(
+                f"final_threshold ({self.final_threshold}) is below initial_threshold "
+                f"({self.initial_threshold}); the threshold only rises. Fix: swap them.")
+        if self.remaining_control == "topv":
+            chosen = [n for n in ("initial_threshold", "final_threshold")
+                      if getattr(self, n) is not None]
+            if chosen:
+                raise ValueError(f"{', '.join(chosen)} and final_remaining exclude each other "
+                                 "with remaining_control 'topv': the threshold moves so that "
+                                 "exactly that fraction remains. Fix: remove one of them, or "
+                                 "set remaining_control: lambda (the paper's threshold).")
+        elif self.initial_threshold is None or self.final_threshold is None:
+            raise ValueError("initial_threshold and final_threshold are null: soft movement's "
+                             "mask is sigmoid(S) > tau. Fix: give them values in [0, 1), or "
+                             "leave them out.")
+        return self
+
+    @property
+    def targets_remaining(self) -> bool:
+        return self.final_remaining is not None
+
+
+class L0Policy(PruningPolicy):
+    """L0 regularization: a hard-concrete gate per weight, sampled in every training forward,
+    and the penalty lambda * mean E[L0]. With ``final_remaining`` (beyond the paper) the gates
+    outside a global Top-v of the scores close, v(t) on the cubic schedule."""
+
+    method: Literal["l0"]
+    final_remaining: Fraction | None = Field(None, description=(
+        "v_f, a requested sparsity (beyond the paper): the masks are a global Top-v of the "
+        "scores on the cubic schedule, lambda fades out as the open gates reach v(t), and "
+        "the cool-down keeps the Top-v's gates open. Unset: lambda sets the sparsity, as in "
+        "the paper."))
+    initial_remaining: Fraction | None = Field(
+        default_factory=lambda data: 1.0 if _requested(data) else None,
+        description="v_i with final_remaining (default 1).")
+    score_lr: ScoreLr = 1e-1
+    # at a requested fraction the Top-v ranks the scores: |W|-started, like hard movement
+    score_init: ScoreInitField = Field(
+        default_factory=lambda data: "magnitude" if _requested(data) else "constant")
+    score_init_value: ScoreInitValue = Field(default_factory=_magnitude_scale(L0_OPEN_LOG_ALPHA))
+    # ... on top of the paper's start, so every gate starts open: gates below 1 shrink the
+    # pretrained weights, which stopped STS-B (RESULTS.md)
+    score_init_offset: ScoreInitOffset = Field(
+        default_factory=lambda data: L0_OPEN_LOG_ALPHA
+        if _requested(data) and data.get("score_init") == "magnitude" else 0.0,
+        description="Added to every initial score (beyond the paper). Default 0; 2.197 (the "
+                    "paper's L0 start) with final_remaining and magnitude scores, whose "
+                    "log-alpha is then ranked by |W| with every gate starting open.")
+    final_lambda: FinalLambda = 125.0
+    lambda_schedule: LambdaScheduleField = "constant"
+    l0_beta: float = Field(2.0 / 3.0, gt=0.0, description="Hard-concrete temperature b.")
+    l0_left: float = Field(-0.1, lt=0.0, description="Hard-concrete stretch l < 0.")
+    l0_right: float = Field(1.1, gt=1.0, description="Hard-concrete stretch r > 1.")
+    # gates that start open learn through the clamp at 1 (RESULTS.md)
+    l0_gate_gradient: L0GateGradient = Field(
+        default_factory=lambda data: "straight_through" if _requested(data) else "clamped",
+        description="clamped (the paper's): a sampled gate clamped at 1 passes no gradient to "
+        "its score. straight_through (beyond the paper): the score gradient passes the clamp "
+        "at 1 as if unclamped, so open gates' scores still learn. Default: straight_through "
+        "with final_remaining, clamped otherwise.")
+    l0_warmup_gates: L0WarmupGates = Field(
+        "sampled", description="The gates of the warm-up's training forwards (the first "
+        "warmup_steps steps). sampled (the paper's): hard-concrete samples, as in the rest of "
+        "the run. open (beyond the paper): gates of value 1, so the warm-up trains the dense "
+        "model, while the scores learn from the sampled gates' gradient (straight-through).")
+
+    @model_validator(mode="after")
+    def _modes(self) -> L0Policy:
+        if self.final_remaining is None and self.initial_remaining is not None:
+            raise ValueError(_needs_requested("initial_remaining", self.initial_remaining,
+                                              self.method))
+        return self
+
+    @property
+    def targets_remaining(self) -> bool:
+        return self.final_remaining is not None
 
     @property
     def l0_straight_through(self) -> bool:
         """Whether an L0 gate clamped at 1 still passes its score the gradient."""
         return self.l0_gate_gradient == "straight_through"
 
-    # -- serialisation ------------------------------------------------------------------------
 
-    def to_json(self) -> str:
-        """The full policy as JSON; ``PruningPolicy.model_validate_json`` reads it back."""
-        return self.model_dump_json(indent=2)
+#: Each method's model, by name.
+METHOD_POLICIES: dict[str, type[PruningPolicy]] = {
+    "magnitude": MagnitudePolicy, "movement": MovementPolicy,
+    "soft_movement": SoftMovementPolicy, "l0": L0Policy}
+#: Any method's policy, told apart by ``method``: embed it in a pydantic model, or validate
+#: with ``TypeAdapter(AnyPolicy)``.
+AnyPolicy = Annotated[Union[MagnitudePolicy, MovementPolicy, SoftMovementPolicy, L0Policy],
+                      Field(discriminator="method")]
+_ADAPTER: TypeAdapter[PruningPolicy] = TypeAdapter(AnyPolicy)
 
-    @classmethod
-    def from_saved_json(cls, text: str | bytes) -> PruningPolicy:
-        """A policy that a run saved (:meth:`to_json`), maybe with an earlier version: a field
-        added since then takes the behaviour the run had, not today's default, so that a
-        changed default cannot change a resumed run."""
+
+def _model_of(data: dict[str, Any]) -> type[PruningPolicy]:
+    """The model of ``data``'s method; a PolicyError naming the field when it has none."""
+    model = METHOD_POLICIES.get(data.get("method"))  # type: ignore[arg-type]
+    if model is None:
         try:
-            data = json.loads(text)
-        except ValueError:
-            return cls.model_validate_json(text)  # (raises the PolicyError naming the problem)
-        if isinstance(data, dict) and isinstance(data.get("method"), str):
-            requested = data.get("final_remaining") is not None
-            for field, before in _BEHAVIOUR_BEFORE.items():
-                if field not in data and _applies(field, data["method"], requested):
-                    data[field] = before
-        return cls.model_validate_json(json.dumps(data))
+            _ADAPTER.validate_python(data)
+        except ValidationError as err:
+            raise _policy_error(err) from None
+    return model  # type: ignore[return-value]
+
+
+def _needs_requested(name: str, value: Any, method: str) -> str:
+    return (f"{name} (= {value!r}) applies to {method} only with final_remaining (a requested "
+            "sparsity), and none is set: lambda sets the sparsity. Fix: set final_remaining "
+            f"too, or remove {name}.")
+
+
+# Fields added after the first saved runs, with the behaviour of a saved policy that lacks them
+# (remaining_control: with final_remaining).
+_BEHAVIOUR_BEFORE: dict[str, Any] = {
+    "remaining_control": "topv", "score_init_offset": 0.0, "l0_gate_gradient": "clamped",
+    "l0_warmup_gates": "sampled"}
+
+
+def migrate(data: Any) -> Any:
+    """A saved policy's fields as this version reads them, from a dump of any earlier version
+    (0.1 to 0.3 wrote one flat model with the same field names): a field added since takes the
+    behaviour the run had, not today's default, so that a changed default cannot change a
+    resumed run. Anything else is returned as it is, for validation to name."""
+    model = METHOD_POLICIES.get(data.get("method")) if isinstance(data, dict) else None
+    if model is None:
+        return data
+    data = dict(data)
+    requested = data.get("final_remaining") is not None
+    for field, before in _BEHAVIOUR_BEFORE.items():
+        if field in model.model_fields and field not in data \
+                and (requested or field != "remaining_control"):
+            data[field] = before
+    return data
 
 
 def default_remaining_control(fields: dict[str, Any]) -> RemainingControl:
@@ -479,12 +574,12 @@ def default_remaining_control(fields: dict[str, Any]) -> RemainingControl:
     threshold the user sets asks for the threshold: ``lambda``."""
     if "initial_threshold" in fields or "final_threshold" in fields:
         return "lambda"
-    defaults = PruningPolicy.model_fields
-    tau = defaults["final_threshold"].default
+    tau = 0.1  # final_threshold's default
     try:
         window = fields["total_steps"] - fields.get("warmup_steps", 0) \
             - fields.get("cooldown_steps", 0)
-        travel = fields.get("score_lr", defaults["score_lr"].default) * window
+        travel = fields.get("score_lr", SoftMovementPolicy.model_fields["score_lr"].default) \
+            * window
         reachable = travel >= 2.0 * abs(math.log(tau / (1.0 - tau)))
     except (KeyError, TypeError):
         return "lambda"  # fields that do not compute are invalid: validation names them
@@ -545,34 +640,74 @@ def _suggest(value: Any, choices: list[str]) -> str:
 
 def _policy_error(err: ValidationError, *, source: str = "policy") -> PolicyError:
     """Turn pydantic's errors into one message: field, value, what is allowed, how to fix."""
-    for e in err.errors():
+    errors = [e for e in err.errors() if e["type"] != "default_factory_not_called"]
+    for e in errors:
         # pydantic runs the overridden __init__ inside model_validate: unwrap its PolicyError.
         inner = (e.get("ctx") or {}).get("error")
         if isinstance(inner, PolicyError):
             return _format(inner.lines, inner.errors, source)  # type: ignore[attr-defined]
     lines = []
-    fields = list(PruningPolicy.model_fields)
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(policy)"
+    for e in errors:
+        loc = list(e["loc"])
+        model = METHOD_POLICIES.get(loc[0]) if loc and isinstance(loc[0], str) else None
+        if model is not None:  # the union's tag
+            loc = loc[1:]
+        else:  # a method's model validated directly: its title is the class name
+            model = next((m for m in METHOD_POLICIES.values() if m.__name__ == err.title),
+                         None)
+        fields = list((model or PruningPolicy).model_fields)
+        name = ".".join(str(p) for p in loc) or "(policy)"
         value = e.get("input")
         kind = e["type"]
-        if kind == "extra_forbidden":
-            lines.append(f"{loc}: unknown field (value {value!r}).{_suggest(loc, fields)} "
+        if kind == "extra_forbidden" and model is not None and len(loc) == 1:
+            users = [m for m, cls in METHOD_POLICIES.items() if name in cls.model_fields]
+            if users:
+                lines.append(
+                    f"field {name!r} (= {value!r}) does not apply to method "
+                    f"{model.model_fields['method'].annotation.__args__[0]!r}; it is used by "
+                    f"{', '.join(map(repr, users))}. Fix: remove {name!r} or change 'method'.")
+            else:
+                lines.append(f"{name}: unknown field (value {value!r}).{_suggest(name, fields)} "
+                             f"Allowed fields: {', '.join(fields)}.")
+        elif kind == "extra_forbidden":
+            lines.append(f"{name}: unknown field (value {value!r}).{_suggest(name, fields)} "
                          f"Allowed fields: {', '.join(fields)}.")
+        elif kind == "union_tag_not_found":
+            typos = [k for k in value if isinstance(k, str) and k != "method"
+                     and difflib.get_close_matches(k, ["method"], n=1)] \
+                if isinstance(value, dict) else []
+            lines += [f"{k}: unknown field (value {value[k]!r}). Did you mean 'method'?"
+                      for k in typos]
+            lines.append("method: required field is missing. Fix: add 'method' (one of "
+                         f"{', '.join(map(repr, METHOD_POLICIES))}).")
+        elif kind == "union_tag_invalid":
+            tag, methods = (e.get("ctx") or {}).get("tag"), list(METHOD_POLICIES)
+            lines.append(f"method: got {tag!r}. Allowed: {_or_list(methods)}."
+                         f"{_suggest(tag, methods)}")
+        elif kind == "model_attributes_type" or (kind == "dict_type" and not loc):
+            lines.append(f"(policy): expected a mapping of policy fields, got "
+                         f"{type(value).__name__}. Fix: write it as "
+                         '{"method": "movement", "total_steps": ...}.')
         elif kind == "missing":
-            desc = PruningPolicy.model_fields[loc].description if loc in fields else None
-            lines.append(f"{loc}: required field is missing. Fix: add {loc!r}"
+            info = (model or PruningPolicy).model_fields.get(name)
+            desc = info.description if info is not None else None
+            lines.append(f"{name}: required field is missing. Fix: add {name!r}"
                          + (f" ({desc})" if desc else "") + ".")
         elif kind == "literal_error":
             allowed = (e.get("ctx") or {}).get("expected", "")
             choices = [c.strip(" '") for c in allowed.replace(" or ", ",").split(",") if c.strip()]
-            lines.append(f"{loc}: got {value!r}. Allowed: {allowed}.{_suggest(value, choices)}")
+            lines.append(f"{name}: got {value!r}. Allowed: {allowed}.{_suggest(value, choices)}")
         elif kind == "value_error":
             lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
-            lines.append(f"{loc}: got {value!r} ({type(value).__name__}): {e['msg']}."
-                         f"{_describe_allowed(e)} Fix: give {loc!r} a value that fits.")
-    return _format(lines, err.errors(), source)
+            lines.append(f"{name}: got {value!r} ({type(value).__name__}): {e['msg']}."
+                         f"{_describe_allowed(e)} Fix: give {name!r} a value that fits.")
+    return _format(lines, errors, source)
+
+
+def _or_list(names: list[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 def _format(lines: list[str], errors: list[Any], source: str) -> PolicyError:

@@ -671,7 +671,8 @@ def check_saved_policy(saved_json: str, policy: PruningPolicy) -> None:
     """Refuse pruning state saved with another policy, naming the fields that differ."""
     saved = PruningPolicy.from_saved_json(saved_json)
     if saved != policy:
-        diff = [f"{k}: saved {getattr(saved, k)!r} vs current {getattr(policy, k)!r}"
-                for k in PruningPolicy.model_fields if getattr(saved, k) != getattr(policy, k)]
+        fields = dict.fromkeys([*type(saved).model_fields, *type(policy).model_fields])
+        diff = [f"{k}: saved {getattr(saved, k, None)!r} vs current {getattr(policy, k, None)!r}"
+                for k in fields if getattr(saved, k, None) != getattr(policy, k, None)]
         raise StateError("pruning state was saved with another policy (" + "; ".join(diff)
                          + "). Fix: attach with the saved policy to resume.")

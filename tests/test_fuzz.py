@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from prune_plugin import (AttachError, PolicyError, PruningError, PruningOptimizer,
                           PruningPolicy, StateError, TargetingError, attach, get_pruner,
                           save_pruning_state)
+from prune_plugin.policy import METHOD_POLICIES
 from prune_plugin.compress import compress_state_dict, load_compressed
 from prune_plugin.integrations.job import JobError, load_job, prepare_job
 from prune_plugin.state import read_pruning_state
@@ -39,7 +40,7 @@ def cases(n: int) -> settings:
                     suppress_health_check=list(HealthCheck))
 
 
-FIELDS = list(PruningPolicy.model_fields)
+FIELDS = sorted({f for cls in METHOD_POLICIES.values() for f in cls.model_fields})
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**12), st.floats(allow_nan=True),
     st.text(max_size=12), st.sampled_from(["movement", "magnitude", "soft_movement", "l0",

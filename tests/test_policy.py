@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from prune_plugin import PolicyError, PruningPolicy
+from prune_plugin.policy import L0Policy, MagnitudePolicy, MovementPolicy, SoftMovementPolicy
 
 BASE = dict(method="movement", final_remaining=0.1, warmup_steps=5, cooldown_steps=5,
             total_steps=100)
@@ -131,5 +132,44 @@ def test_policy_error_is_a_value_error():
 
 def test_json_schema_lists_the_methods():
     schema = PruningPolicy.model_json_schema()
-    assert set(schema["properties"]["method"]["enum"]) == {"magnitude", "movement", "soft_movement", "l0"}
-    assert "total_steps" in schema["required"]
+    mapping = schema["discriminator"]["mapping"]
+    assert set(mapping) == {"magnitude", "movement", "soft_movement", "l0"}
+    for method, ref in mapping.items():
+        definition = schema["$defs"][ref.rsplit("/", 1)[1]]
+        assert definition["properties"]["method"]["const"] == method
+        assert {"method", "total_steps"} <= set(definition["required"])
+
+
+@pytest.mark.parametrize("method,model,own", [
+    ("magnitude", MagnitudePolicy, {"scope", "initial_remaining", "final_remaining"}),
+    ("movement", MovementPolicy, {"scope", "initial_remaining", "final_remaining", "score_lr",
+                                  "score_init", "score_init_value", "score_init_offset"}),
+    ("soft_movement", SoftMovementPolicy, {
+        "initial_remaining", "final_remaining", "remaining_control", "initial_threshold",
+        "final_threshold", "score_lr", "score_init", "score_init_value", "score_init_offset",
+        "final_lambda", "lambda_schedule"}),
+    ("l0", L0Policy, {"initial_remaining", "final_remaining", "score_lr", "score_init",
+                      "score_init_value", "score_init_offset", "final_lambda",
+                      "lambda_schedule", "l0_beta", "l0_left", "l0_right", "l0_gate_gradient",
+                      "l0_warmup_gates"}),
+])
+def test_each_method_has_its_own_model_with_exactly_its_fields(method, model, own):
+    shared = {"method", "targets", "exclude", "exclude_heads", "structure", "block_shape",
+              "unit_groups", "warmup_steps", "cooldown_steps", "total_steps",
+              "mask_update_every"}
+    policy = PruningPolicy(method=method, total_steps=10)
+    assert type(policy) is model and isinstance(policy, PruningPolicy)
+    assert set(model.model_fields) == shared | own
+    assert PruningPolicy.from_dict({"method": method, "total_steps": 10}) == policy
+    assert model(method=method, total_steps=10) == policy
+
+
+def test_declared_defaults_are_the_effective_ones():
+    # no hidden defaults: what the schema declares (or a default factory computes from the
+    # fields before it) is what a policy built from nothing but the required fields holds
+    for model in (MagnitudePolicy, MovementPolicy, SoftMovementPolicy, L0Policy):
+        method = model.model_fields["method"].annotation.__args__[0]
+        policy = model(method=method, total_steps=10)
+        for name, info in model.model_fields.items():
+            if info.default_factory is None and not info.is_required():
+                assert getattr(policy, name) == info.default, (method, name)

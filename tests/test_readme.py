@@ -68,3 +68,12 @@ def test_ci_runs_the_readme_test_command():
     command = next(b.strip() for _, b in _blocks("bash", {"README.md": README})
                    if "pytest" in b)
     assert command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_policy_reference_is_current():
+    from prune_plugin.cli import policy_reference
+
+    text = PAGES["docs/policies.md"]
+    shown = text.split("<!-- generated: prune-plugin schema --markdown -->\n", 1)[1]
+    assert shown.split("<!-- end generated -->", 1)[0] == policy_reference(), \
+        "regenerate docs/policies.md's reference with prune-plugin schema --markdown"
