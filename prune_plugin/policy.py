@@ -16,7 +16,6 @@ is. Policies saved by an earlier version load through :func:`migrate`.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
@@ -26,7 +25,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, TypeAdapter,
                       ValidationError, field_validator, model_serializer, model_validator)
 
-from prune_plugin.errors import PolicyError
+from prune_plugin.errors import PolicyError, policy_error
+from prune_plugin.storage import read_policy_file
 
 Method = Literal["magnitude", "movement", "soft_movement", "l0"]
 Structure = Literal["unstructured", "neurons", "heads", "hybrid", "blocks"]
@@ -586,134 +586,5 @@ def default_remaining_control(fields: dict[str, Any]) -> RemainingControl:
     return "lambda" if reachable else "topv"
 
 
-def read_policy_file(path: str | Path) -> dict[str, Any]:
-    """The fields of a ``.json``, ``.yaml`` or ``.yml`` policy file, unvalidated (a job adds
-    ``total_steps`` before validating); every problem is a PolicyError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise PolicyError(f"policy file {str(path)!r} does not exist. Fix: pass the path "
-                          "of a .json or .yaml policy file.")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as err:
-        raise PolicyError(f"{path} is not a text file ({err.reason} at byte {err.start}). "
-                          "Fix: write the policy as UTF-8 JSON or YAML.") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:  # pragma: no cover - depends on the environment
-            raise PolicyError(f"reading {path} needs PyYAML. Fix: pip install pyyaml, or "
-                              "write the policy as JSON.") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise PolicyError(f"{path}: not valid YAML: {err}") from None
-    elif path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise PolicyError(f"{path}: not valid JSON: {err}") from None
-    else:
-        raise PolicyError(f"policy file {str(path)!r} has suffix {path.suffix!r}; allowed: "
-                          "'.json', '.yaml', '.yml'. Fix: rename it or convert it.")
-    if not isinstance(data, dict):
-        raise PolicyError(f"{path}: expected a mapping of policy fields, got "
-                          f"{type(data).__name__} {data!r:.80}. Fix: write it as "
-                          '{"method": "movement", "total_steps": ...}.')
-    return data
-
-
-def _describe_allowed(err: dict[str, Any]) -> str:
-    ctx = err.get("ctx") or {}
-    if "expected" in ctx:
-        return f" Allowed: {ctx['expected']}."
-    return ""
-
-
-def _suggest(value: Any, choices: list[str]) -> str:
-    if isinstance(value, str):
-        close = difflib.get_close_matches(value, choices, n=1)
-        if close:
-            return f" Did you mean {close[0]!r}?"
-    return ""
-
-
 def _policy_error(err: ValidationError, *, source: str = "policy") -> PolicyError:
-    """Turn pydantic's errors into one message: field, value, what is allowed, how to fix."""
-    errors = [e for e in err.errors() if e["type"] != "default_factory_not_called"]
-    for e in errors:
-        # pydantic runs the overridden __init__ inside model_validate: unwrap its PolicyError.
-        inner = (e.get("ctx") or {}).get("error")
-        if isinstance(inner, PolicyError):
-            return _format(inner.lines, inner.errors, source)  # type: ignore[attr-defined]
-    lines = []
-    for e in errors:
-        loc = list(e["loc"])
-        model = METHOD_POLICIES.get(loc[0]) if loc and isinstance(loc[0], str) else None
-        if model is not None:  # the union's tag
-            loc = loc[1:]
-        else:  # a method's model validated directly: its title is the class name
-            model = next((m for m in METHOD_POLICIES.values() if m.__name__ == err.title),
-                         None)
-        fields = list((model or PruningPolicy).model_fields)
-        name = ".".join(str(p) for p in loc) or "(policy)"
-        value = e.get("input")
-        kind = e["type"]
-        if kind == "extra_forbidden" and model is not None and len(loc) == 1:
-            users = [m for m, cls in METHOD_POLICIES.items() if name in cls.model_fields]
-            if users:
-                lines.append(
-                    f"field {name!r} (= {value!r}) does not apply to method "
-                    f"{model.model_fields['method'].annotation.__args__[0]!r}; it is used by "
-                    f"{', '.join(map(repr, users))}. Fix: remove {name!r} or change 'method'.")
-            else:
-                lines.append(f"{name}: unknown field (value {value!r}).{_suggest(name, fields)} "
-                             f"Allowed fields: {', '.join(fields)}.")
-        elif kind == "extra_forbidden":
-            lines.append(f"{name}: unknown field (value {value!r}).{_suggest(name, fields)} "
-                         f"Allowed fields: {', '.join(fields)}.")
-        elif kind == "union_tag_not_found":
-            typos = [k for k in value if isinstance(k, str) and k != "method"
-                     and difflib.get_close_matches(k, ["method"], n=1)] \
-                if isinstance(value, dict) else []
-            lines += [f"{k}: unknown field (value {value[k]!r}). Did you mean 'method'?"
-                      for k in typos]
-            lines.append("method: required field is missing. Fix: add 'method' (one of "
-                         f"{', '.join(map(repr, METHOD_POLICIES))}).")
-        elif kind == "union_tag_invalid":
-            tag, methods = (e.get("ctx") or {}).get("tag"), list(METHOD_POLICIES)
-            lines.append(f"method: got {tag!r}. Allowed: {_or_list(methods)}."
-                         f"{_suggest(tag, methods)}")
-        elif kind == "model_attributes_type" or (kind == "dict_type" and not loc):
-            lines.append(f"(policy): expected a mapping of policy fields, got "
-                         f"{type(value).__name__}. Fix: write it as "
-                         '{"method": "movement", "total_steps": ...}.')
-        elif kind == "missing":
-            info = (model or PruningPolicy).model_fields.get(name)
-            desc = info.description if info is not None else None
-            lines.append(f"{name}: required field is missing. Fix: add {name!r}"
-                         + (f" ({desc})" if desc else "") + ".")
-        elif kind == "literal_error":
-            allowed = (e.get("ctx") or {}).get("expected", "")
-            choices = [c.strip(" '") for c in allowed.replace(" or ", ",").split(",") if c.strip()]
-            lines.append(f"{name}: got {value!r}. Allowed: {allowed}.{_suggest(value, choices)}")
-        elif kind == "value_error":
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
-        else:
-            lines.append(f"{name}: got {value!r} ({type(value).__name__}): {e['msg']}."
-                         f"{_describe_allowed(e)} Fix: give {name!r} a value that fits.")
-    return _format(lines, errors, source)
-
-
-def _or_list(names: list[str]) -> str:
-    quoted = [repr(n) for n in names]
-    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
-
-
-def _format(lines: list[str], errors: list[Any], source: str) -> PolicyError:
-    n = len(lines)
-    head = f"invalid pruning policy ({source}): {n} error{'s' if n > 1 else ''}"
-    error = PolicyError(head + "\n  - " + "\n  - ".join(lines))
-    error.lines = lines  # type: ignore[attr-defined]
-    error.errors = errors  # type: ignore[attr-defined]
-    return error
+    return policy_error(err, METHOD_POLICIES, PruningPolicy, source=source)

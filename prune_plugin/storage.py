@@ -18,12 +18,13 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from prune_plugin.errors import StateError
+from prune_plugin.errors import PolicyError, StateError
 
 #: Metadata key of the per-tensor checksums (a JSON object: tensor name -> SHA-256 hex).
 CHECKSUMS_KEY = "prune_plugin.sha256"
@@ -166,3 +167,42 @@ def holds_run_record(folder: Path) -> bool:
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                torch.float64: "F64", torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8",
                torch.int16: "I16", torch.int32: "I32", torch.int64: "I64"}
+
+
+# -- policy files -----------------------------------------------------------------------------
+
+def read_policy_file(path: str | Path) -> dict[str, Any]:
+    """The fields of a ``.json``, ``.yaml`` or ``.yml`` policy file, unvalidated (a job adds
+    ``total_steps`` before validating); every problem is a PolicyError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyError(f"policy file {str(path)!r} does not exist. Fix: pass the path "
+                          "of a .json or .yaml policy file.")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise PolicyError(f"{path} is not a text file ({err.reason} at byte {err.start}). "
+                          "Fix: write the policy as UTF-8 JSON or YAML.") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise PolicyError(f"reading {path} needs PyYAML. Fix: pip install pyyaml, or "
+                              "write the policy as JSON.") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise PolicyError(f"{path}: not valid YAML: {err}") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise PolicyError(f"{path}: not valid JSON: {err}") from None
+    else:
+        raise PolicyError(f"policy file {str(path)!r} has suffix {path.suffix!r}; allowed: "
+                          "'.json', '.yaml', '.yml'. Fix: rename it or convert it.")
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: expected a mapping of policy fields, got "
+                          f"{type(data).__name__} {data!r:.80}. Fix: write it as "
+                          '{"method": "movement", "total_steps": ...}.')
+    return data

@@ -39,7 +39,8 @@ from prune_plugin.errors import PolicyError, PruningError
 from prune_plugin.hooks import MASK_KEY, SCORES_NAME
 from prune_plugin.integrations.job.datasets import local_folder
 from prune_plugin.integrations.job.run_folder import RunFolder, RunFolderError, write_file
-from prune_plugin.policy import PruningPolicy, read_policy_file
+from prune_plugin.policy import PruningPolicy
+from prune_plugin.storage import read_policy_file
 from prune_plugin.pruner import STEP_KEY
 from prune_plugin.report import plot_sparsity
 from prune_plugin.storage import DTYPE_NAMES, write_folder
