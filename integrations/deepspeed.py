@@ -267,8 +267,7 @@ def attach_partitioned(model: nn.Module, policy: PruningPolicy) -> Pruner:
 
     def make_scores(layer: PrunedLayer) -> Tensor:
         with _gathered(layer):
-            scores = nn.Parameter(layer.pruner.method.initial_scores(layer),
-                                  requires_grad=True)
+            scores = nn.Parameter(layer.state.method.scores(layer), requires_grad=True)
         layer.weight.convert_to_zero_parameters([scores])
         return scores
 

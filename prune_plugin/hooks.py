@@ -25,6 +25,7 @@ Installed per layer, each kept as a handle and removed exactly by :meth:`PrunedL
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -34,13 +35,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from prune_plugin.distributed import gathered, holds_dtensors
-from prune_plugin.masks import (effective_weight, floor_scores, hard_concrete_gate, l0_linear,
-                                l0_noise, masked_linear)
-from prune_plugin.selection import TopVThreshold
+from prune_plugin.masks import effective_weight, masked_linear
+from prune_plugin.methods import GatePhase, Method, importance
+from prune_plugin.selection import TopVThreshold, mask_from_threshold
 from prune_plugin.targeting import is_transposed
 
 if TYPE_CHECKING:
-    from prune_plugin.pruner import Pruner
     from prune_plugin.structure import Layout, UnitGroup
 
 #: Name of the score Parameter registered on each pruned Linear.
@@ -51,13 +51,26 @@ MASK_KEY = "pruning_mask"
 LAYER_ATTR = "_prune_plugin_layer"
 
 
+@dataclass(eq=False)
+class StepState:
+    """What the forwards of one run's layers read, shared by them and written by the run's
+    pruner when a step changes it: the method (its gate computes the forward), the gate's
+    phase, and a generation bumped whenever masks change (it invalidates cached W * M)."""
+
+    method: Method
+    phase: GatePhase
+    generation: int = 0
+
+
 class PrunedLayer:
     """The pruning state of one Linear: its current mask and how it computes with it."""
 
-    def __init__(self, name: str, module: nn.Module, pruner: Pruner) -> None:
+    def __init__(self, name: str, module: nn.Module, state: StepState) -> None:
         self.name = name
         self.module = module
-        self.pruner = pruner
+        self.state = state
+        #: A mask ``model.load_state_dict`` gave this layer, for the pruner to take.
+        self.loaded_mask: Tensor | None = None
         self.mask: Tensor | None = None  # bool, same shape as the weight; None: all kept
         # Sharded scores (ZeRO-3): no full mask is kept between forwards; each forward rebuilds
         # it from the gathered scores and this threshold.
@@ -137,12 +150,22 @@ class PrunedLayer:
         self.mask = self._mask_buffer = None
         self.threshold = threshold
 
+    def current_mask(self) -> Tensor | None:
+        """The bool mask of this step over the weight (its unit group's, spread over rows or
+        columns; rebuilt from the gathered scores under sharded ones), None: all kept."""
+        if self.group is not None:
+            mask = self.group.mask
+            return None if mask is None else self.layout.expand(mask)
+        if self.threshold is not None:
+            return mask_from_threshold(importance(self), self.threshold)
+        if self.mask is not None and self.mask.device != self.weight.device:
+            self.set_mask(self.mask.to(self.weight.device))  # the model was moved
+        return self.mask
+
     def gate(self) -> Tensor | None:
         """The deterministic multiplier of W (the mask, or L0's evaluation gate); None: all
         weights kept."""
-        if self.mask is not None and self.mask.device != self.weight.device:
-            self.set_mask(self.mask.to(self.weight.device))  # the model was moved
-        return self.pruner.method.gate(self)
+        return self.state.method.gate.eval_gate(self, self.state.phase)
 
     def kept(self) -> int:
         """Number of weights the forward keeps (L0: gates above 0 at evaluation). Reads the
@@ -163,40 +186,27 @@ class PrunedLayer:
         return self._forward(input)
 
     def _forward(self, input: Tensor) -> Tensor:
-        m, method = self.module, self.pruner.method
-        # Conv1D stores W^T: every weight-shaped tensor is turned to the Linear's [out, in]
-        lin = _transpose if self.transposed else _same
-        weight = lin(m.weight)
-        if method.samples_gates and m.training and self.group is not None:
-            gate = method.sampled_unit_gate(self)  # structured L0: one gate per unit
-            return F.linear(input, lin(effective_weight(m.weight, gate)), m.bias)
-        if method.samples_gates and m.training:  # L0: a fresh hard-concrete gate per forward
-            p = self.pruner.policy
-            noise = l0_noise(weight.shape, m.weight.device)
-            mask = lin(method.sampling_mask(self))
-            gates_open = self.pruner.gates_open
-            floor = None if gates_open else self.pruner.gate_floor
-            if torch.is_grad_enabled():
-                return l0_linear(input, weight, m.bias, lin(self.scores), noise, beta=p.l0_beta,
-                                 left=p.l0_left, right=p.l0_right, mask=mask, floor=floor,
-                                 through_top=p.l0_straight_through, open_gates=gates_open)
-            if gates_open:
-                return F.linear(input, effective_weight(weight, mask), m.bias)
-            gate = hard_concrete_gate(floor_scores(lin(self.scores.detach()), floor),
-                                      beta=p.l0_beta, left=p.l0_left, right=p.l0_right,
-                                      noise=noise)
-            return F.linear(input, effective_weight(effective_weight(weight, gate), mask),
-                            m.bias)
+        return self.state.method.gate.forward(self, input, self.state.phase)
+
+    @property
+    def as_linear(self) -> Any:
+        """Turns a stored weight-shaped tensor into the Linear's [out, in] (Conv1D stores W^T)."""
+        return _transpose if self.transposed else _same
+
+    def masked_forward(self, input: Tensor, *, straight_through: bool) -> Tensor:
+        """x (W * gate)^T + b with the deterministic gate; ``straight_through``: the scores get
+        dL/dW' * W (Eq. 2). Without autograd, W * gate is cached."""
+        m, lin = self.module, self.as_linear
         if not torch.is_grad_enabled():
             return F.linear(input, lin(self.inference_weight()), m.bias)
         self._inference = None  # training: free the cached product
         gate = self.gate()
-        scores = self.scores if method.straight_through else None
+        scores = self.scores if straight_through else None
         if scores is not None and self.layout is not None:  # one score per unit
             scores = self.layout.expand(scores)
         if gate is None and scores is None:
-            return F.linear(input, weight, m.bias)
-        return masked_linear(input, weight, m.bias, lin(gate), lin(scores))
+            return F.linear(input, lin(m.weight), m.bias)
+        return masked_linear(input, lin(m.weight), m.bias, lin(gate), lin(scores))
 
     def inference_weight(self) -> Tensor:
         """W * gate for passes without autograd, cached while the weight, the scores and the
@@ -205,7 +215,7 @@ class PrunedLayer:
         if self.threshold is not None or torch.compiler.is_compiling():
             return effective_weight(w, self.gate())  # sharded, or traced: nothing to keep
         # a new storage (the model moved, .data reassigned) or any in-place write changes it
-        key = (self.pruner.generation, w.untyped_storage()._cdata, w._version, w.dtype,
+        key = (self.state.generation, w.untyped_storage()._cdata, w._version, w.dtype,
                None if scores is None else (scores.untyped_storage()._cdata, scores._version))
         if self._inference is not None and self._inference[0] == key:
             return self._inference[1]
@@ -265,7 +275,7 @@ class PrunedLayer:
                               f"has shape {tuple(mask.shape)}, this pruning run's "
                               f"{self.state_shape}.")
             return
-        self.pruner.loading_masks[self.name] = mask
+        self.loaded_mask = mask
 
 
 def _same(t: Tensor | None) -> Tensor | None:

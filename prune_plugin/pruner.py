@@ -30,9 +30,9 @@ from prune_plugin.distributed import (RANKS_DISAGREE, WHOLE, ScoreGradAverager, 
                                      ranks_disagree, refuse_unsupported_engines, unwrap_ddp,
                                      whole_tensor)
 from prune_plugin.errors import AttachError, NumericalError, StateError
-from prune_plugin.hooks import MASK_KEY, SCORES_NAME, PrunedLayer, layer_of
+from prune_plugin.hooks import MASK_KEY, SCORES_NAME, PrunedLayer, StepState, layer_of
 from prune_plugin.masks import effective_weight
-from prune_plugin.methods import PruningMethod, method_for
+from prune_plugin.methods import Candidates, Method, importance, method_for
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.selection import SelectionHint, use_device_path
 from prune_plugin.structure import UnitGroup, find_unit_groups, record_shapes, shrink_groups
@@ -55,20 +55,19 @@ class Pruner:
     def __init__(self, model: nn.Module, policy: PruningPolicy) -> None:
         self.model = model
         self.policy = policy
-        self.method: PruningMethod = method_for(policy)
+        self.method: Method = method_for(policy)
+        #: What the layers' forwards read (the layers hold this, not the pruner).
+        self.state = StepState(self.method, self.method.gate.phase(0))
         #: The PruningOptimizer stepping this run (a weakref): one at most.
         self.driver: Callable[[], Any] | None = None
         self.layers: list[PrunedLayer] = []
         #: Structured pruning: the unit groups (heads, neurons, blocks) the layers belong to.
         self.units: list[UnitGroup] = []
-        self.step_count = 0  # (sets gates_open and gate_floor too)
+        self.step_count = 0  # (sets the gate phase too)
         self._sharding: Sharding | None = None  # an engine's (ZeRO-3); else found (FSDP2)
         self._grad_sync: ScoreGradAverager | None = None  # DDP built before attaching
-        #: Bumped whenever masks change (invalidates the layers' cached W * M).
-        self.generation = 0
         self.closed = False
         self.selection_hints: dict[str, SelectionHint | None] = {}  # CPU warm starts
-        self.loading_masks: dict[str, Tensor] = {}  # filled by the layers' load hooks
         self._loading: tuple[int | None, list[str]] | None = None
         self._on_detach: list[Callable[[], None]] = []
         self._handles: list[Any] = []
@@ -88,13 +87,24 @@ class Pruner:
     @step_count.setter
     def step_count(self, step: int) -> None:
         self._step_count = step
-        # What the forwards read of the step, kept here: they change only at the schedule's
-        # phase boundaries, so torch.compile guards on them and recompiles once a phase,
-        # where reading the step itself recompiled every step (and fell back to eager).
-        #: L0: whether the training forwards' gates are 1 (an open warm-up).
-        self.gates_open: bool = self.method.gates_open(step)
-        #: L0: the floor under the log-alpha of the gates in use (None: none).
-        self.gate_floor: float | None = self.method.gate_floor(step)
+        # The gate's phase for the forwards: replaced only when it changes, at the schedule's
+        # phase boundaries (torch.compile guards on it: once a phase, not every step)
+        phase = self.method.gate.phase(step)
+        if phase != self.state.phase:
+            self.state.phase = phase
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever masks change (invalidates the layers' cached W * M)."""
+        return self.state.generation
+
+    def _masks_changed(self) -> None:
+        self.state.generation += 1
+
+    def candidates(self) -> Candidates:
+        """What a refresh (or the penalty's controller) chooses among."""
+        return Candidates(self.selectables, self.layers, self.sharding, self.thresholds,
+                          self.sync_free, self.selection_hints)
 
     @property
     def scores(self) -> list[nn.Parameter]:
@@ -137,12 +147,6 @@ class Pruner:
         if self._grad_sync is None:
             self._grad_sync = ScoreGradAverager(groups, self.scores, syncs)
 
-    def local_importance(self, layer: PrunedLayer) -> Tensor:
-        """This rank's real elements of what the layer's masks rank: its scores, or |W|."""
-        if layer.scores is not None:
-            return self.sharding.local(layer.scores)
-        return self.sharding.local(layer.weight).abs()
-
     def named_layers(self) -> dict[str, PrunedLayer]:
         return {layer.name: layer for layer in self.layers}
 
@@ -163,7 +167,7 @@ class Pruner:
         if lam == 0.0 or not self.selectables:
             return lam
         with torch.no_grad():
-            factor = self.method.penalty_factor(self)
+            factor = self.method.penalty_factor(self.candidates(), self.step_count)
         return lam if factor is None else lam * float(factor)
 
     # -- training -------------------------------------------------------------------------------
@@ -184,8 +188,8 @@ class Pruner:
         """Recompute every mask for the current step."""
         self.sharding.settle(self.model, self.layers)
         with torch.no_grad():
-            self.method.refresh(self)
-        self.generation += 1
+            self.method.refresh(self.candidates(), self.step_count)
+        self._masks_changed()
 
     # -- diverged runs ----------------------------------------------------------------------------
 
@@ -256,7 +260,7 @@ class Pruner:
             return
         scale = lam / sum(sel.numel for sel in self.selectables)  # per score
         with torch.no_grad():
-            factor = self.method.penalty_factor(self)
+            factor = self.method.penalty_factor(self.candidates(), self.step_count)
             for s in params:
                 if is_dtensor(s):  # FSDP2: elementwise, so on this rank's shard
                     if s.grad is None:
@@ -264,7 +268,7 @@ class Pruner:
                     s, grad = s.to_local(), s.grad.to_local()
                 else:
                     grad = s.grad
-                g = self.method.penalty_grad(s.detach()).mul_(scale)
+                g = self.method.penalty.grad(s.detach()).mul_(scale)  # type: ignore[union-attr]
                 if factor is not None:
                     g.mul_(factor.to(g.device))
                 if grad is None:
@@ -279,27 +283,27 @@ class Pruner:
             return [layer.kept() for layer in self.layers]
         self.sharding.settle(self.model, self.layers)
         local = []
+        gate, phase, candidates = self.method.gate, self.state.phase, self.candidates()
         with torch.no_grad():
-            floor = self.gate_floor
             ties = []  # the Top-v's ties at its threshold, counted once per tensor
             for layer in self.layers:
-                imp = self.local_importance(layer)
+                imp = candidates.local_importance(layer)
                 t, tied = layer.threshold, 0
+                opened = gate.open_where(imp, phase)  # (L0: its evaluation gate open)
                 if t is not None:
                     kept = imp > t.value.to(imp.device, imp.dtype)
                     tied = int(t.ties_kept)
-                    if self.method.samples_gates:  # L0: and its evaluation gate open
-                        kept &= self.method.gate_of(imp, floor) > 0
+                    if opened is not None:
+                        kept &= opened
                         value = t.value.to(imp.device, imp.dtype).reshape(1)
-                        tied *= int(self.method.gate_of(value, floor).item() > 0)
-                    imp = kept
-                elif self.method.samples_gates:
-                    imp = self.method.gate_of(imp, floor)
+                        tied *= int(gate.open_where(value, phase).item())
+                elif opened is not None:
+                    kept = opened
                 else:
                     local.append(imp.numel())
                     ties.append(0)
                     continue
-                local.append(int(torch.count_nonzero(imp)))
+                local.append(int(torch.count_nonzero(kept)))
                 ties.append(tied)
         counts = torch.tensor(local, dtype=torch.int64)
         self.sharding.all_reduce(counts)
@@ -313,10 +317,10 @@ class Pruner:
     def _kept_units(self, group: UnitGroup) -> Tensor | None:
         """The units ``group`` keeps at evaluation (bool), None when all: its mask, and for L0
         the units whose evaluation gate is open (inside the mask, with a requested fraction)."""
-        if not self.method.samples_gates:
-            return group.mask
         with torch.no_grad():
-            kept = self.method.gate_of(self.method.importance(group), self.gate_floor) > 0
+            kept = self.method.gate.open_where(importance(group), self.state.phase)
+        if kept is None:
+            return group.mask
         return kept if group.mask is None else kept & group.mask
 
     # -- state ----------------------------------------------------------------------------------
@@ -347,7 +351,7 @@ class Pruner:
                 mask = state["masks"].get(name)
                 self._set_saved_mask(layer, mask)
         self.step_count = int(state["step"])
-        self.generation += 1
+        self._masks_changed()
 
     def check_state(self, state: Mapping[str, Any]) -> None:
         """Refuse saved pruning state that does not fit this run; changes nothing."""
@@ -385,14 +389,18 @@ class Pruner:
                        local_metadata: Any, strict: bool, missing_keys: list[str],
                        unexpected_keys: list[str], error_msgs: list[str]) -> None:
         step = state_dict.pop(prefix + STEP_KEY, None)  # never an unexpected key
-        self.loading_masks = {}
+        for layer in self.layers:
+            layer.loaded_mask = None
         self._loading = (None if step is None else int(step), error_msgs)
 
     def _finish_loading(self, module: nn.Module, incompatible: Any) -> None:
         """After ``model.load_state_dict``: take the loaded step and masks (nothing if the load
         failed), and let a checkpoint of the plain model load without the scores."""
-        loading, masks = self._loading, self.loading_masks
-        self._loading, self.loading_masks = None, {}
+        loading, self._loading = self._loading, None
+        masks = {layer.name: layer.loaded_mask for layer in self.layers
+                 if layer.loaded_mask is not None}
+        for layer in self.layers:
+            layer.loaded_mask = None
         incompatible.missing_keys[:] = [k for k in incompatible.missing_keys
                                         if not k.endswith("." + SCORES_NAME)]
         if loading is None or loading[1]:  # not started here, or errors: torch raises them
@@ -405,7 +413,7 @@ class Pruner:
             self.step_count = step
             if len(masks) < len(self.selectables) and self.sharding.refresh_after_load:
                 self.refresh()  # masks not in the checkpoint: rebuild them for the step
-        self.generation += 1
+        self._masks_changed()
 
     @staticmethod
     def _set_saved_mask(layer: PrunedLayer, mask: Tensor | None) -> None:
@@ -430,8 +438,9 @@ class Pruner:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        if self.model.__dict__.get(PRUNER_ATTR) is self:
-            del self.model.__dict__[PRUNER_ATTR]
+        for m in self.model.modules():
+            if m.__dict__.get(PRUNER_ATTR) is self:
+                del m.__dict__[PRUNER_ATTR]
         self.closed = True
         callbacks, self._on_detach = self._on_detach, []
         for callback in callbacks:
@@ -543,7 +552,7 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
     targets = find_targets(model, policy)
     _check_attachable(model, targets)
     pruner = Pruner(model, policy)
-    pruner.layers = [PrunedLayer(name, m, pruner) for name, m in targets]
+    pruner.layers = [PrunedLayer(name, m, pruner.state) for name, m in targets]
     if policy.structure != "unstructured":
         pruner.units = find_unit_groups(model, policy, targets, pruner.named_layers())
         for group in pruner.units:
@@ -552,7 +561,7 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
         pruner.layers = [layer for layer in pruner.layers if layer.group is not None]
     if sharding is not None:
         pruner.use_sharding(sharding)
-    make = score_factory or pruner.method.initial_scores
+    make = score_factory or pruner.method.scores
     if score_factory is None and pruner.thresholds:  # FSDP2 sharded before attaching
         make = partial(_sharded_scores, pruner)  # (unit scores: a few, whole on every rank)
     try:
@@ -564,6 +573,9 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
             model.register_load_state_dict_pre_hook(partial(pruner._start_loading)),
             model.register_load_state_dict_post_hook(partial(pruner._finish_loading))]
         model.__dict__[PRUNER_ATTR] = pruner
+        anchor = _anchor(model, [layer.name for layer in pruner.layers])
+        if anchor is not model:  # also found from what holds every pruned layer
+            anchor.__dict__[PRUNER_ATTR] = pruner
         if ddp is not None:
             pruner.follow_ddp(ddp)
         elif pruner.scores and (groups := pruner.sharding.averaging_groups(pruner.scores[0])):
@@ -575,11 +587,26 @@ def attach(model: nn.Module, policy: PruningPolicy, *,
     return pruner
 
 
+def _anchor(model: nn.Module, names: list[str]) -> nn.Module:
+    """The smallest module holding every pruned layer: what PEFT's ``merge_and_unload()`` or
+    a wrapper's unwrapping hands back still holds it, so the run is found from there (the
+    layers themselves do not know their pruner)."""
+    paths = [name.split(".") for name in names]
+    common: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    if len(common) == min(map(len, paths), default=0):
+        common = common[:-1]  # one layer: its parent (the layer's own __dict__ stays clean)
+    return model.get_submodule(".".join(common)) if common else model
+
+
 def _sharded_scores(pruner: Pruner, layer: PrunedLayer) -> Tensor:
     """FSDP2: a layer's initial scores computed from its whole weight (as one process would),
     then sharded like the weight."""
     with torch.no_grad(), gathered(layer):
-        whole = pruner.method.initial_scores(layer)
+        whole = pruner.method.scores(layer)  # type: ignore[misc]
     return nn.Parameter(pruner.sharding.distribute(whole))
 
 
@@ -589,8 +616,7 @@ def get_pruner(model: nn.Module) -> Pruner | None:
     pruner = model.__dict__.get(PRUNER_ATTR)
     if pruner is not None:
         return pruner
-    found = {id(layer.pruner): layer.pruner for m in model.modules()
-             if (layer := layer_of(m)) is not None}
+    found = {id(p): p for m in model.modules() if (p := m.__dict__.get(PRUNER_ATTR)) is not None}
     if len(found) > 1:
         raise AttachError(f"this module holds layers of {len(found)} different pruning runs. "
                           "Fix: pass the model each run was attached to.")

@@ -164,7 +164,7 @@ def gathered_topv_mismatch(pruner) -> int:
     """Masks used by the forwards vs a Top-v on the gathered scores (the reference)."""
     import deepspeed
 
-    from prune_plugin.methods import PruningMethod
+    from prune_plugin.methods import importance
     from prune_plugin.selection import topv_count, topv_mask_reference
 
     layers = pruner.layers
@@ -173,12 +173,15 @@ def gathered_topv_mismatch(pruner) -> int:
     remaining = pruner.target
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None), torch.no_grad():
         # the Top-v masks (for L0 with a requested fraction: those its gates are closed by)
-        gates = [PruningMethod.gate(pruner.method, layer) for layer in layers]
-        groups = [[i] for i in range(len(layers))] if pruner.method.scope == "local" \
+        gates = [layer.current_mask() for layer in layers]
+        # the grouping the policy asks for (L0 and soft movement at a requested fraction:
+        # global), not the one the pruner under test chose
+        scope = getattr(pruner.policy, "scope", "global")
+        groups = [[i] for i in range(len(layers))] if scope == "local" \
             else [list(range(len(layers)))]
         mismatch = 0
         for group in groups:
-            parts = [pruner.method.importance(layers[i]) for i in group]
+            parts = [importance(layers[i]) for i in group]
             k = topv_count(remaining, sum(p.numel() for p in parts))
             for i, ref in zip(group, topv_mask_reference(parts, k)):
                 gate = gates[i] if gates[i] is not None else torch.ones_like(ref)

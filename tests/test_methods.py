@@ -7,22 +7,36 @@ import pytest
 import torch
 
 from prune_plugin import PolicyError, PruningOptimizer, PruningPolicy, sparsity_report
-from prune_plugin.methods import (L0, L0ToTarget, Magnitude, Movement, SoftMovement,
-                                  SoftMovementControlled, SoftMovementToTarget, method_for)
+from prune_plugin.methods import (HardConcreteGate, MaskGate, Threshold, ThresholdOverTopV, TopV,
+                                  method_for)
 
 from .models import bert_batch, tiny_bert
 
 
-@pytest.mark.parametrize("fields,cls", [
-    (dict(method="magnitude"), Magnitude), (dict(method="movement"), Movement),
-    (dict(method="soft_movement"), SoftMovement), (dict(method="l0"), L0),
+@pytest.mark.parametrize("fields,parts", [
+    # (selector, its scope, gate, straight-through or masked gate, penalty, its controller)
+    (dict(method="magnitude"), (TopV, "local", MaskGate, False, False, False)),
+    (dict(method="movement"), (TopV, "local", MaskGate, True, False, False)),
+    (dict(method="movement", scope="global"), (TopV, "global", MaskGate, True, False, False)),
+    (dict(method="soft_movement"), (Threshold, None, MaskGate, True, True, False)),
+    (dict(method="l0"), (None, None, HardConcreteGate, False, True, False)),
     (dict(method="soft_movement", final_remaining=0.2, remaining_control="lambda"),
-     SoftMovementControlled),
+     (ThresholdOverTopV, "global", MaskGate, True, True, True)),
     (dict(method="soft_movement", final_remaining=0.2, remaining_control="topv"),
-     SoftMovementToTarget),
-    (dict(method="l0", final_remaining=0.2), L0ToTarget)])
-def test_each_policy_gets_its_strategy(fields, cls):
-    assert type(method_for(PruningPolicy(total_steps=10, **fields))) is cls
+     (TopV, "global", MaskGate, True, True, False)),
+    (dict(method="l0", final_remaining=0.2), (TopV, "global", HardConcreteGate, True, True,
+                                               True))])
+def test_each_policy_gets_its_parts(fields, parts):
+    method = method_for(PruningPolicy(total_steps=10, **fields))
+    selector, scope, gate, flag, penalized, controlled = parts
+    assert type(method.selector) is type(None) if selector is None else selector
+    topv = getattr(method.selector, "topv", method.selector)
+    assert getattr(topv, "scope", None) == scope
+    assert type(method.gate) is gate
+    assert (method.gate.straight_through if gate is MaskGate else method.gate.masked) == flag
+    assert (method.penalty is not None) == penalized
+    assert (method.penalty is not None and method.penalty.controller is not None) == controlled
+    assert method.has_scores == (fields["method"] != "magnitude")
 
 
 def test_the_requested_sparsity_mode_validates():
@@ -92,7 +106,7 @@ def test_l0_at_a_requested_fraction_follows_the_schedule_whatever_lambda(final_l
     layer = pruner.layers[0]
     i = int(layer.mask.reshape(-1).nonzero()[0])
     with torch.no_grad():
-        layer.scores.view(-1)[i] = pruner.method._log_alpha_at(0.0) - 1.0
+        layer.scores.view(-1)[i] = pruner.method.gate.log_alpha_at(0.0) - 1.0
     assert float(layer.gate().view(-1)[i]) == pytest.approx(0.1, abs=1e-5)
     assert sparsity_report(model).kept == round(0.15 * report.total)
     pruner.step_count = 8  # before the cool-down
@@ -267,8 +281,8 @@ def _controlled(**fields) -> PruningPolicy:
 def test_remaining_control_defaults_to_lambda_where_the_threshold_is_reachable(fields, control):
     policy = PruningPolicy(method="soft_movement", final_remaining=0.1, **fields)
     assert policy.remaining_control == control
-    assert type(method_for(policy)) is {"lambda": SoftMovementControlled,
-                                        "topv": SoftMovementToTarget}[control]
+    assert type(method_for(policy).selector) is {"lambda": ThresholdOverTopV,
+                                                 "topv": TopV}[control]
     # the dump names the mode, so the policy validates back to the same run
     assert PruningPolicy.model_validate_json(policy.to_json()) == policy
     assert policy.model_dump()["remaining_control"] == control
@@ -276,7 +290,7 @@ def test_remaining_control_defaults_to_lambda_where_the_threshold_is_reachable(f
 
 def test_remaining_control_validates_and_round_trips():
     policy = _controlled(final_threshold=0.2)  # the paper's threshold applies to this mode
-    assert type(method_for(policy)) is SoftMovementControlled
+    assert type(method_for(policy).selector) is ThresholdOverTopV
     assert (policy.score_init, policy.score_init_value) == ("constant", 0.0)  # the paper's
     assert PruningPolicy.model_validate_json(policy.to_json()) == policy
     assert PruningPolicy.model_validate(policy.model_dump()) == policy
@@ -301,13 +315,13 @@ def test_controlled_soft_movement_follows_the_schedule_from_above_and_ends_exact
     factors, pruned_by_threshold = [], False
     for step in range(policy.total_steps):
         model(**bert_batch(seed=step)).loss.backward()
-        factors.append(float(method.penalty_factor(pruner)))
+        factors.append(float(method.penalty_factor(pruner.candidates(), pruner.step_count)))
         opt.step()
         opt.zero_grad()
         report = sparsity_report(model)
         assert report.kept >= round(pruner.target * report.total)  # never below v(t)
-        tau = method.threshold_at(pruner.step_count)
-        if not method.in_cooldown(pruner.step_count) and tau > 0:
+        tau = method.selector.threshold.tau(pruner.step_count)
+        if pruner.step_count < method.selector.cooldown_from and tau > 0:
             for layer in pruner.layers:  # the threshold's weights are all kept
                 above = layer.scores.detach() > torch.logit(torch.tensor(tau))
                 assert bool(layer.gate()[above].all())
@@ -327,10 +341,11 @@ def test_the_soft_movement_controller_is_a_band_above_the_schedule():
     opt = PruningOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), policy, model=model)
     pruner, method = opt.pruner, opt.pruner.method
     pruner.step_count = 6
-    v, edge = pruner.target, float(torch.logit(torch.tensor(method.threshold_at(6))))
+    v, edge = pruner.target, float(torch.logit(torch.tensor(method.selector.threshold.tau(6))))
+    band = method.penalty.controller.band
     scores = torch.cat([s.detach().reshape(-1) for s in pruner.scores])
-    for share, factor in [(v, 0.0), (v * (1 + method.CONTROL_BAND / 2), 0.5),
-                          (v * (1 + method.CONTROL_BAND), 1.0), (1.0, 1.0)]:
+    for share, factor in [(v, 0.0), (v * (1 + band / 2), 0.5), (v * (1 + band), 1.0),
+                          (1.0, 1.0)]:
         with torch.no_grad():  # put `share` of the scores above the threshold
             order = torch.randperm(scores.numel(), generator=torch.Generator().manual_seed(0))
             above = torch.zeros(scores.numel(), dtype=torch.bool)
@@ -339,7 +354,8 @@ def test_the_soft_movement_controller_is_a_band_above_the_schedule():
             for s in pruner.scores:
                 s.copy_(flat[:s.numel()].view_as(s))
                 flat = flat[s.numel():]
-        assert float(method.penalty_factor(pruner)) == pytest.approx(factor, abs=1e-3)
+        assert float(method.penalty_factor(pruner.candidates(), 6)) == pytest.approx(factor,
+                                                                                    abs=1e-3)
 
 
 def test_controlled_soft_movement_sharded_masks_equal_the_whole_ones():
