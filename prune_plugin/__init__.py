@@ -11,9 +11,17 @@ from prune_plugin.pruner import (Pruner, attach, detach, finalize, finalized_sta
                                  get_pruner)
 from prune_plugin.report import SparsityReport, sparsity_report
 from prune_plugin.state import load_pruning_state, save_pruning_state
-from prune_plugin.structure import load_shrunk
 
 __version__ = "0.3.0"
+
+
+def __getattr__(name: str) -> object:
+    # load_shrunk needs transformers: it lives in the integrations, imported when first used
+    if name == "load_shrunk":
+        from prune_plugin.integrations.hub import load_shrunk
+
+        return load_shrunk
+    raise AttributeError(f"module 'prune_plugin' has no attribute {name!r}")
 
 __all__ = [
     "AttachError",

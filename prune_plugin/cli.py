@@ -78,7 +78,7 @@ def _report(args: argparse.Namespace) -> int:
     plot = out / "sparsity.png"
     if not plot.is_file():  # the job writes it; drawn here only for runs that lack it
         try:
-            from prune_plugin.report import plot_sparsity
+            from prune_plugin.integrations.plots import plot_sparsity
 
             plot_sparsity(data, plot, out.name)
         except ImportError:  # pragma: no cover - matplotlib missing

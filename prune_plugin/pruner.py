@@ -52,7 +52,25 @@ class Pruner:
     #: True/False force one (tests prove the device path on CPU tensors).
     device_path: bool | None = None
 
-    def __init__(self, model: nn.Module, policy: PruningPolicy) -> None:
+    def __init__(self, model: nn.Module, policy: PruningPolicy, *,
+                 score_factory: Callable[[PrunedLayer], Tensor] | None = None,
+                 sharding: Sharding | None = None) -> None:
+        """Attach ``policy`` to ``model``: scores, forwards and masks on every targeted
+        Linear, and the run's state-dict hooks on the model.
+
+        All or nothing: on any error the model is left exactly as it was. A model wrapped in
+        ``DistributedDataParallel`` is attached inside the wrapper (the same names as one
+        process); FSDP2-sharded weights get scores sharded like them. Integrations whose
+        weights are sharded otherwise (ZeRO-3) pass ``score_factory`` (builds one layer's
+        scores) and ``sharding``."""
+        if not isinstance(policy, PruningPolicy):
+            raise TypeError(f"policy must be a PruningPolicy, got {type(policy).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        refuse_unsupported_engines(model)
+        model, ddp = unwrap_ddp(model)
+        targets = find_targets(model, policy)
+        _check_attachable(model, targets)
         self.model = model
         self.policy = policy
         self.method: Method = method_for(policy)
@@ -60,11 +78,8 @@ class Pruner:
         self.state = StepState(self.method, self.method.gate.phase(0))
         #: The PruningOptimizer stepping this run (a weakref): one at most.
         self.driver: Callable[[], Any] | None = None
-        self.layers: list[PrunedLayer] = []
-        #: Structured pruning: the unit groups (heads, neurons, blocks) the layers belong to.
-        self.units: list[UnitGroup] = []
         self.step_count = 0  # (sets the gate phase too)
-        self._sharding: Sharding | None = None  # an engine's (ZeRO-3); else found (FSDP2)
+        self._sharding: Sharding | None = sharding  # an engine's (ZeRO-3); else found (FSDP2)
         self._grad_sync: ScoreGradAverager | None = None  # DDP built before attaching
         self.closed = False
         self.selection_hints: dict[str, SelectionHint | None] = {}  # CPU warm starts
@@ -72,6 +87,43 @@ class Pruner:
         self._on_detach: list[Callable[[], None]] = []
         self._handles: list[Any] = []
         self._pending_check: tuple[Tensor, Any, int] | None = None  # (host flags, event, step)
+        self.layers = [PrunedLayer(name, m, self.state) for name, m in targets]
+        #: Structured pruning: the unit groups (heads, neurons, blocks) the layers belong to.
+        self.units: list[UnitGroup] = []
+        if policy.structure != "unstructured":
+            self.units = find_unit_groups(model, policy, targets, self.named_layers())
+            for group in self.units:
+                for member in group.members:
+                    member.layer.group, member.layer.layout = group, member.layout
+            self.layers = [layer for layer in self.layers if layer.group is not None]
+        try:
+            self._install(score_factory, ddp)
+        except BaseException:
+            self.detach()
+            raise
+
+    def _install(self, score_factory: Callable[[PrunedLayer], Tensor] | None,
+                 ddp: Any) -> None:
+        make = score_factory or self.method.scores
+        if score_factory is None and self.thresholds:  # FSDP2 sharded before attaching
+            make = partial(_sharded_scores, self)  # (unit scores: a few, whole on every rank)
+        for layer in self.layers:
+            owns = self.method.has_scores and layer.is_owner
+            layer.install(make(layer.group or layer) if owns else None)
+        model = self.model
+        self._handles = [  # partial(): torch sets an attribute on the hooks, methods refuse
+            model.register_state_dict_post_hook(partial(self._save_step)),
+            model.register_load_state_dict_pre_hook(partial(self._start_loading)),
+            model.register_load_state_dict_post_hook(partial(self._finish_loading))]
+        model.__dict__[PRUNER_ATTR] = self
+        anchor = _anchor(model, [layer.name for layer in self.layers])
+        if anchor is not model:  # also found from what holds every pruned layer
+            anchor.__dict__[PRUNER_ATTR] = self
+        if ddp is not None:
+            self.follow_ddp(ddp)
+        elif self.scores and (groups := self.sharding.averaging_groups(self.scores[0])):
+            self._average_score_grads(groups)  # FSDP2 does not know unit scores added later
+        self.refresh()
 
     def __repr__(self) -> str:
         return (f"Pruner(method={self.policy.method!r}, step={self.step_count}, "
@@ -450,7 +502,7 @@ class Pruner:
         """Bake ``W * M`` into each pruned weight (in place; L0: its evaluation gate), then
         detach: a plain model. ``shrink`` (structured pruning) also removes the pruned heads
         and neurons: smaller Linears, the same outputs; their shapes go into the model's config
-        for :func:`prune_plugin.structure.load_shrunk`. ``merge_adapters`` first merges the
+        for :func:`prune_plugin.load_shrunk`. ``merge_adapters`` first merges the
         PEFT adapters (LoRA) of pruned layers into them, so the masks apply to ``W + dW``."""
         if shrink and self.policy.structure in ("unstructured", "blocks"):
             raise AttachError(f"shrink removes pruned heads and neurons; structure "
@@ -534,57 +586,10 @@ def _check_attachable(model: nn.Module, targets: list[tuple[str, nn.Module]]) ->
 def attach(model: nn.Module, policy: PruningPolicy, *,
            score_factory: Callable[[PrunedLayer], Tensor] | None = None,
            sharding: Sharding | None = None) -> Pruner:
-    """Attach ``policy`` to ``model``: scores, forwards and masks on every targeted Linear.
-
-    All or nothing: on any error the model is left exactly as it was. Most users never call
-    this directly: ``PruningOptimizer(optimizer, policy, model=model)`` does. A model wrapped
-    in ``DistributedDataParallel`` is attached inside the wrapper (the same names as one
-    process); FSDP2-sharded weights get scores sharded like them. Integrations whose weights
-    are sharded otherwise (ZeRO-3) pass ``score_factory`` (builds one layer's scores) and
-    ``sharding``.
-    """
-    if not isinstance(policy, PruningPolicy):
-        raise TypeError(f"policy must be a PruningPolicy, got {type(policy).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    refuse_unsupported_engines(model)
-    model, ddp = unwrap_ddp(model)
-    targets = find_targets(model, policy)
-    _check_attachable(model, targets)
-    pruner = Pruner(model, policy)
-    pruner.layers = [PrunedLayer(name, m, pruner.state) for name, m in targets]
-    if policy.structure != "unstructured":
-        pruner.units = find_unit_groups(model, policy, targets, pruner.named_layers())
-        for group in pruner.units:
-            for member in group.members:
-                member.layer.group, member.layer.layout = group, member.layout
-        pruner.layers = [layer for layer in pruner.layers if layer.group is not None]
-    if sharding is not None:
-        pruner.use_sharding(sharding)
-    make = score_factory or pruner.method.scores
-    if score_factory is None and pruner.thresholds:  # FSDP2 sharded before attaching
-        make = partial(_sharded_scores, pruner)  # (unit scores: a few, whole on every rank)
-    try:
-        for layer in pruner.layers:
-            owns = pruner.method.has_scores and layer.is_owner
-            layer.install(make(layer.group or layer) if owns else None)
-        pruner._handles = [  # partial(): torch sets an attribute on the hooks, methods refuse
-            model.register_state_dict_post_hook(partial(pruner._save_step)),
-            model.register_load_state_dict_pre_hook(partial(pruner._start_loading)),
-            model.register_load_state_dict_post_hook(partial(pruner._finish_loading))]
-        model.__dict__[PRUNER_ATTR] = pruner
-        anchor = _anchor(model, [layer.name for layer in pruner.layers])
-        if anchor is not model:  # also found from what holds every pruned layer
-            anchor.__dict__[PRUNER_ATTR] = pruner
-        if ddp is not None:
-            pruner.follow_ddp(ddp)
-        elif pruner.scores and (groups := pruner.sharding.averaging_groups(pruner.scores[0])):
-            pruner._average_score_grads(groups)  # FSDP2 does not know unit scores added later
-        pruner.refresh()
-    except BaseException:
-        pruner.detach()
-        raise
-    return pruner
+    """Attach ``policy`` to ``model``: scores, forwards and masks on every targeted Linear
+    (:class:`Pruner`). Most users never call this directly: ``PruningOptimizer(optimizer,
+    policy, model=model)`` does."""
+    return Pruner(model, policy, score_factory=score_factory, sharding=sharding)
 
 
 def _anchor(model: nn.Module, names: list[str]) -> nn.Module:

@@ -24,11 +24,12 @@ TESTS = ["tests/test_wiring.py", "tests/test_schedule.py", "tests/test_selection
 #: name -> (file, text, replacement)
 MUTANTS: dict[str, tuple[str, str, str]] = {
     "global scope ranks each layer alone": (
-        "prune_plugin/methods.py", '        if self.scope == "local":\n            groups = ',
-        '        if True:\n            groups = '),
+        "prune_plugin/methods.py",
+        '        groups = [[sel] for sel in selectables] if self.scope == "local" \\',
+        '        groups = [[sel] for sel in selectables] if True \\'),
     "schedule read a step late": (
-        "prune_plugin/methods.py", "        remaining = self.schedule_value(pruner.step_count)",
-        "        remaining = self.schedule_value(max(0, pruner.step_count - 1))"),
+        "prune_plugin/methods.py", "        remaining = self.remaining(step)",
+        "        remaining = self.remaining(max(0, step - 1))"),
     "Eq. 5 numerator t - t_i - t_f (the paper's misprint)": (
         "prune_plugin/schedule.py", "(step - warmup_steps) / span",
         "(step - warmup_steps - cooldown_steps) / span"),
@@ -52,6 +53,24 @@ MUTANTS: dict[str, tuple[str, str, str]] = {
     "head counts not rescaled at shrink": (
         "prune_plugin/structure.py", "    apply_attributes(parent, changed)\n",
         "    changed = {}\n"),
+    "L0's sampled gates ignore the Top-v mask": (
+        "prune_plugin/methods.py",
+        "        mask = lin(layer.current_mask() if self.masked else None)",
+        "        mask = None"),
+    "the penalty's controller ignored": (
+        "prune_plugin/methods.py",
+        "        return None if controller is None else controller.factor(candidates, step)",
+        "        return None"),
+    "kept counts ignore closed L0 gates": (
+        "prune_plugin/pruner.py", "                opened = gate.open_where(imp, phase)",
+        "                opened = None"),
+    "the threshold's weights not added to the Top-v floor": (
+        "prune_plugin/methods.py",
+        "                    sel.mask.logical_or_(threshold_mask(importance(sel), tau))",
+        "                    pass"),
+    "the gate phase never changes": (
+        "prune_plugin/pruner.py", "        if phase != self.state.phase:",
+        "        if False:"),
     "tied weights not refused": (
         "prune_plugin/pruner.py", "        if others:\n            tied = others[0]",
         "        if False:\n            tied = others[0]"),

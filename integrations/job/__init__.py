@@ -42,7 +42,7 @@ from prune_plugin.integrations.job.run_folder import RunFolder, RunFolderError, 
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.storage import read_policy_file
 from prune_plugin.pruner import STEP_KEY
-from prune_plugin.report import plot_sparsity
+from prune_plugin.integrations.plots import plot_sparsity
 from prune_plugin.storage import DTYPE_NAMES, write_folder
 
 #: Short names for models shipped in Python packages (no network needed).
