@@ -258,11 +258,12 @@ class PruningOptimizer(torch.optim.Optimizer):
         """Set the scores' learning rate to score_lr x (the first weight group's lr / its lr when
         wrapped): whatever a scheduler wrote into the score group is replaced."""
         group, first = self.score_group(), self._weight_group()
-        if group is None or first is None or BASE_LR_KEY not in group:
+        score_lr = getattr(self.policy, "score_lr", None)  # (magnitude: no scores)
+        if group is None or first is None or BASE_LR_KEY not in group or score_lr is None:
             return
         lr = first.get("lr")
         if _positive(lr):
-            group["lr"] = self.policy.score_lr * float(lr) / group[BASE_LR_KEY]
+            group["lr"] = score_lr * float(lr) / group[BASE_LR_KEY]
 
     def _drop_score_group(self) -> None:
         group = self.score_group()

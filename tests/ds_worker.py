@@ -128,7 +128,7 @@ def main() -> None:
     lrs = {"score": score_group["lr"] if score_group else None,
            "weight": next(g["lr"] for g in wrapper.param_groups if "prune_plugin" not in g),
            "base": score_group.get("prune_plugin_base_lr") if score_group else None,
-           "score_lr": pruner.policy.score_lr}
+           "score_lr": getattr(pruner.policy, "score_lr", None)}  # (magnitude: none)
     state = finalized_state_dict(engine)
     if rank == 0:
         torch.save({"losses": losses, "kept": {x.name: x.kept for x in report.layers},

@@ -6,6 +6,9 @@ schedule read a step late) fail here."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import copy
 
 import pytest
@@ -155,3 +158,37 @@ def test_detach_after_training_is_exact():
     plain.load_state_dict(copy.deepcopy(model.state_dict()))
     x, _ = mlp_batch(99)
     assert torch.equal(model(x), plain(x))
+
+
+# -- the core's modules point down ------------------------------------------------------------
+
+#: The core's modules from the bottom up: each imports (at run time) only modules before it.
+#: Imports under ``if TYPE_CHECKING:`` are annotations only, and may name any module.
+LAYERS = ["errors", "storage", "policy", "schedule", "selection", "masks", "distributed",
+          "methods", "targeting", "families", "structure", "hooks", "pruner", "optimizer",
+          "state", "report", "compress", "cli"]
+
+
+def _runtime_imports(tree: ast.AST) -> set[str]:
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and "TYPE_CHECKING" in ast.dump(node.test) for n in ast.walk(node)}
+    return {node.module.split(".")[1] for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and id(node) not in typing_only
+            and node.module and node.module.startswith("prune_plugin.")
+            and not node.module.startswith("prune_plugin.integrations")}
+
+
+def test_the_core_imports_point_down():
+    root = Path(__file__).resolve().parents[1] / "prune_plugin"
+    modules = {p.stem for p in root.glob("*.py")} - {"__init__", "__main__"}
+    assert modules == set(LAYERS), "list a new core module in LAYERS, at its level"
+    for name in LAYERS:
+        imported = _runtime_imports(ast.parse((root / f"{name}.py").read_text()))
+        above = imported - set(LAYERS[:LAYERS.index(name)])
+        assert not above, f"prune_plugin/{name}.py imports {sorted(above)}, above it"
+
+
+def test_the_layer_check_sees_an_import_upwards():
+    tree = ast.parse("from prune_plugin.pruner import Pruner\n"
+                     "if TYPE_CHECKING:\n    from prune_plugin.cli import main\n")
+    assert _runtime_imports(tree) == {"pruner"}
