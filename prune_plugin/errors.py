@@ -67,29 +67,25 @@ def policy_error(err: ValidationError, models: Mapping[str, type[BaseModel]],
     lines = []
     for e in errors:
         loc = list(e["loc"])
-        model = models.get(loc[0]) if loc and isinstance(loc[0], str) else None
-        if model is not None:  # the union's tag
-            loc = loc[1:]
+        if loc and isinstance(loc[0], str) and loc[0] in models:  # the union's tag
+            method, loc = loc[0], loc[1:]
         else:  # a method's model validated directly: its title is the class name
-            model = next((m for m in models.values() if m.__name__ == err.title),
-                         None)
-        fields = list((model or base).model_fields)
+            method = next((m for m, cls in models.items() if cls.__name__ == err.title), None)
+        model = base if method is None else models[method]
+        fields = list(model.model_fields)
         name = ".".join(str(p) for p in loc) or "(policy)"
         value = e.get("input")
         kind = e["type"]
-        if kind == "extra_forbidden" and model is not None and len(loc) == 1:
-            users = [m for m, cls in models.items() if name in cls.model_fields]
+        if kind == "extra_forbidden":
+            users = [m for m, cls in models.items() if name in cls.model_fields] \
+                if method is not None and len(loc) == 1 else []
             if users:
-                lines.append(
-                    f"field {name!r} (= {value!r}) does not apply to method "
-                    f"{model.model_fields['method'].annotation.__args__[0]!r}; it is used by "
-                    f"{', '.join(map(repr, users))}. Fix: remove {name!r} or change 'method'.")
+                lines.append(f"field {name!r} (= {value!r}) does not apply to method "
+                             f"{method!r}; it is used by {', '.join(map(repr, users))}. Fix: "
+                             f"remove {name!r} or change 'method'.")
             else:
                 lines.append(f"{name}: unknown field (value {value!r}).{_suggest(name, fields)} "
                              f"Allowed fields: {', '.join(fields)}.")
-        elif kind == "extra_forbidden":
-            lines.append(f"{name}: unknown field (value {value!r}).{_suggest(name, fields)} "
-                         f"Allowed fields: {', '.join(fields)}.")
         elif kind == "union_tag_not_found":
             typos = [k for k in value if isinstance(k, str) and k != "method"
                      and difflib.get_close_matches(k, ["method"], n=1)] \
@@ -107,7 +103,7 @@ def policy_error(err: ValidationError, models: Mapping[str, type[BaseModel]],
                          f"{type(value).__name__}. Fix: write it as "
                          '{"method": "movement", "total_steps": ...}.')
         elif kind == "missing":
-            info = (model or base).model_fields.get(name)
+            info = model.model_fields.get(name)
             desc = info.description if info is not None else None
             lines.append(f"{name}: required field is missing. Fix: add {name!r}"
                          + (f" ({desc})" if desc else "") + ".")

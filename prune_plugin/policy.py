@@ -132,6 +132,12 @@ def _requested(data: dict[str, Any]) -> bool:
     return data.get("final_remaining") is not None
 
 
+#: Soft movement's and L0's v_i: only with a requested final_remaining (declared after it).
+RequestedInitialRemaining = Annotated[Fraction | None, Field(
+    default_factory=lambda data: 1.0 if _requested(data) else None,
+    description="v_i with final_remaining (default 1).")]
+
+
 def _magnitude_scale(fallback: float) -> Any:
     """score_init_value's default: 1 for magnitude scores (scale 1, for L0's log-alpha too: at
     the paper's 2.197 the weights at a 3% Top-v's edge sit at log-alpha ~6.5, where 99% of
@@ -373,9 +379,7 @@ class SoftMovementPolicy(PruningPolicy):
         "v_f, a requested sparsity (beyond the paper): the run ends at exactly v_f with no "
         "lambda calibration, following v(t) by remaining_control. Unset: lambda and tau set "
         "the sparsity, as in the paper."))
-    initial_remaining: Fraction | None = Field(
-        default_factory=lambda data: 1.0 if _requested(data) else None,
-        description="v_i with final_remaining (default 1).")
+    initial_remaining: RequestedInitialRemaining
     remaining_control: RemainingControl | None = Field(None, description=(
         "With final_remaining, how the run follows v(t) (both beyond the paper). lambda: the "
         "paper's mask sigmoid(S) > tau on zero scores, lambda (final_lambda, default 3000, is "
@@ -460,9 +464,7 @@ class L0Policy(PruningPolicy):
         "scores on the cubic schedule, lambda fades out as the open gates reach v(t), and "
         "the cool-down keeps the Top-v's gates open. Unset: lambda sets the sparsity, as in "
         "the paper."))
-    initial_remaining: Fraction | None = Field(
-        default_factory=lambda data: 1.0 if _requested(data) else None,
-        description="v_i with final_remaining (default 1).")
+    initial_remaining: RequestedInitialRemaining
     score_lr: ScoreLr = 1e-1
     # at a requested fraction the Top-v ranks the scores: |W|-started, like hard movement
     score_init: ScoreInitField = Field(
