@@ -3,6 +3,7 @@ entries (tests/data/policies-0.3.0) and its checkpointed runs, which must land o
 version reached (tests/data/runs-0.3.0). Both were written by that version's own code, before
 the policy per method and the composed strategies."""
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -29,6 +30,12 @@ def _runs():
 
 
 RUNS = _runs()
+WRITTEN_WITH = (DATA / "runs-0.3.0" / "kernels.txt").read_text().strip()
+
+
+@functools.cache
+def _same_kernels() -> bool:  # called in the tests: on one thread, as the fixtures were written
+    return RUNS.kernels() == WRITTEN_WITH
 
 
 def _same_values(policy: PruningPolicy, effective: dict, *, but: tuple[str, ...] = ()) -> None:
@@ -65,5 +72,24 @@ def test_a_run_checkpointed_by_0_3_0_resumes_to_the_same_bits(name):
     after = load_file(here / f"{name}.after.safetensors")
     state = RUNS.state(model)
     assert state.keys() == after.keys()
+    if _same_kernels():
+        for key, value in after.items():
+            assert torch.equal(state[key], value), key
+        return
+    # Other float kernels than those that wrote them: the same masks, close values; but for the
+    # key biases, whose gradient is zero in exact arithmetic (softmax ignores them), so that
+    # AdamW follows float noise there
     for key, value in after.items():
-        assert torch.equal(state[key], value), key
+        if key.endswith("pruning_mask"):
+            assert torch.equal(state[key], value), key
+        elif not key.endswith("attention.self.key.bias"):
+            torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_the_runs_compare_bits_where_the_kernels_are_those_that_wrote_them():
+    # the bit-exact check above holds on this machine's kind of CPU; elsewhere it reports why
+    if not _same_kernels():
+        pytest.skip(f"this CPU's float kernels differ from those that wrote tests/data/runs-0.3.0 "
+                    f"(digest {RUNS.kernels()} != {WRITTEN_WITH}): its runs compare masks "
+                    "exactly and values to 1e-4; rewrite them here with 0.3.0's code "
+                    "(make_fixtures.py) for bits")

@@ -62,6 +62,30 @@ def state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
+def kernels() -> str:
+    """A digest of dense training with the ops these runs use (no pruning): float results
+    depend on the CPU's kernels, so bits compare only where this digest matches the one
+    written beside the fixtures."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for model in (MLP(0), tiny_bert(seed=0)):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for i in range(2):
+            torch.manual_seed(1000 + i)
+            if isinstance(model, MLP):
+                x, y = mlp_batch(seed=i)
+                loss = nn.functional.cross_entropy(model(x), y)
+            else:
+                loss = model(**bert_batch(seed=i)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        for value in state(model).values():
+            digest.update(value.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)  # as the tests run (conftest): reductions split alike
     for name, fields in RUNS.items():
@@ -71,4 +95,5 @@ if __name__ == "__main__":
         torch.save(opt.state_dict(), HERE / f"{name}.optimizer.pt")
         train(model, opt, range(BEFORE, BEFORE + AFTER))
         save_file(state(model), HERE / f"{name}.after.safetensors")
+    (HERE / "kernels.txt").write_text(kernels() + "\n")
     print(__version__, len(RUNS))
