@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import torch
 from torch import Tensor, nn
@@ -65,6 +65,10 @@ class Sharding:
     def local(self, t: Tensor) -> Tensor:
         return t.detach().reshape(-1)
 
+    def distribute(self, whole: Tensor) -> Tensor:
+        """``whole`` laid out as this sharding lays out a parameter of its shape."""
+        return whole
+
     def all_reduce(self, t: Tensor) -> None:
         return None
 
@@ -85,7 +89,7 @@ class Sharding:
 WHOLE = Sharding()
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     return isinstance(t, DTensor)
 
 
@@ -108,7 +112,7 @@ class DTensorSharding(Sharding):
 
     def local(self, t: Tensor) -> Tensor:
         # (a plain tensor is one replicated on every rank: structured pruning's unit scores)
-        return (t.detach().to_local() if is_dtensor(t) else t.detach()).reshape(-1)
+        return (cast(DTensor, t.detach()).to_local() if is_dtensor(t) else t.detach()).reshape(-1)
 
     def all_reduce(self, t: Tensor) -> None:
         device = self.mesh.device_type
@@ -144,7 +148,7 @@ def dtensor_sharding(layers: Sequence[PrunedLayer]) -> DTensorSharding | None:
     """The FSDP2 sharding of ``layers`` when their weights are DTensors (None when none is);
     refuses layers sharded on different meshes or placements, or only some of them sharded."""
     weights = [layer.weight for layer in layers]
-    sharded = [w for w in weights if is_dtensor(w)]
+    sharded: list[DTensor] = [w for w in weights if is_dtensor(w)]
     if not sharded:
         return None
     first = sharded[0]
@@ -153,8 +157,7 @@ def dtensor_sharding(layers: Sequence[PrunedLayer]) -> DTensorSharding | None:
         raise AttachError(f"some pruned layers are sharded by FSDP2 and some are not ({plain!r} "
                           "is not): their masks could not be agreed on. Fix: call fully_shard on "
                           "the root module too (it shards every parameter left).")
-    for layer in layers:
-        w = layer.weight
+    for layer, w in zip(layers, sharded):  # every weight is sharded by now
         if w.device_mesh != first.device_mesh or tuple(w.placements) != tuple(first.placements):
             raise AttachError(f"pruned layer {layer.name!r} is sharded on another device mesh or "
                               "with other placements than the first one. Fix: shard every "
@@ -176,7 +179,7 @@ def is_zero_sharded_now(t: Any) -> bool:
     return is_zero_partitioned(t) and t.numel() != t.ds_numel
 
 
-def zero_slice(t: Tensor) -> tuple[Tensor, int]:
+def zero_slice(t: Any) -> tuple[Tensor, int]:
     """A ZeRO-3 parameter's real elements on this rank (its flat partition, less the padding
     of the last one) and their offset in the flat whole."""
     import deepspeed.comm as ds_dist
@@ -191,7 +194,7 @@ def whole_tensor(t: Tensor) -> Tensor:
     small tensors such as unit scores), anything else detached."""
     if is_dtensor(t):
         mesh = t.device_mesh
-        return t.detach().redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
+        return cast(DTensor, t.detach()).redistribute(mesh, [Replicate()] * mesh.ndim).to_local()
     if is_zero_sharded_now(t):
         import deepspeed
 
@@ -219,7 +222,7 @@ def gathered(layer: PrunedLayer) -> Iterator[None]:
     gradient comes back reduce-scattered and averaged over the ranks, as FSDP2 does for its own.
     Outside forwards (``finalize``) the weight is gathered too."""
     module = layer.module
-    swapped = {}
+    swapped: dict[str, Any] = {}  # the DTensor parameters, put back after
     for name in _GATHERED:
         p = module._parameters.get(name)
         if is_dtensor(p):
@@ -230,7 +233,7 @@ def gathered(layer: PrunedLayer) -> Iterator[None]:
     for name, p in swapped.items():
         replicate = [Replicate()] * p.device_mesh.ndim
         whole = p.redistribute(p.device_mesh, replicate)
-        module._parameters[name] = whole.to_local(  # type: ignore[assignment]
+        module._parameters[name] = whole.to_local(
             grad_placements=[Partial("avg")] * p.device_mesh.ndim)
     try:
         yield
@@ -336,6 +339,7 @@ class ScoreGradAverager:
         if self._work is None:  # a score got no gradient in this backward: launch now
             self._launch()
         self._work.wait()
+        assert self._flat is not None  # set by _launch
         flat = self._flat.div_(dist.get_world_size(self.groups[0]))
         for group in self.groups[1:]:
             dist.all_reduce(flat, group=group)

@@ -38,7 +38,7 @@ class NumericalError(PruningError, FloatingPointError):
 
 # -- policy errors ----------------------------------------------------------------------------
 
-def _describe_allowed(err: dict[str, Any]) -> str:
+def _describe_allowed(err: Mapping[str, Any]) -> str:
     ctx = err.get("ctx") or {}
     if "expected" in ctx:
         return f" Allowed: {ctx['expected']}."
@@ -65,6 +65,7 @@ def policy_error(err: ValidationError, models: Mapping[str, type[BaseModel]],
         if isinstance(inner, PolicyError):
             return _format(inner.lines, inner.errors, source)  # type: ignore[attr-defined]
     lines = []
+    method: str | None
     for e in errors:
         loc = list(e["loc"])
         if loc and isinstance(loc[0], str) and loc[0] in models:  # the union's tag

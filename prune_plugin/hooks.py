@@ -38,7 +38,7 @@ from prune_plugin.distributed import gathered, holds_dtensors
 from prune_plugin.masks import effective_weight, masked_linear
 from prune_plugin.methods import GatePhase, Method, importance
 from prune_plugin.selection import TopVThreshold, mask_from_threshold
-from prune_plugin.targeting import is_transposed
+from prune_plugin.targeting import bias_of, is_transposed, weight_of
 
 if TYPE_CHECKING:
     from prune_plugin.structure import Layout, UnitGroup
@@ -91,7 +91,11 @@ class PrunedLayer:
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module.weight
+        return weight_of(self.module)
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return bias_of(self.module)
 
     @property
     def scores(self) -> nn.Parameter | None:
@@ -118,12 +122,12 @@ class PrunedLayer:
 
     @property
     def numel(self) -> int:
-        w = self.module.weight
+        w = self.weight
         return getattr(w, "ds_numel", w.numel())  # ZeRO-3 holds a shard: count the whole
 
     @property
     def shape(self) -> torch.Size:
-        return self.module.weight.shape
+        return self.weight.shape
 
     def magnitudes(self) -> Tensor:
         """|W|: what magnitude pruning ranks."""
@@ -155,6 +159,7 @@ class PrunedLayer:
         columns; rebuilt from the gathered scores under sharded ones), None: all kept."""
         if self.group is not None:
             mask = self.group.mask
+            assert self.layout is not None  # set with the group
             return None if mask is None else self.layout.expand(mask)
         if self.threshold is not None:
             return mask_from_threshold(importance(self), self.threshold)
@@ -196,17 +201,17 @@ class PrunedLayer:
     def masked_forward(self, input: Tensor, *, straight_through: bool) -> Tensor:
         """x (W * gate)^T + b with the deterministic gate; ``straight_through``: the scores get
         dL/dW' * W (Eq. 2). Without autograd, W * gate is cached."""
-        m, lin = self.module, self.as_linear
+        lin = self.as_linear
         if not torch.is_grad_enabled():
-            return F.linear(input, lin(self.inference_weight()), m.bias)
+            return F.linear(input, lin(self.inference_weight()), self.bias)
         self._inference = None  # training: free the cached product
         gate = self.gate()
-        scores = self.scores if straight_through else None
+        scores: Tensor | None = self.scores if straight_through else None
         if scores is not None and self.layout is not None:  # one score per unit
             scores = self.layout.expand(scores)
         if gate is None and scores is None:
-            return F.linear(input, lin(m.weight), m.bias)
-        return masked_linear(input, lin(m.weight), m.bias, lin(gate), lin(scores))
+            return F.linear(input, lin(self.weight), self.bias)
+        return masked_linear(input, lin(self.weight), self.bias, lin(gate), lin(scores))
 
     def inference_weight(self) -> Tensor:
         """W * gate for passes without autograd, cached while the weight, the scores and the

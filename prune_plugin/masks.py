@@ -63,7 +63,7 @@ class _MaskedLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         x, weight, mask, low = ctx.saved_tensors
         need_x, need_w, need_b, need_s, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_s = None
@@ -119,7 +119,7 @@ def threshold_mask(scores: Tensor, tau: float, out: Tensor | None = None) -> Ten
 U_EPS = 1e-4
 
 
-def l0_noise(shape: torch.Size, device: torch.device,
+def l0_noise(shape: tuple[int, ...], device: torch.device,
              generator: torch.Generator | None = None) -> Tensor:
     """16-bit uniform noise for one sampled L0 gate (2 bytes per weight, saved for backward)."""
     return torch.randint(-32768, 32768, shape, dtype=torch.int16, device=device,
@@ -186,7 +186,7 @@ class _L0Linear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: Tensor):
         x, weight, scores, noise, mask = ctx.saved_tensors
         beta, left, right, floor, through_top, open_ = ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]

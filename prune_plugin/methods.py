@@ -360,33 +360,36 @@ class HardConcreteGate:
         return self.of(importance, phase.floor) > 0
 
     def forward(self, layer: PrunedLayer, input: Tensor, phase: GatePhase) -> Tensor:
-        m = layer.module
-        if not m.training:  # evaluation: the deterministic gate
+        if not layer.module.training:  # evaluation: the deterministic gate
             return layer.masked_forward(input, straight_through=False)
         lin = layer.as_linear  # Conv1D stores W^T: weight-shaped tensors as the Linear's
+        bias = layer.bias
         if layer.group is not None:  # structured: one gate per unit
-            return F.linear(input, lin(effective_weight(m.weight,
+            return F.linear(input, lin(effective_weight(layer.weight,
                                                         self._sampled_unit_gate(layer, phase))),
-                            m.bias)
-        weight = lin(m.weight)
-        noise = l0_noise(weight.shape, m.weight.device)
+                            bias)
+        weight = lin(layer.weight)
+        noise = l0_noise(weight.shape, weight.device)
         mask = lin(layer.current_mask() if self.masked else None)
         floor = None if phase.open else phase.floor
         if torch.is_grad_enabled():
-            return l0_linear(input, weight, m.bias, lin(layer.scores), noise, beta=self.beta,
+            return l0_linear(input, weight, bias, lin(layer.scores), noise, beta=self.beta,
                              left=self.left, right=self.right, mask=mask, floor=floor,
                              through_top=self.through_top, open_gates=phase.open)
         if phase.open:
-            return F.linear(input, effective_weight(weight, mask), m.bias)
-        gate = hard_concrete_gate(floor_scores(lin(layer.scores.detach()), floor),
+            return F.linear(input, effective_weight(weight, mask), bias)
+        scores = layer.scores
+        assert scores is not None  # L0 always has scores
+        gate = hard_concrete_gate(floor_scores(lin(scores.detach()), floor),
                                   beta=self.beta, left=self.left, right=self.right, noise=noise)
-        return F.linear(input, effective_weight(effective_weight(weight, gate), mask), m.bias)
+        return F.linear(input, effective_weight(effective_weight(weight, gate), mask), bias)
 
     def _sampled_unit_gate(self, layer: PrunedLayer, phase: GatePhase) -> Tensor:
         """A hard-concrete gate per unit, sampled for this forward (each member of a group
         samples its own; all follow the same distribution), spread over the weight;
         differentiable in the scores."""
-        group = layer.group
+        group, layout = layer.group, layer.layout
+        assert group is not None and layout is not None and group.scores is not None
         noise = l0_noise(group.shape, group.weight.device)
         scores = group.scores if phase.open else floored(group.scores, phase.floor)
         gate = hard_concrete_gate(scores, beta=self.beta, left=self.left, right=self.right,
@@ -395,7 +398,7 @@ class HardConcreteGate:
             gate = gate + (1.0 - gate).detach()
         if self.masked and group.mask is not None:
             gate = gate * group.mask
-        return layer.layout.expand(gate)
+        return layout.expand(gate)
 
 
 Gate = MaskGate | HardConcreteGate
@@ -503,39 +506,40 @@ def method_for(policy: PruningPolicy) -> Method:
         return Method(p.method, scores, TopV(cubic(p.initial_remaining, p.final_remaining),
                                              p.scope),
                       MaskGate(straight_through=isinstance(p, MovementPolicy)))
+    if not isinstance(p, (SoftMovementPolicy, L0Policy)):  # pragma: no cover
+        raise TypeError(f"no method for {type(policy).__name__}")
     lam = partial(lambda_at, final_lambda=p.final_lambda, schedule=p.lambda_schedule, **window)
-    requested = p.targets_remaining
-    remaining = cubic(p.initial_remaining, p.final_remaining) if requested else None
+    remaining = None  # v(t), where a final_remaining is requested (beyond the paper)
+    if p.final_remaining is not None:
+        assert p.initial_remaining is not None  # set with final_remaining
+        remaining = cubic(p.initial_remaining, p.final_remaining)
     if isinstance(p, SoftMovementPolicy):
         grad = sigmoid_penalty_grad
-        if not requested:
-            return Method(p.method, scores, Threshold(cubic(p.initial_threshold,
-                                                            p.final_threshold)),
+        if remaining is not None and p.remaining_control == "topv":
+            return Method(p.method, scores, TopV(remaining, "global"),
                           MaskGate(straight_through=True), Penalty(grad, lam))
-        topv = TopV(remaining, "global")
-        if p.remaining_control == "topv":
-            return Method(p.method, scores, topv, MaskGate(straight_through=True),
-                          Penalty(grad, lam))
+        assert p.initial_threshold is not None and p.final_threshold is not None  # unless topv
         threshold = Threshold(cubic(p.initial_threshold, p.final_threshold))
+        if remaining is None:
+            return Method(p.method, scores, threshold, MaskGate(straight_through=True),
+                          Penalty(grad, lam))
         controller = Controller(partial(_logit_or_minus_inf, threshold.tau), remaining,
                                 band=0.1)
-        return Method(p.method, scores, ThresholdOverTopV(threshold, topv, cooldown_from),
+        return Method(p.method, scores,
+                      ThresholdOverTopV(threshold, TopV(remaining, "global"), cooldown_from),
                       MaskGate(straight_through=True), Penalty(grad, lam, controller))
-    if isinstance(p, L0Policy):
-        gate = HardConcreteGate(p.l0_beta, p.l0_left, p.l0_right, p.l0_straight_through,
-                                open_until=p.warmup_steps if p.l0_warmup_gates == "open" else 0,
-                                masked=requested,
-                                projected_from=cooldown_from if requested else None)
-        grad = partial(expected_l0_grad, beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
-        if not requested:
-            return Method(p.method, scores, None, gate, Penalty(grad, lam))
-        # lambda follows the schedule: a fixed lambda alone closed gates the Top-v kept (3.5%
-        # remaining at a requested 10%, RESULTS.md); off once the open gates are down to v(t)
-        controller = Controller(partial(_constant, gate.log_alpha_at(0.0)), remaining,
-                                band=0.25)
-        return Method(p.method, scores, TopV(remaining, "global"), gate,
-                      Penalty(grad, lam, controller))
-    raise TypeError(f"no method for {type(policy).__name__}")  # pragma: no cover
+    requested = remaining is not None  # L0
+    gate = HardConcreteGate(p.l0_beta, p.l0_left, p.l0_right, p.l0_straight_through,
+                            open_until=p.warmup_steps if p.l0_warmup_gates == "open" else 0,
+                            masked=requested, projected_from=cooldown_from if requested else None)
+    grad = partial(expected_l0_grad, beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
+    if remaining is None:
+        return Method(p.method, scores, None, gate, Penalty(grad, lam))
+    # lambda follows the schedule: a fixed lambda alone closed gates the Top-v kept (3.5%
+    # remaining at a requested 10%, RESULTS.md); off once the open gates are down to v(t)
+    controller = Controller(partial(_constant, gate.log_alpha_at(0.0)), remaining, band=0.25)
+    return Method(p.method, scores, TopV(remaining, "global"), gate,
+                  Penalty(grad, lam, controller))
 
 
 def _constant(value: float, step: int) -> float:

@@ -160,7 +160,7 @@ class PruningOptimizer(torch.optim.Optimizer):
     # -- delegation ------------------------------------------------------------------------------
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -168,7 +168,7 @@ class PruningOptimizer(torch.optim.Optimizer):
         self.optimizer.param_groups = value
 
     @property
-    def state(self) -> Any:  # type: ignore[override]
+    def state(self) -> Any:
         return self.optimizer.state
 
     @state.setter
@@ -176,7 +176,7 @@ class PruningOptimizer(torch.optim.Optimizer):
         self.optimizer.state = value
 
     @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
     @defaults.setter
@@ -193,13 +193,13 @@ class PruningOptimizer(torch.optim.Optimizer):
         return (f"PruningOptimizer(method={self.policy.method!r}, step={self.step_count}, "
                 f"layers={len(self.pruner.layers)}, optimizer={self.optimizer!r})")
 
-    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+    def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults/state/param_groups, which are delegated.
         state = dict(self.__dict__)
         state["_inner_hooks"] = []
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
+    def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)  # a copy: its inner optimizer has lost our hooks
         self._patch_step_function()
         self._hook_inner()
@@ -232,7 +232,8 @@ class PruningOptimizer(torch.optim.Optimizer):
             return
         for group in holding:  # built from model.parameters() after attaching: move them out
             group["params"] = [p for p in group["params"] if id(p) not in ids]
-        group = {"params": scores, "lr": self.policy.score_lr, SCORE_GROUP_TAG: "scores"}
+        score_lr = getattr(self.policy, "score_lr", None)  # (every method with scores has one)
+        group = {"params": scores, "lr": score_lr, SCORE_GROUP_TAG: "scores"}
         first = self._weight_group()
         if first is not None and _positive(first.get("lr")):
             group[BASE_LR_KEY] = float(first["lr"])
@@ -262,7 +263,7 @@ class PruningOptimizer(torch.optim.Optimizer):
         if group is None or first is None or BASE_LR_KEY not in group or score_lr is None:
             return
         lr = first.get("lr")
-        if _positive(lr):
+        if lr is not None and _positive(lr):
             group["lr"] = score_lr * float(lr) / group[BASE_LR_KEY]
 
     def _drop_score_group(self) -> None:
@@ -300,7 +301,7 @@ class PruningOptimizer(torch.optim.Optimizer):
         if group is not None:
             self.pruner.add_penalty_grads(group["params"])
 
-    def step(self, closure: Callable[[], float] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
         if not self.pruner.closed and (self.pruner.driver is None
                                        or self.pruner.driver() is not self):
             raise RuntimeError("this PruningOptimizer was closed; another one drives the run. "
@@ -333,10 +334,10 @@ class PruningOptimizer(torch.optim.Optimizer):
 
     # -- state -----------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "pruning": self.pruner.state_dict()}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if not isinstance(state_dict, Mapping) or "pruning" not in state_dict \
                 or "optimizer" not in state_dict:
             raise StateError("not a PruningOptimizer state dict (it lacks 'optimizer' and "

@@ -206,7 +206,7 @@ class PruningPolicy(BaseModel):
             raise _policy_error(err) from None
 
     @classmethod
-    def model_validate(cls, obj: Any, **kwargs: Any) -> PruningPolicy:  # type: ignore[override]
+    def model_validate(cls, obj: Any, **kwargs: Any) -> PruningPolicy:
         try:
             if cls is PruningPolicy:
                 return _ADAPTER.validate_python(obj, **kwargs)
@@ -553,7 +553,8 @@ def migrate(data: Any) -> Any:
     (0.1 to 0.3 wrote one flat model with the same field names): a field added since takes the
     behaviour the run had, not today's default, so that a changed default cannot change a
     resumed run. Anything else is returned as it is, for validation to name."""
-    model = METHOD_POLICIES.get(data.get("method")) if isinstance(data, dict) else None
+    method = data.get("method") if isinstance(data, dict) else None
+    model = METHOD_POLICIES.get(method) if isinstance(method, str) else None  # (a list: unhashable)
     if model is None:
         return data
     data = dict(data)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +104,7 @@ class Pruner:
 
     def _install(self, score_factory: Callable[[PrunedLayer], Tensor] | None,
                  ddp: Any) -> None:
-        make = score_factory or self.method.scores
+        make = cast(Callable[[Any], Tensor], score_factory or self.method.scores)
         if score_factory is None and self.thresholds:  # FSDP2 sharded before attaching
             make = partial(_sharded_scores, self)  # (unit scores: a few, whole on every rank)
         for layer in self.layers:
@@ -172,7 +172,9 @@ class Pruner:
         """How the scores lie across ranks: the engine's (:meth:`use_sharding`), FSDP2's once
         the weights are DTensors (``fully_shard`` before or after attaching), else whole."""
         if self._sharding is None and self.layers and is_dtensor(self.layers[0].weight):
-            self.use_sharding(dtensor_sharding(self.layers))
+            sharding = dtensor_sharding(self.layers)
+            assert sharding is not None  # a weight is a DTensor
+            self.use_sharding(sharding)
         return WHOLE if self._sharding is None else self._sharding
 
     @property
@@ -245,7 +247,7 @@ class Pruner:
 
     # -- diverged runs ----------------------------------------------------------------------------
 
-    def _watched(self, layer: PrunedLayer) -> Tensor:
+    def _watched(self, layer: PrunedLayer | UnitGroup) -> Tensor:
         """What a layer's masks are computed from: its scores, or its weight (magnitude)."""
         return self.sharding.local(layer.scores if layer.scores is not None else layer.weight)
 
@@ -255,7 +257,8 @@ class Pruner:
         On the CPU the check reads its answer at once. On an accelerator it never waits: each
         step queues its flags for a copy to the host, and the next step looks at them only if
         the copy has landed, so a diverged run stops a step or two later, without a stall."""
-        watched = self.layers if not self.units or not self.method.has_scores else self.units
+        watched: list[PrunedLayer | UnitGroup] = [
+            *(self.layers if not self.units or not self.method.has_scores else self.units)]
         tensors = [self._watched(layer) for layer in watched]
         if not tensors:
             return
@@ -271,9 +274,9 @@ class Pruner:
         if pending is not None and pending[1].query():
             self._pending_check = None
             host, _, step = pending
-            bad = [layer for layer, flag in zip(watched, host.tolist()) if flag]
-            if bad:  # a pinned host copy: reading it does not wait for the device
-                raise NumericalError(self._diverged_message(bad[0], step))
+            diverged = [layer for layer, flag in zip(watched, host.tolist()) if flag]
+            if diverged:  # a pinned host copy: reading it does not wait for the device
+                raise NumericalError(self._diverged_message(diverged[0], step))
         if flags.device.type != "cuda" or self._pending_check is not None:
             return  # other devices: no asynchronous copy to watch (the reports still check)
         host = torch.empty(flags.shape, dtype=torch.bool, pin_memory=True)
@@ -282,7 +285,7 @@ class Pruner:
         event.record()
         self._pending_check = (host, event, self.step_count)
 
-    def _diverged_message(self, layer: PrunedLayer, step: int) -> str:
+    def _diverged_message(self, layer: PrunedLayer | UnitGroup, step: int) -> str:
         what = SCORES_NAME if layer.scores is not None else "weight"
         return (f"training diverged: {layer.name}.{what} holds NaN or Inf after step {step}. "
                 "Usual causes: a learning rate too high for the model (BERT-like models "
@@ -317,7 +320,7 @@ class Pruner:
                 if is_dtensor(s):  # FSDP2: elementwise, so on this rank's shard
                     if s.grad is None:
                         s.grad = torch.zeros_like(s)
-                    s, grad = s.to_local(), s.grad.to_local()
+                    s, grad = s.to_local(), cast(Any, s.grad).to_local()
                 else:
                     grad = s.grad
                 g = self.method.penalty.grad(s.detach()).mul_(scale)  # type: ignore[union-attr]
@@ -348,7 +351,9 @@ class Pruner:
                     if opened is not None:
                         kept &= opened
                         value = t.value.to(imp.device, imp.dtype).reshape(1)
-                        tied *= int(gate.open_where(value, phase).item())
+                        open_at_t = gate.open_where(value, phase)
+                        assert open_at_t is not None  # the gate that gave ``opened``
+                        tied *= int(open_at_t.item())
                 elif opened is not None:
                     kept = opened
                 else:
@@ -399,6 +404,7 @@ class Pruner:
                 if not layer.is_owner:
                     continue
                 if name in state["scores"]:
+                    assert layer.scores is not None  # saved scores: a method with scores
                     layer.scores.copy_(state["scores"][name])
                 mask = state["masks"].get(name)
                 self._set_saved_mask(layer, mask)
@@ -533,7 +539,8 @@ class Pruner:
         """Merge each PEFT tuner layer whose base layer is pruned (its ``merge()`` adds the
         adapter's delta to the base weight), found without importing PEFT."""
         pruned = {id(layer.module) for layer in self.layers}
-        tuners = [m for m in self.model.modules()
+        modules: list[Any] = list(self.model.modules())  # (PEFT's methods, untyped here)
+        tuners = [m for m in modules
                   if callable(getattr(m, "get_base_layer", None)) and callable(getattr(m, "merge",
                                                                                        None))
                   and isinstance(getattr(m, "adapter_layer_names", None), (tuple, list))

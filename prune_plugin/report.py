@@ -17,7 +17,7 @@ from torch import nn
 from prune_plugin.hooks import SCORES_NAME
 from prune_plugin.policy import PruningPolicy
 from prune_plugin.pruner import get_pruner
-from prune_plugin.targeting import find_targets
+from prune_plugin.targeting import find_targets, weight_of
 
 
 @dataclass(frozen=True)
@@ -128,8 +128,8 @@ def sparsity_report(model: nn.Module, *, scope: str | None = None,
         policy = policy or PruningPolicy(method="magnitude", total_steps=1)
         targets = find_targets(model, policy)
         with torch.no_grad():
-            layers = [LayerSparsity(n, int(torch.count_nonzero(m.weight)), m.weight.numel())
-                      for n, m in targets]
+            layers = [LayerSparsity(n, int(torch.count_nonzero(weight_of(m))),
+                                    weight_of(m).numel()) for n, m in targets]
         modules = dict(targets)
     scope = _common_parent(list(modules)) if scope is None else scope
     kept_by_weight = {id(modules[lay.name].weight): lay.kept for lay in layers}

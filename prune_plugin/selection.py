@@ -426,7 +426,7 @@ def topv_thresholds(parts: Sequence[Tensor], groups: Sequence[Sequence[int]],
         above_list, candidates = _bracket_prefilter(parts, groups, ks, totals, reduce)
         above = torch.tensor(above_list, dtype=torch.int64, device=device)
         candidates = [float_keys(c) for c in candidates]
-        alive: list[Tensor | None] = [None] * len(parts)
+        alive: list[Tensor] = []  # compact candidates are cut instead of masked
     else:
         above = torch.zeros(n_groups, dtype=torch.int64, device=device)
         candidates = [float_keys(p) for p in parts]

@@ -29,7 +29,8 @@ from prune_plugin.errors import AttachError, TargetingError
 from prune_plugin.families import (FAMILIES, Family, find_family, fused_head_dim,
                                    unit_lines, unknown_family)
 from prune_plugin.policy import PruningPolicy, UnitGroupSpec
-from prune_plugin.targeting import is_transposed, linear_dims, prunable_modules
+from prune_plugin.targeting import (bias_of, is_transposed, linear_dims, prunable_modules,
+                                    weight_of)
 
 if TYPE_CHECKING:
     from prune_plugin.hooks import PrunedLayer
@@ -114,7 +115,7 @@ class Layout:
         kept[-1] = True
         return kept[self._unit_of(keep.device)].nonzero().view(-1)
 
-    def reduce_squares(self, weight: Tensor) -> Tensor:
+    def reduce_squares(self, weight: Any) -> Tensor:
         """The sum of squares of each unit's weights, in fp32; a DTensor ``weight`` (FSDP2,
         rows sharded) is reduced shard by shard and summed across ranks (a collective), so no
         rank gathers the weight."""
@@ -146,7 +147,7 @@ class Layout:
             mesh, [Replicate()] * mesh.ndim).to_local()
         return self.per_unit(along)
 
-    def _reduce_zero_squares(self, weight: Tensor) -> Tensor:
+    def _reduce_zero_squares(self, weight: Any) -> Tensor:
         """ZeRO-3: this rank's flat slice of the weight, each element's square added to its row
         or column, then summed across ranks."""
         import deepspeed.comm as dist
@@ -206,10 +207,10 @@ class UnitGroup:
 
     def magnitudes(self) -> Tensor:
         """L2 norm of each unit's weights over every member (magnitude pruning's importance)."""
-        total = None
-        for member in self.members:
-            part = member.layout.reduce_squares(member.layer.weight)
-            total = part if total is None else total + part
+        parts = [member.layout.reduce_squares(member.layer.weight) for member in self.members]
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
         return total.sqrt_().to(self.weight.dtype).view(self.shape)
 
     def mask_buffer(self) -> Tensor:
@@ -287,7 +288,8 @@ def _plain_member(source: str, name: str, module: nn.Module, output: bool, units
 
 
 def _stored_shape(module: nn.Module) -> tuple[int, int]:
-    return tuple(getattr(module.weight, "ds_shape", module.weight.shape))  # type: ignore
+    weight = weight_of(module)
+    return tuple(getattr(weight, "ds_shape", weight.shape))
 
 
 def _block_members(source: str, spec: UnitGroupSpec, prefix: str, modules: dict[str, nn.Module],
@@ -384,13 +386,13 @@ def find_unit_groups(model: nn.Module, policy: PruningPolicy,
                      targets: list[tuple[str, nn.Module]],
                      layers: dict[str, PrunedLayer]) -> list[UnitGroup]:
     """The unit groups of ``model`` for ``policy.structure`` among the targeted layers."""
+    groups: list[UnitGroup] = []
     if policy.structure == "blocks":
-        groups = []
         for name, module in targets:
             r, c = policy.block_shape  # type: ignore[misc]
             if is_transposed(module):
                 r, c = c, r
-            shape = tuple(module.weight.shape)
+            shape = tuple(weight_of(module).shape)
             layout = Layout(axis=-1, block=(r, c), shape=shape)  # type: ignore[arg-type]
             groups.append(UnitGroup(name, "blocks", (math.ceil(shape[0] / r),
                                                      math.ceil(shape[1] / c)),
@@ -401,7 +403,6 @@ def find_unit_groups(model: nn.Module, policy: PruningPolicy,
     config = _config(model)
     _refuse_alibi_heads(policy, config)
     source, family, specs = _specs(policy, modules, config)
-    groups: list[UnitGroup] = []
     for spec in specs:
         first = spec.rows[0]
         prefixes = [name[:len(name) - len(first)] for name in modules
@@ -451,20 +452,19 @@ def find_unit_groups(model: nn.Module, policy: PruningPolicy,
 def _resize(module: nn.Module, index: Tensor, layout: Layout) -> None:
     """Keep only the lines ``index`` of the weight's ``layout.axis`` (the bias follows outputs),
     in place; the module's own size attributes follow."""
+    weight, bias = weight_of(module), bias_of(module)
     with torch.no_grad():
-        w = module.weight.index_select(layout.axis, index)
-        if layout.output and module.bias is not None:
-            module.bias = nn.Parameter(module.bias[index].clone(),
-                                       requires_grad=module.bias.requires_grad)
-        module.weight = nn.Parameter(w.clone(), requires_grad=module.weight.requires_grad)
-    _set_sizes(module, tuple(module.weight.shape))
+        w = weight.index_select(layout.axis, index)
+        if layout.output and bias is not None:
+            module.bias = nn.Parameter(bias[index].clone(), requires_grad=bias.requires_grad)
+        module.weight = nn.Parameter(w.clone(), requires_grad=weight.requires_grad)
+    _set_sizes(module, tuple(w.shape))
 
 
 def _set_sizes(module: nn.Module, shape: tuple[int, ...]) -> None:
-    if is_transposed(module):  # transformers' Conv1D: weight [nx, nf]
-        module.nx, module.nf = shape
-    else:
-        module.out_features, module.in_features = shape
+    names = ("nx", "nf") if is_transposed(module) else ("out_features", "in_features")
+    for name, size in zip(names, shape):  # (transformers' Conv1D: weight [nx, nf])
+        setattr(module, name, size)
 
 
 def shrink_groups(model: nn.Module, groups: list[UnitGroup]
@@ -492,8 +492,8 @@ def shrink_groups(model: nn.Module, groups: list[UnitGroup]
             _resize(module, layout.kept_lines(keep), layout)
             if empty and not layout.output:
                 with torch.no_grad():
-                    module.weight.zero_()
-            shapes[names[id(module)]] = list(module.weight.shape)
+                    weight_of(module).zero_()
+            shapes[names[id(module)]] = list(weight_of(module).shape)
         if group.kind == "heads":
             attributes.update(_set_head_counts(model, group, keep.numel(), names))
     if kept_in_place:
@@ -564,7 +564,7 @@ def apply_attributes(module: nn.Module, changed: dict[str, int]) -> None:
     for path, value in changed.items():
         parts = path.split(".")
         if parts[0] == "config" and len(parts) == 2:
-            overlay = module.config
+            overlay: Any = module.config
             if not isinstance(overlay, ConfigOverlay):
                 overlay = ConfigOverlay(overlay)
                 module.config = overlay
@@ -582,10 +582,11 @@ def resize_as_recorded(model: nn.Module, shapes: dict[str, list[int]],
     loaded after)."""
     for name, shape in shapes.items():
         module = model.get_submodule(name)
-        module.weight = nn.Parameter(module.weight.new_empty(shape))
+        module.weight = nn.Parameter(weight_of(module).new_empty(shape))
         out = shape[1] if is_transposed(module) else shape[0]
-        if module.bias is not None and module.bias.shape[0] != out:
-            module.bias = nn.Parameter(module.bias.new_empty(out))
+        bias = bias_of(module)
+        if bias is not None and bias.shape[0] != out:
+            module.bias = nn.Parameter(bias.new_empty(out))
         _set_sizes(module, tuple(shape))
     for name, changed in attributes.items():
         apply_attributes(model.get_submodule(name), changed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 import sys
 from collections import Counter
+from typing import cast
 
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
@@ -37,13 +38,23 @@ def is_transposed(module: nn.Module) -> bool:
     return utils is not None and isinstance(module, utils.Conv1D)
 
 
+def weight_of(module: nn.Module) -> nn.Parameter:
+    """A linear layer's weight, typed (``nn.Module.__getattr__`` is not)."""
+    return cast(nn.Parameter, module.weight)
+
+
+def bias_of(module: nn.Module) -> nn.Parameter | None:
+    return cast("nn.Parameter | None", module.bias)
+
+
 def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_transposed(module)
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(outputs, inputs) of a prunable layer, whole under ZeRO-3."""
-    shape = tuple(getattr(module.weight, "ds_shape", module.weight.shape))
+    weight = weight_of(module)
+    shape = tuple(getattr(weight, "ds_shape", weight.shape))
     return (shape[1], shape[0]) if is_transposed(module) else (shape[0], shape[1])
 
 

@@ -96,6 +96,13 @@ def test_a_policy_saved_before_a_field_existed_keeps_its_behaviour(fields, befor
         PruningPolicy.from_saved_json(current.to_json()[:-3])  # cut short
 
 
+@pytest.mark.parametrize("method", [["movement"], {"a": 1}, 3, None])
+def test_a_saved_policy_whose_method_is_not_a_name_is_a_policy_error(method):
+    # (the migration looked the method up in a dict: a list was a raw TypeError)
+    with pytest.raises(PolicyError, match="method: "):
+        PruningPolicy.from_saved_json(json.dumps({"method": method, "total_steps": 3}))
+
+
 def test_refuses_another_shape_and_changes_nothing(tmp_path):
     _, opt = trained(POLICY)
     path = save_pruning_state(opt, tmp_path / "s.safetensors")
