@@ -383,3 +383,37 @@ def test_controlled_soft_movement_sharded_masks_equal_the_whole_ones():
         runs.append(gates)
     for whole, shard in zip(*runs):
         assert all(torch.equal(a, b) for a, b in zip(whole, shard))
+
+
+def test_l0_kept_counts_from_thresholds_count_closed_gates_as_the_whole_masks_do():
+    """The sharded path's kept counts (a threshold per layer, one rank holding every score
+    here) leave out the weights whose L0 gate closed inside the Top-v, as the whole-tensor
+    gates do, at every step."""
+    from prune_plugin.distributed import Sharding
+
+    class OneRankShards(Sharding):
+        shards = True
+    policy = PruningPolicy(method="l0", final_remaining=0.3, total_steps=12, warmup_steps=1,
+                           cooldown_steps=2, final_lambda=100.0, score_lr=0.1,
+                           score_init="constant", score_init_value=-2.0)  # gates near closed
+    runs, in_masks = [], []
+    for sharded in (False, True):
+        model = tiny_bert()
+        opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), policy,
+                               model=model)
+        if sharded:
+            opt.pruner.use_sharding(OneRankShards())
+        counts = []
+        for step in range(12):
+            torch.manual_seed(100 + step)  # the sampled gates
+            model(**bert_batch(seed=step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            counts.append(opt.pruner.kept_counts())
+            if not sharded:
+                in_masks.append(sum(layer.numel if layer.current_mask() is None
+                                    else int(layer.current_mask().sum())
+                                    for layer in opt.pruner.layers))
+        runs.append(counts)
+    assert runs[0] == runs[1]
+    assert any(sum(c) < m for c, m in zip(runs[0], in_masks))  # closed gates inside the masks
