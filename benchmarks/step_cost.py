@@ -9,10 +9,11 @@ step's time on a named GPU.
 The step runs under ``FakeTensorMode`` (no memory, no compute: BERT-base at batch 32 x 128 is
 counted in seconds) with a ``TorchDispatchMode`` that records every aten op below autograd:
 its name, the bytes of its tensor inputs and outputs (views and metadata ops skipped: they
-move nothing), and its FLOPs (torch's own flop registry). The step is the forward under bf16
-autocast, the backward, ``optimizer.step()`` of a fused AdamW and ``zero_grad``, on the
-device path (the GPU's), masks refreshed in that step; it is the third step (the first two
-build the optimizer state and the masks).
+move nothing; a gather counted as reading what it gives, not its whole table), and its FLOPs
+(torch's own flop registry). The step is the forward under bf16 autocast, the backward,
+``optimizer.step()`` of a fused AdamW and ``zero_grad``, on the device path (the GPU's), masks
+refreshed in that step; it is the third step (the first two build the optimizer state and the
+masks).
 
 The estimate sums, op by op, ``max(bytes / bandwidth, flops / peak, kernel floor)``: a lower
 bound of a real step that ranks what costs what. The analytic minimum of a method beside dense
@@ -70,6 +71,9 @@ class OpCounter(TorchDispatchMode):
         tensors = [t for t in _flat((args, kwargs)) if isinstance(t, torch.Tensor)]
         outs = [t for t in _flat(out) if isinstance(t, torch.Tensor)]
         nbytes = sum(t.numel() * t.element_size() for t in (*tensors, *outs))
+        if func._overloadpacket is aten.index:  # a gather reads what it gives, not its table
+            table, gathered = tensors[0], outs[0]
+            nbytes -= max(0, table.numel() - gathered.numel()) * table.element_size()
         flops = 0
         counter = self.flop_registry.get(func._overloadpacket)
         if counter is not None:  # called as torch's FlopCounterMode calls it

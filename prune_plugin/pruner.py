@@ -262,9 +262,11 @@ class Pruner:
         tensors = [self._watched(layer) for layer in watched]
         if not tensors:
             return
-        # A sum is NaN or Inf exactly when an element is (or the values are ~1e30, which is
-        # divergence too), at a tenth of the cost of isfinite() over every element.
-        flags = ~torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in tensors]))
+        # An L1 norm is NaN or Inf exactly when an element is (or the values are ~1e30, which
+        # is divergence too): every tensor's in one multi-tensor kernel, at a tenth of the cost
+        # of isfinite() over every element.
+        norms = torch._foreach_norm(tensors, 1, dtype=torch.float32)
+        flags = ~torch.isfinite(torch.stack(norms))
         if not self.sync_free(tensors[0]):
             if bool(flags.any()):
                 bad = next(i for i, flag in enumerate(flags.tolist()) if flag)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from prune_plugin.masks import (expected_l0, expected_l0_grad, floored, hard_concrete_gate,
-                                l0_eval_gate, l0_linear, l0_noise, masked_linear,
+                                l0_eval_gate, l0_linear, l0_noise, masked_linear, noise_logits,
                                 noise_to_uniform, sigmoid_penalty, sigmoid_penalty_grad,
                                 threshold_mask)
 
@@ -93,6 +93,18 @@ def test_l0_noise_is_uniform_on_a_fine_grid():
     assert noise.dtype == torch.int16 and u.min() >= 1e-4 and u.max() <= 1 - 1e-4
     assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
     assert len(torch.unique(u)) > 60_000  # 65,536 levels, not a coarse one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l0_noise_logits_looked_up_are_the_formulas_bits(dtype):
+    # the table of the 65,536 levels gives what log u - log(1 - u) gives, bit for bit, on every
+    # level and on a large draw (its vectorized kernels, not only the table's)
+    levels = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    draw = l0_noise(torch.Size([1000, 999]), torch.device("cpu"),
+                    torch.Generator().manual_seed(3))
+    for noise in (levels, draw, draw.t()):
+        u = noise_to_uniform(noise, dtype)
+        assert torch.equal(noise_logits(noise, dtype), torch.log(u) - torch.log1p(-u))
 
 
 @pytest.mark.parametrize("floor,through_top,open_gates", [
