@@ -70,6 +70,8 @@ class OpCounter(TorchDispatchMode):
             return out
         tensors = [t for t in _flat((args, kwargs)) if isinstance(t, torch.Tensor)]
         outs = [t for t in _flat(out) if isinstance(t, torch.Tensor)]
+        if not outs and str(func._overloadpacket).endswith("_"):  # in place, returns nothing
+            outs = [t for t in _flat(args[0]) if isinstance(t, torch.Tensor)]  # (_foreach_*_)
         nbytes = sum(t.numel() * t.element_size() for t in (*tensors, *outs))
         if func._overloadpacket is aten.index:  # a gather reads what it gives, not its table
             table, gathered = tensors[0], outs[0]

@@ -22,6 +22,7 @@ without synchronising with it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -287,8 +288,21 @@ def sigmoid_penalty(scores: Tensor) -> Tensor:
 
 def sigmoid_penalty_grad(scores: Tensor) -> Tensor:
     """d/dS of :func:`sigmoid_penalty`, per score."""
-    s = torch.sigmoid(scores)
-    return s.mul_(1.0 - s)
+    return sigmoid_penalty_grads([scores])[0]
+
+
+def sigmoid_penalty_grads(scores: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`sigmoid_penalty_grad` of each tensor, in multi-tensor kernels (a few for all the
+    layers, not a few per layer), the same values: sigmoid(S) (1 - sigmoid(S))."""
+    return _times_one_minus(list(torch._foreach_sigmoid(list(scores))))
+
+
+def _times_one_minus(s: list[Tensor]) -> list[Tensor]:
+    """s * (1 - s) in place, as ``s.mul_(1.0 - s)`` rounds it."""
+    one_minus = list(torch._foreach_neg(s))
+    torch._foreach_add_(one_minus, 1.0)
+    torch._foreach_mul_(s, one_minus)
+    return s
 
 
 def _l0_logits(scores: Tensor, beta: float, left: float, right: float) -> Tensor:
@@ -302,5 +316,12 @@ def expected_l0(scores: Tensor, *, beta: float, left: float, right: float) -> Te
 
 def expected_l0_grad(scores: Tensor, *, beta: float, left: float, right: float) -> Tensor:
     """d/dS of :func:`expected_l0`, per score."""
-    s = torch.sigmoid(_l0_logits(scores, beta, left, right))
-    return s.mul_(1.0 - s)
+    return expected_l0_grads([scores], beta=beta, left=left, right=right)[0]
+
+
+def expected_l0_grads(scores: Sequence[Tensor], *, beta: float, left: float, right: float
+                      ) -> list[Tensor]:
+    """:func:`expected_l0_grad` of each tensor, in multi-tensor kernels."""
+    logits = list(torch._foreach_sub(list(scores), beta * math.log(-left / right)))
+    torch._foreach_sigmoid_(logits)
+    return _times_one_minus(logits)

@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prune_plugin.distributed import Sharding, whole_tensor
-from prune_plugin.masks import (effective_weight, expected_l0_grad, floor_scores, floored,
+from prune_plugin.masks import (effective_weight, expected_l0_grads, floor_scores, floored,
                                 hard_concrete_gate, l0_eval_gate, l0_linear, l0_noise, logit,
-                                sigmoid_penalty_grad, threshold_mask)
+                                sigmoid_penalty_grads, threshold_mask)
 from prune_plugin.policy import (L0Policy, MagnitudePolicy, MovementPolicy, PruningPolicy,
                                  SoftMovementPolicy)
 from prune_plugin.schedule import controlled_lambda_factor, cubic_schedule, lambda_at
@@ -434,10 +434,11 @@ class Controller:
 
 @dataclass(frozen=True)
 class Penalty:
-    """lambda(t) * mean R(S) on the scores: ``grad`` is dR/dS per element, to be scaled by
-    lambda / N; a ``controller`` scales lambda by what it measures."""
+    """lambda(t) * mean R(S) on the scores: ``grad`` is dR/dS per element of each score tensor
+    (all of them in one call: multi-tensor kernels), to be scaled by lambda / N; a
+    ``controller`` scales lambda by what it measures."""
 
-    grad: Callable[[Tensor], Tensor]
+    grad: Callable[[list[Tensor]], list[Tensor]]
     lam: Schedule
     controller: Controller | None = None
 
@@ -514,7 +515,7 @@ def method_for(policy: PruningPolicy) -> Method:
         assert p.initial_remaining is not None  # set with final_remaining
         remaining = cubic(p.initial_remaining, p.final_remaining)
     if isinstance(p, SoftMovementPolicy):
-        grad = sigmoid_penalty_grad
+        grad = sigmoid_penalty_grads
         if remaining is not None and p.remaining_control == "topv":
             return Method(p.method, scores, TopV(remaining, "global"),
                           MaskGate(straight_through=True), Penalty(grad, lam))
@@ -532,7 +533,7 @@ def method_for(policy: PruningPolicy) -> Method:
     gate = HardConcreteGate(p.l0_beta, p.l0_left, p.l0_right, p.l0_straight_through,
                             open_until=p.warmup_steps if p.l0_warmup_gates == "open" else 0,
                             masked=requested, projected_from=cooldown_from if requested else None)
-    grad = partial(expected_l0_grad, beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
+    grad = partial(expected_l0_grads, beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
     if remaining is None:
         return Method(p.method, scores, None, gate, Penalty(grad, lam))
     # lambda follows the schedule: a fixed lambda alone closed gates the Top-v kept (3.5%

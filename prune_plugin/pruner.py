@@ -316,8 +316,10 @@ class Pruner:
         if lam == 0.0 or not params:
             return
         scale = lam / sum(sel.numel for sel in self.selectables)  # per score
+        assert self.method.penalty is not None  # lambda is 0 without one
         with torch.no_grad():
             factor = self.method.penalty_factor(self.candidates(), self.step_count)
+            by_device: dict[torch.device, list[tuple[Tensor, Tensor | None]]] = {}
             for s in params:
                 if is_dtensor(s):  # FSDP2: elementwise, so on this rank's shard
                     if s.grad is None:
@@ -325,13 +327,20 @@ class Pruner:
                     s, grad = s.to_local(), cast(Any, s.grad).to_local()
                 else:
                     grad = s.grad
-                g = self.method.penalty.grad(s.detach()).mul_(scale)  # type: ignore[union-attr]
+                by_device.setdefault(s.device, []).append((s, grad))
+            for device, pairs in by_device.items():  # a few multi-tensor kernels per device
+                g = self.method.penalty.grad([s.detach() for s, _ in pairs])
+                torch._foreach_mul_(g, scale)
                 if factor is not None:
-                    g.mul_(factor.to(g.device))
-                if grad is None:
-                    s.grad = g.to(s.dtype)
-                else:
-                    grad.add_(g)
+                    torch._foreach_mul_(g, factor.to(device))
+                added = []
+                for (s, grad), g_s in zip(pairs, g):
+                    if grad is None:
+                        s.grad = g_s.to(s.dtype)
+                    else:
+                        added.append((grad, g_s))
+                if added:
+                    torch._foreach_add_([grad for grad, _ in added], [g_s for _, g_s in added])
 
     def kept_counts(self) -> list[int]:
         """Weights each layer's forward keeps. With sharded scores each rank counts its shard
