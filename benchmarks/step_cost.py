@@ -92,8 +92,10 @@ _FREE = (aten.detach, aten.alias, aten.lift_fresh, aten._unsafe_view, aten._resh
 
 
 def _moves_nothing(func: Any) -> bool:
-    """Views, aliases, allocations and metadata queries (``prim.device``): nothing moves."""
-    return func.namespace != "aten" or func.is_view or func._overloadpacket in _FREE
+    """Views, aliases, allocations and metadata queries (``prim.device``): nothing moves. (The
+    plugin's own ops, ``prune_plugin::*``, each one compiled kernel on a GPU, count.)"""
+    return func.namespace not in ("aten", "prune_plugin") or func.is_view \
+        or func._overloadpacket in _FREE
 
 
 def _flat(x: Any) -> list[Any]:

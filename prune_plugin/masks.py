@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +55,10 @@ class _MaskedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, scores: Tensor | None,
                 mask: Tensor | None) -> Tensor:
-        masked = effective_weight(weight, mask)
         low = _autocast_dtype(x, weight)
-        if low is not None:  # autocast: W * M cast once, and kept for the input gradient as
-            masked = masked.to(low)  # autocast keeps the cast weight of a dense linear
+        # autocast: W * M cast once, and kept for the input gradient as autocast keeps the
+        # cast weight of a dense linear
+        masked = _gated_weight(weight, mask, low)
         out = F.linear(x, masked, bias)
         ctx.save_for_backward(x, weight, mask, masked if low is not None else None)
         ctx.has_bias = bias is not None
@@ -74,12 +75,15 @@ class _MaskedLinear(torch.autograd.Function):
             grad_x = (grad_out @ masked.to(grad_out.dtype)).to(x.dtype)
         if need_w or need_s:
             grad_masked = _weight_grad(grad_out, x).to(weight.dtype)  # dL/dW' with W' = W * M
-            if need_s:
+            if need_s and need_w and mask is not None:
+                grad_w, grad_s = masked_grads(grad_masked, weight, mask)
+            elif need_s:
                 grad_s = grad_masked * weight if need_w else grad_masked.mul_(weight)
-                if ctx.scores_shape != grad_s.shape:  # one score per unit: sum over the unit
-                    grad_s = grad_s.sum_to_size(ctx.scores_shape)
-            if need_w:
+                grad_w = grad_masked if need_w else None  # (no mask: all kept)
+            else:
                 grad_w = grad_masked if mask is None else grad_masked.mul_(mask)
+            if grad_s is not None and ctx.scores_shape != grad_s.shape:  # one score per unit:
+                grad_s = grad_s.sum_to_size(ctx.scores_shape)  # summed over the unit
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_w, grad_b, grad_s, None
@@ -201,17 +205,12 @@ class _L0Linear(torch.autograd.Function):
                 noise: Tensor, mask: Tensor | None, beta: float, left: float,
                 right: float, floor: float | None, through_top: bool, open_: bool) -> Tensor:
         with torch.no_grad():
+            low = _autocast_dtype(x, weight)  # cast once, and kept for the input gradient
             if open_:  # the value is 1 (times the mask); the scores learn from the sample
-                gate = mask
+                gated = _gated_weight(weight, mask, low)
             else:
-                gate = hard_concrete_gate(floor_scores(scores.detach(), floor), beta=beta,
-                                          left=left, right=right, noise=noise)
-                if mask is not None:
-                    gate.mul_(mask)
-            gated = effective_weight(weight, gate)
-            low = _autocast_dtype(x, weight)
-            if low is not None:  # cast once, and kept for the input gradient
-                gated = gated.to(low)
+                gated = l0_gated_weight(weight, scores.detach(), noise, mask, beta, left, right,
+                                        floor, weight.dtype if low is None else low)
             out = F.linear(x, gated, bias)
         ctx.save_for_backward(x, weight, scores, noise, mask, gated if low is not None else None)
         ctx.has_bias = bias is not None
@@ -224,28 +223,18 @@ class _L0Linear(torch.autograd.Function):
         beta, left, right, floor, through_top, open_ = ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_s = None
-        # (a floored score gets the gradient at the floor: straight-through, so it can rise)
-        s = _concrete(floor_scores(scores.detach(), floor), noise, beta)
-        stretched = s * (right - left) + left
-        if open_:
-            gate = mask
-        else:
-            gate = stretched.clamp(0.0, 1.0)
-            if mask is not None:
-                gate.mul_(mask)
+        grad_gated = _weight_grad(grad_out, x).to(weight.dtype) if need_w or need_s else None
+        one = open_ and mask is None  # the gate is 1: W' = W, dL/dW = dL/dW'
+        need_gated = need_x and low is None and not one
+        if need_gated or need_s or (need_w and not one):
+            gated, grad_w, grad_s = l0_grads(
+                grad_gated, weight, scores.detach(), noise, mask, beta, left, right, floor,
+                through_top, open_, need_gated, need_w and not one, need_s)
         if need_x:
-            gated = low if low is not None else effective_weight(weight, gate)
-            grad_x = (grad_out @ gated.to(grad_out.dtype)).to(x.dtype)
-        if need_w or need_s:
-            grad_gated = _weight_grad(grad_out, x).to(weight.dtype)  # dL/d(W * gate)
-            if need_s:  # d gate / dS = (r - l) s (1 - s) / b inside the clamp, 0 outside
-                inside = stretched > 0.0 if through_top else (stretched > 0.0) & (stretched < 1.0)
-                if mask is not None:
-                    inside &= mask
-                dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(inside)
-                grad_s = (grad_gated * weight).mul_(dgate).to(scores.dtype)
-            if need_w:
-                grad_w = grad_gated if gate is None else grad_gated.mul_(gate.to(grad_gated.dtype))
+            w = low if low is not None else weight if one else gated
+            grad_x = (grad_out @ w.to(grad_out.dtype)).to(x.dtype)
+        grad_w = (grad_gated if one else grad_w) if need_w else None
+        grad_s = grad_s if need_s else None
         if need_b and ctx.has_bias:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None, None, None
@@ -276,6 +265,150 @@ def floored(scores: Tensor, floor: float | None) -> Tensor:
     if floor is None:
         return scores
     return scores + (scores.clamp_min(floor) - scores).detach()
+
+
+# -- one op per elementwise pass ---------------------------------------------------------------
+# The elementwise work beside a pruned layer's two matmuls, each a function of its inputs and
+# one custom op: on CUDA one compiled kernel (torch.compile: one pass over the weight where
+# eager runs a chain of them), elsewhere the eager ops, bit for bit those of before. The
+# dispatcher, a user's torch.compile and the step-cost count see one op. Outputs are
+# contiguous (as the fake, shape-only versions say).
+
+#: Whether CUDA runs these functions compiled (False: their eager ops, e.g. to compare).
+COMPILE_ON_CUDA = True
+_COMPILED: dict[str, Any] = {}
+
+
+def _compiles(t: Tensor) -> bool:
+    return COMPILE_ON_CUDA and t.is_cuda
+
+
+def _run(fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, compiled where its tensors are on CUDA."""
+    if _compiles(next(a for a in args if isinstance(a, Tensor))):
+        compiled = _COMPILED.get(fn.__name__)
+        if compiled is None:
+            compiled = _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+        return compiled(*args)
+    return fn(*args)
+
+
+def _gated_weight(weight: Tensor, gate: Tensor | None, low: torch.dtype | None) -> Tensor:
+    """W * gate, cast to ``low`` (autocast's dtype, if any) in the same pass."""
+    if gate is None:
+        return weight if low is None else weight.to(low)
+    return effective_weight(weight, gate) if low is None else masked_weight(weight, gate, low)
+
+
+def _masked_weight(weight: Tensor, gate: Tensor, dtype: torch.dtype) -> Tensor:
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    return out.copy_(effective_weight(weight, gate))  # (the cast is the copy)
+
+
+@torch.library.custom_op("prune_plugin::masked_weight", mutates_args=())
+def masked_weight(weight: Tensor, gate: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(W * gate).to(dtype)`` in one pass: the masked linear's weight under autocast."""
+    return _run(_masked_weight, weight, gate, dtype)
+
+
+@masked_weight.register_fake
+def _(weight: Tensor, gate: Tensor, dtype: torch.dtype) -> Tensor:
+    return weight.new_empty(weight.shape, dtype=dtype)
+
+
+def _masked_grads(grad: Tensor, weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    return (grad * mask).contiguous(), (grad * weight).contiguous()
+
+
+@torch.library.custom_op("prune_plugin::masked_grads", mutates_args=())
+def masked_grads(grad: Tensor, weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dL/dW' * M, dL/dW' * W)``: the weight's and the scores' gradients (Eq. 2) in one
+    pass over dL/dW'."""
+    return _run(_masked_grads, grad, weight, mask)
+
+
+@masked_grads.register_fake
+def _(grad: Tensor, weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    return grad.new_empty(grad.shape), grad.new_empty(grad.shape)
+
+
+def _l0_gated_weight(weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor | None,
+                     beta: float, left: float, right: float, floor: float | None,
+                     dtype: torch.dtype) -> Tensor:
+    gate = hard_concrete_gate(floor_scores(scores, floor), beta=beta, left=left, right=right,
+                              noise=noise)
+    if mask is not None:
+        gate.mul_(mask)
+    gated = effective_weight(weight, gate)
+    if dtype == weight.dtype:
+        return gated.contiguous()
+    return torch.empty(weight.shape, dtype=dtype, device=weight.device).copy_(gated)
+
+
+@torch.library.custom_op("prune_plugin::l0_gated_weight", mutates_args=())
+def l0_gated_weight(weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor | None,
+                    beta: float, left: float, right: float, floor: float | None,
+                    dtype: torch.dtype) -> Tensor:
+    """``(W * hard_concrete_gate(max(S, floor), u) * M).to(dtype)`` in one pass."""
+    return _run(_l0_gated_weight, weight, scores, noise, mask, beta, left, right, floor, dtype)
+
+
+@l0_gated_weight.register_fake
+def _(weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor | None, beta: float,
+      left: float, right: float, floor: float | None, dtype: torch.dtype) -> Tensor:
+    return weight.new_empty(weight.shape, dtype=dtype)
+
+
+def _l0_grads(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor,
+              mask: Tensor | None, beta: float, left: float, right: float, floor: float | None,
+              through_top: bool, open_: bool, need_gated: bool, need_w: bool, need_s: bool
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    def none() -> Tensor:  # an output not asked for (each its own: outputs may not alias)
+        return weight.new_empty(0)
+    # (a floored score gets the gradient at the floor: straight-through, so it can rise)
+    s = _concrete(floor_scores(scores, floor), noise, beta)
+    stretched = s * (right - left) + left
+    if open_:
+        gate = mask
+    else:
+        gate = stretched.clamp(0.0, 1.0)
+        if mask is not None:
+            gate.mul_(mask)
+    gated = effective_weight(weight, gate).contiguous() if need_gated else none()
+    grad_w, grad_s = none(), none()
+    if grad is not None and need_s:  # d gate / dS = (r - l) s (1 - s) / b inside the clamp
+        inside = stretched > 0.0 if through_top else (stretched > 0.0) & (stretched < 1.0)
+        if mask is not None:
+            inside &= mask
+        dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(inside)
+        grad_s = (grad * weight).mul_(dgate).to(scores.dtype).contiguous()
+    if grad is not None and need_w:
+        grad_w = (grad if gate is None else grad * gate.to(grad.dtype)).contiguous()
+    return gated, grad_w, grad_s
+
+
+@torch.library.custom_op("prune_plugin::l0_grads", mutates_args=())
+def l0_grads(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor,
+             mask: Tensor | None, beta: float, left: float, right: float, floor: float | None,
+             through_top: bool, open_: bool, need_gated: bool, need_w: bool, need_s: bool
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """L0's backward beside its matmuls, in one pass: the gate rebuilt from the noise, and
+    (each only if asked, else empty) ``W * gate``, ``dL/dW = dL/dW' * gate`` and
+    ``dL/dS = dL/dW' * W * d gate / dS`` (Eq. 3)."""
+    return _run(_l0_grads, grad, weight, scores, noise, mask, beta, left, right, floor,
+                through_top, open_, need_gated, need_w, need_s)
+
+
+@l0_grads.register_fake
+def _(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor | None,
+      beta: float, left: float, right: float, floor: float | None, through_top: bool,
+      open_: bool, need_gated: bool, need_w: bool, need_s: bool
+      ) -> tuple[Tensor, Tensor, Tensor]:
+    def full(asked: bool, dtype: torch.dtype) -> Tensor:
+        return weight.new_empty(weight.shape if asked else (0,), dtype=dtype)
+    has_grad = grad is not None
+    return (full(need_gated, weight.dtype), full(has_grad and need_w, weight.dtype),
+            full(has_grad and need_s, scores.dtype))
 
 
 # -- regularizers ------------------------------------------------------------------------------
