@@ -70,11 +70,12 @@ class _MaskedLinear(torch.autograd.Function):
         x, weight, mask, low = ctx.saved_tensors
         need_x, need_w, need_b, need_s, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_s = None
+        g2 = _tokens(grad_out)
         if need_x:
             masked = low if low is not None else effective_weight(weight, mask)
-            grad_x = (grad_out @ masked.to(grad_out.dtype)).to(x.dtype)
+            grad_x = _input_grad(g2, masked, grad_out.shape).to(x.dtype)
         if need_w or need_s:
-            grad_masked = _weight_grad(grad_out, x).to(weight.dtype)  # dL/dW' with W' = W * M
+            grad_masked = _weight_grad(g2, x).to(weight.dtype)  # dL/dW' with W' = W * M
             if need_s and need_w and mask is not None:
                 grad_w, grad_s = masked_grads(grad_masked, weight, mask)
             elif need_s:
@@ -85,14 +86,24 @@ class _MaskedLinear(torch.autograd.Function):
             if grad_s is not None and ctx.scores_shape != grad_s.shape:  # one score per unit:
                 grad_s = grad_s.sum_to_size(ctx.scores_shape)  # summed over the unit
         if need_b and ctx.has_bias:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, grad_s, None
 
 
-def _weight_grad(grad_out: Tensor, x: Tensor) -> Tensor:
-    """dL/dW' of y = x W'^T: the sum over tokens of grad_out^T x."""
-    g2 = grad_out.reshape(-1, grad_out.shape[-1])
-    return g2.t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
+def _tokens(grad_out: Tensor) -> Tensor:
+    """dL/dy as tokens x outputs, for the backward's products and the bias (a copy, made once,
+    where it is not contiguous: a product with it would be a batched one)."""
+    return grad_out.reshape(-1, grad_out.shape[-1])
+
+
+def _input_grad(g2: Tensor, weight: Tensor, shape: torch.Size) -> Tensor:
+    """dL/dx of y = x W'^T, ``g2`` from :func:`_tokens`, in the shape of x's tokens."""
+    return (g2 @ weight.to(g2.dtype)).view(*shape[:-1], weight.shape[-1])
+
+
+def _weight_grad(g2: Tensor, x: Tensor) -> Tensor:
+    """dL/dW' of y = x W'^T: the sum over tokens of dL/dy^T x (``g2`` from :func:`_tokens`)."""
+    return g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)
 
 
 def masked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
@@ -223,7 +234,8 @@ class _L0Linear(torch.autograd.Function):
         beta, left, right, floor, through_top, open_ = ctx.params
         need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = grad_s = None
-        grad_gated = _weight_grad(grad_out, x).to(weight.dtype) if need_w or need_s else None
+        g2 = _tokens(grad_out)
+        grad_gated = _weight_grad(g2, x).to(weight.dtype) if need_w or need_s else None
         one = open_ and mask is None  # the gate is 1: W' = W, dL/dW = dL/dW'
         need_gated = need_x and low is None and not one
         if need_gated or need_s or (need_w and not one):
@@ -232,11 +244,11 @@ class _L0Linear(torch.autograd.Function):
                 through_top, open_, need_gated, need_w and not one, need_s)
         if need_x:
             w = low if low is not None else weight if one else gated
-            grad_x = (grad_out @ w.to(grad_out.dtype)).to(x.dtype)
+            grad_x = _input_grad(g2, w, grad_out.shape).to(x.dtype)
         grad_w = (grad_gated if one else grad_w) if need_w else None
         grad_s = grad_s if need_s else None
         if need_b and ctx.has_bias:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, grad_s, None, None, None, None, None, None, None, None
 
 
