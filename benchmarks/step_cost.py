@@ -70,8 +70,8 @@ class OpCounter(TorchDispatchMode):
             return out
         tensors = [t for t in _flat((args, kwargs)) if isinstance(t, torch.Tensor)]
         outs = [t for t in _flat(out) if isinstance(t, torch.Tensor)]
-        if not outs and str(func._overloadpacket).endswith("_"):  # in place, returns nothing
-            outs = [t for t in _flat(args[0]) if isinstance(t, torch.Tensor)]  # (_foreach_*_)
+        returned = {id(t) for t in outs}
+        outs += [t for t in _written(func, args, kwargs) if id(t) not in returned]
         nbytes = sum(t.numel() * t.element_size() for t in (*tensors, *outs))
         if func._overloadpacket is aten.index:  # a gather reads what it gives, not its table
             table, gathered = tensors[0], outs[0]
@@ -96,6 +96,17 @@ def _moves_nothing(func: Any) -> bool:
     plugin's own ops, ``prune_plugin::*``, each one compiled kernel on a GPU, count.)"""
     return func.namespace not in ("aten", "prune_plugin") or func.is_view \
         or func._overloadpacket in _FREE
+
+
+def _written(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an op writes in place (its schema's mutable arguments: ``mul_``'s self,
+    every list of ``_foreach_add_``), whether or not it returns them."""
+    written = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            written += [t for t in _flat(value) if isinstance(t, torch.Tensor)]
+    return written
 
 
 def _flat(x: Any) -> list[Any]:

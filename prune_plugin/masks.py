@@ -77,7 +77,8 @@ class _MaskedLinear(torch.autograd.Function):
         if need_w or need_s:
             grad_masked = _weight_grad(g2, x).to(weight.dtype)  # dL/dW' with W' = W * M
             if need_s and need_w and mask is not None:
-                grad_w, grad_s = masked_grads(grad_masked, weight, mask)
+                grad_s = masked_grads_(grad_masked, weight, mask)
+                grad_w = grad_masked
             elif need_s:
                 grad_s = grad_masked * weight if need_w else grad_masked.mul_(weight)
                 grad_w = grad_masked if need_w else None  # (no mask: all kept)
@@ -239,13 +240,13 @@ class _L0Linear(torch.autograd.Function):
         one = open_ and mask is None  # the gate is 1: W' = W, dL/dW = dL/dW'
         need_gated = need_x and low is None and not one
         if need_gated or need_s or (need_w and not one):
-            gated, grad_w, grad_s = l0_grads(
+            gated, grad_s = l0_grads_(  # (dL/dW in place of grad_gated)
                 grad_gated, weight, scores.detach(), noise, mask, beta, left, right, floor,
                 through_top, open_, need_gated, need_w and not one, need_s)
         if need_x:
             w = low if low is not None else weight if one else gated
             grad_x = _input_grad(g2, w, grad_out.shape).to(x.dtype)
-        grad_w = (grad_gated if one else grad_w) if need_w else None
+        grad_w = grad_gated if need_w else None
         grad_s = grad_s if need_s else None
         if need_b and ctx.has_bias:
             grad_b = g2.sum(0)
@@ -328,20 +329,22 @@ def _(weight: Tensor, gate: Tensor, dtype: torch.dtype) -> Tensor:
     return weight.new_empty(weight.shape, dtype=dtype)
 
 
-def _masked_grads(grad: Tensor, weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    return (grad * mask).contiguous(), (grad * weight).contiguous()
+def _masked_grads(grad: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+    grad_s = (grad * weight).contiguous()
+    grad.mul_(mask)
+    return grad_s
 
 
-@torch.library.custom_op("prune_plugin::masked_grads", mutates_args=())
-def masked_grads(grad: Tensor, weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """``(dL/dW' * M, dL/dW' * W)``: the weight's and the scores' gradients (Eq. 2) in one
-    pass over dL/dW'."""
+@torch.library.custom_op("prune_plugin::masked_grads_", mutates_args=("grad",))
+def masked_grads_(grad: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+    """The scores' gradient ``dL/dW' * W`` (Eq. 2), returned, and the weight's ``dL/dW' * M``
+    in place of ``grad`` = dL/dW' (no new weight-sized buffer), in one pass over it."""
     return _run(_masked_grads, grad, weight, mask)
 
 
-@masked_grads.register_fake
-def _(grad: Tensor, weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    return grad.new_empty(grad.shape), grad.new_empty(grad.shape)
+@masked_grads_.register_fake
+def _(grad: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+    return grad.new_empty(grad.shape)
 
 
 def _l0_gated_weight(weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor | None,
@@ -374,7 +377,7 @@ def _(weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor | None, beta: 
 def _l0_grads(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor,
               mask: Tensor | None, beta: float, left: float, right: float, floor: float | None,
               through_top: bool, open_: bool, need_gated: bool, need_w: bool, need_s: bool
-              ) -> tuple[Tensor, Tensor, Tensor]:
+              ) -> tuple[Tensor, Tensor]:
     def none() -> Tensor:  # an output not asked for (each its own: outputs may not alias)
         return weight.new_empty(0)
     # (a floored score gets the gradient at the floor: straight-through, so it can rise)
@@ -387,40 +390,38 @@ def _l0_grads(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor
         if mask is not None:
             gate.mul_(mask)
     gated = effective_weight(weight, gate).contiguous() if need_gated else none()
-    grad_w, grad_s = none(), none()
+    grad_s = none()
     if grad is not None and need_s:  # d gate / dS = (r - l) s (1 - s) / b inside the clamp
         inside = stretched > 0.0 if through_top else (stretched > 0.0) & (stretched < 1.0)
         if mask is not None:
             inside &= mask
         dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(inside)
         grad_s = (grad * weight).mul_(dgate).to(scores.dtype).contiguous()
-    if grad is not None and need_w:
-        grad_w = (grad if gate is None else grad * gate.to(grad.dtype)).contiguous()
-    return gated, grad_w, grad_s
+    if grad is not None and need_w and gate is not None:
+        grad.mul_(gate.to(grad.dtype))
+    return gated, grad_s
 
 
-@torch.library.custom_op("prune_plugin::l0_grads", mutates_args=())
-def l0_grads(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor,
-             mask: Tensor | None, beta: float, left: float, right: float, floor: float | None,
-             through_top: bool, open_: bool, need_gated: bool, need_w: bool, need_s: bool
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """L0's backward beside its matmuls, in one pass: the gate rebuilt from the noise, and
-    (each only if asked, else empty) ``W * gate``, ``dL/dW = dL/dW' * gate`` and
-    ``dL/dS = dL/dW' * W * d gate / dS`` (Eq. 3)."""
+@torch.library.custom_op("prune_plugin::l0_grads_", mutates_args=("grad",))
+def l0_grads_(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor,
+              mask: Tensor | None, beta: float, left: float, right: float, floor: float | None,
+              through_top: bool, open_: bool, need_gated: bool, need_w: bool, need_s: bool
+              ) -> tuple[Tensor, Tensor]:
+    """L0's backward beside its matmuls, in one pass: the gate rebuilt from the noise;
+    returned (each only if asked, else empty) ``W * gate`` and ``dL/dS = dL/dW' * W * d gate
+    / dS`` (Eq. 3); with ``need_w``, ``grad`` = dL/dW' becomes ``dL/dW = dL/dW' * gate`` in
+    place."""
     return _run(_l0_grads, grad, weight, scores, noise, mask, beta, left, right, floor,
                 through_top, open_, need_gated, need_w, need_s)
 
 
-@l0_grads.register_fake
+@l0_grads_.register_fake
 def _(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor | None,
       beta: float, left: float, right: float, floor: float | None, through_top: bool,
-      open_: bool, need_gated: bool, need_w: bool, need_s: bool
-      ) -> tuple[Tensor, Tensor, Tensor]:
+      open_: bool, need_gated: bool, need_w: bool, need_s: bool) -> tuple[Tensor, Tensor]:
     def full(asked: bool, dtype: torch.dtype) -> Tensor:
         return weight.new_empty(weight.shape if asked else (0,), dtype=dtype)
-    has_grad = grad is not None
-    return (full(need_gated, weight.dtype), full(has_grad and need_w, weight.dtype),
-            full(has_grad and need_s, scores.dtype))
+    return full(need_gated, weight.dtype), full(grad is not None and need_s, scores.dtype)
 
 
 # -- regularizers ------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ def test_expected_l0_formula():
 @pytest.mark.parametrize("transposed", [False, True])
 def test_the_fused_passes_compiled_give_the_eager_values(monkeypatch, transposed):
     # CUDA runs them compiled (one kernel each); compiled here by the CPU backend, they give
-    # the eager values, contiguous, for plain and transposed (Conv1D) weights and unit masks
+    # the eager values (and the same gradient written in place), contiguous, for plain and
+    # transposed (Conv1D) weights and unit masks
     from prune_plugin import masks
 
     torch.manual_seed(0)
@@ -180,24 +181,32 @@ def test_the_fused_passes_compiled_give_the_eager_values(monkeypatch, transposed
     w = w.t().contiguous().t() if transposed else w  # (a view with the other strides)
     s, grad = torch.randn(48, 40), torch.randn(48, 40)
     noise = l0_noise(s.shape, s.device, torch.Generator().manual_seed(4))
-    cases = [
-        ("masked_weight", (w, torch.rand(48, 40) > 0.5, torch.bfloat16)),
-        ("masked_weight", (w, torch.rand(48, 1) > 0.5, torch.bfloat16)),
-        ("masked_grads", (grad, w, torch.rand(48, 40) > 0.5)),
+    cases = [  # (op, arguments, where the gradient is, if the op writes it in place)
+        ("masked_weight", (w, torch.rand(48, 40) > 0.5, torch.bfloat16), None),
+        ("masked_weight", (w, torch.rand(48, 1) > 0.5, torch.bfloat16), None),
+        ("masked_grads_", (grad, w, torch.rand(48, 40) > 0.5), 0),
         ("l0_gated_weight", (w, s, noise, torch.rand(48, 40) > 0.3, 2 / 3, -0.1, 1.1, None,
-                             torch.bfloat16)),
-        ("l0_gated_weight", (w, s, noise, None, 2 / 3, -0.1, 1.1, 0.5, torch.float32)),
-        ("l0_grads", (grad, w, s, noise, torch.rand(48, 40) > 0.3, 2 / 3, -0.1, 1.1, None,
-                      False, False, True, True, True)),
-        ("l0_grads", (grad, w, s, noise, None, 2 / 3, -0.1, 1.1, 0.2, True, False, False,
-                      True, True)),
+                             torch.bfloat16), None),
+        ("l0_gated_weight", (w, s, noise, None, 2 / 3, -0.1, 1.1, 0.5, torch.float32), None),
+        ("l0_grads_", (grad, w, s, noise, torch.rand(48, 40) > 0.3, 2 / 3, -0.1, 1.1, None,
+                       False, False, True, True, True), 0),
+        ("l0_grads_", (grad, w, s, noise, None, 2 / 3, -0.1, 1.1, 0.2, True, False, False,
+                       True, True), 0),
     ]
-    eager = [getattr(masks, name)(*args) for name, args in cases]
+
+    def run(name, args, written):
+        args = list(args)
+        if written is not None:
+            args[written] = args[written].clone()
+        out = getattr(masks, name)(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        return out + ((args[written],) if written is not None else ())
+
+    eager = [run(*case) for case in cases]
     monkeypatch.setattr(masks, "_compiles", lambda t: True)
-    for (name, args), want in zip(cases, eager):
-        got = getattr(masks, name)(*args)
-        for a, b in zip(*(x if isinstance(x, tuple) else (x,) for x in (got, want))):
-            assert a.is_contiguous() and a.dtype == b.dtype and a.shape == b.shape, name
-            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=name)
+    for case, want in zip(cases, eager):
+        for a, b in zip(run(*case), want):
+            assert a.is_contiguous() and a.dtype == b.dtype and a.shape == b.shape, case[0]
+            torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=case[0])
     assert set(masks._COMPILED) == {"_masked_weight", "_masked_grads", "_l0_gated_weight",
                                     "_l0_grads"}  # (each ran compiled)
