@@ -38,8 +38,14 @@ def effective_weight(weight: Tensor, gate: Tensor | None) -> Tensor:
     if gate is None:
         return weight
     if gate.dtype == torch.bool:
-        return weight * gate
+        return weight * as_factor(gate)
     return weight * gate.to(weight.dtype)
+
+
+def as_factor(mask: Tensor) -> Tensor:
+    """A bool mask as a multiplier: its bytes seen as uint8 0 / 1, the same products (the CPU
+    multiplies by uint8 2-3x faster than by bool, which it first converts to float)."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
 def _autocast_dtype(x: Tensor, weight: Tensor) -> torch.dtype | None:
@@ -83,7 +89,7 @@ class _MaskedLinear(torch.autograd.Function):
                 grad_s = grad_masked * weight if need_w else grad_masked.mul_(weight)
                 grad_w = grad_masked if need_w else None  # (no mask: all kept)
             else:
-                grad_w = grad_masked if mask is None else grad_masked.mul_(mask)
+                grad_w = grad_masked if mask is None else grad_masked.mul_(as_factor(mask))
             if grad_s is not None and ctx.scores_shape != grad_s.shape:  # one score per unit:
                 grad_s = grad_s.sum_to_size(ctx.scores_shape)  # summed over the unit
         if need_b and ctx.has_bias:
@@ -331,7 +337,7 @@ def _(weight: Tensor, gate: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _masked_grads(grad: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
     grad_s = (grad * weight).contiguous()
-    grad.mul_(mask)
+    grad.mul_(as_factor(mask))
     return grad_s
 
 
@@ -353,7 +359,7 @@ def _l0_gated_weight(weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor
     gate = hard_concrete_gate(floor_scores(scores, floor), beta=beta, left=left, right=right,
                               noise=noise)
     if mask is not None:
-        gate.mul_(mask)
+        gate.mul_(as_factor(mask))
     gated = effective_weight(weight, gate)
     if dtype == weight.dtype:
         return gated.contiguous()
@@ -388,14 +394,14 @@ def _l0_grads(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor
     else:
         gate = stretched.clamp(0.0, 1.0)
         if mask is not None:
-            gate.mul_(mask)
+            gate.mul_(as_factor(mask))
     gated = effective_weight(weight, gate).contiguous() if need_gated else none()
     grad_s = none()
     if grad is not None and need_s:  # d gate / dS = (r - l) s (1 - s) / b inside the clamp
         inside = stretched > 0.0 if through_top else (stretched > 0.0) & (stretched < 1.0)
         if mask is not None:
             inside &= mask
-        dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(inside)
+        dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(as_factor(inside))
         grad_s = (grad * weight).mul_(dgate).to(scores.dtype).contiguous()
     if grad is not None and need_w and gate is not None:
         grad.mul_(gate.to(grad.dtype))
