@@ -38,6 +38,10 @@ class Family:
     #: Attributes of the attention module (the parent of a heads group's first member) that
     #: count heads or head-sized widths; a ``config.`` path gives the module its own config copy.
     head_counts: tuple[str, ...] = ()
+    #: Attributes of the attention module derived from its counts, set again after a shrink
+    #: where the module has them: name -> (numerator, denominator), the new value their quotient
+    #: (transformers 5.25's Falcon repeats its key/value heads num_heads // num_kv_heads times).
+    derived_counts: tuple[tuple[str, str, str], ...] = ()
     #: False where the layers share per-head state, so pruned heads stay in place (zeroed) when
     #: the model shrinks: T5's relative position bias is computed by the first layer of a stack
     #: for every layer.
@@ -107,7 +111,8 @@ FAMILIES: list[Family] = [
         _heads(["attention.query_key_value"], ["attention.dense"],
                fused={"attention.query_key_value": "qkv_interleaved"}),
         _neurons(["mlp.dense_h_to_4h"], ["mlp.dense_4h_to_h"])]),
-    Family("Falcon", ("falcon",), _falcon, head_counts=("num_heads", "num_kv_heads")),
+    Family("Falcon", ("falcon",), _falcon, head_counts=("num_heads", "num_kv_heads"),
+           derived_counts=(("num_key_value_groups", "num_heads", "num_kv_heads"),)),
     Family("GPT-2", ("gpt2",), [
         _heads(["attn.c_attn"], ["attn.c_proj"], fused={"attn.c_attn": "qkv_stacked"}),
         _neurons(["mlp.c_fc"], ["mlp.c_proj"])], head_counts=("num_heads", "split_size")),

@@ -22,6 +22,7 @@ without synchronising with it.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -303,13 +304,25 @@ def _compiles(t: Tensor) -> bool:
 
 
 def _run(fn: Any, *args: Any) -> Any:
-    """``fn(*args)``, compiled where its tensors are on CUDA."""
-    if _compiles(next(a for a in args if isinstance(a, Tensor))):
-        compiled = _COMPILED.get(fn.__name__)
-        if compiled is None:
-            compiled = _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True, fullgraph=True)
+    """``fn(*args)``, compiled where its tensors are on CUDA (where compiling fails, e.g. no
+    Triton for this GPU, the eager ops, said once)."""
+    if not _compiles(next(a for a in args if isinstance(a, Tensor))):
+        return fn(*args)
+    compiled = _COMPILED.get(fn.__name__)
+    if compiled is not None:
         return compiled(*args)
-    return fn(*args)
+    try:
+        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        out = compiled(*args)
+    except Exception as error:  # any compiler failure: the same values, eagerly
+        warnings.warn(f"prune_plugin: compiling {fn.__name__} failed ({type(error).__name__}: "
+                      f"{error}); its eager ops run instead, a few more passes a step. Set "
+                      "prune_plugin.masks.COMPILE_ON_CUDA = False to skip compiling.",
+                      RuntimeWarning, stacklevel=2)
+        _COMPILED[fn.__name__] = fn
+        return fn(*args)
+    _COMPILED[fn.__name__] = compiled
+    return out
 
 
 def _gated_weight(weight: Tensor, gate: Tensor | None, low: torch.dtype | None) -> Tensor:

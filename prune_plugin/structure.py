@@ -522,6 +522,10 @@ def _set_head_counts(model: nn.Module, group: UnitGroup, units_left: int,
         value = _get_path(parent, path)
         if isinstance(value, int) and not isinstance(value, bool) and value % units == 0:
             changed[path] = value // units * units_left
+    for name, num, den in group.family.derived_counts if group.family is not None else ():
+        now = {path: changed.get(path, _get_path(parent, path)) for path in (name, num, den)}
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in now.values()):
+            changed[name] = now[num] // now[den]
     apply_attributes(parent, changed)
     return {parent_name: changed} if changed else {}
 

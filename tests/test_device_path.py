@@ -150,3 +150,34 @@ def test_cuda_step_is_silent_under_sync_debug_mode(method, scope) -> None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert opt.pruner.step_count == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method,scope", CASES)
+def test_cuda_compiled_passes_train_as_the_eager_ones(method, scope, monkeypatch) -> None:
+    # CUDA runs the per-layer elementwise passes (prune_plugin::*) compiled; the eager ops
+    # (COMPILE_ON_CUDA off) must give the same losses to rounding and the same kept counts
+    from prune_plugin import masks
+
+    runs = []
+    for compiled in (True, False):
+        monkeypatch.setattr(masks, "COMPILE_ON_CUDA", compiled)
+        torch.manual_seed(0)
+        model = tiny_bert().cuda()
+        opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True),
+                               _policy(method, scope), model=model)
+        losses = []
+        for step in range(4):
+            torch.manual_seed(100 + step)  # L0's noise
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(**{k: v.cuda() for k, v in bert_batch(seed=step).items()}).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        runs.append((losses, opt.pruner.kept_counts()))
+    (compiled_losses, compiled_kept), (eager_losses, eager_kept) = runs
+    assert compiled_losses == pytest.approx(eager_losses, rel=2e-2)
+    assert sum(compiled_kept) == pytest.approx(sum(eager_kept), rel=2e-2)
+    assert masks._COMPILED and all(c is not getattr(masks, name)  # the compiled path ran
+                                   for name, c in masks._COMPILED.items())

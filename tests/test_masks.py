@@ -209,4 +209,22 @@ def test_the_fused_passes_compiled_give_the_eager_values(monkeypatch, transposed
             assert a.is_contiguous() and a.dtype == b.dtype and a.shape == b.shape, case[0]
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=case[0])
     assert set(masks._COMPILED) == {"_masked_weight", "_masked_grads", "_l0_gated_weight",
-                                    "_l0_grads"}  # (each ran compiled)
+                                    "_l0_grads"}
+    assert all(c is not getattr(masks, name) for name, c in masks._COMPILED.items())  # compiled
+
+
+def test_a_pass_that_fails_to_compile_runs_its_eager_ops_and_says_so(monkeypatch):
+    from prune_plugin import masks
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no Triton for this GPU")
+        return run
+    monkeypatch.setattr(masks, "_compiles", lambda t: True)
+    monkeypatch.setattr(masks, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    w, m = torch.randn(6, 5), torch.rand(6, 5) > 0.5
+    with pytest.warns(RuntimeWarning, match="compiling _masked_weight failed.*eager ops"):
+        got = masks.masked_weight(w, m, torch.bfloat16)
+    assert torch.equal(got, (w * m).to(torch.bfloat16))
+    assert masks._COMPILED["_masked_weight"] is masks._masked_weight  # once: eager from now on
