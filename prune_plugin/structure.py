@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -522,12 +523,22 @@ def _set_head_counts(model: nn.Module, group: UnitGroup, units_left: int,
         value = _get_path(parent, path)
         if isinstance(value, int) and not isinstance(value, bool) and value % units == 0:
             changed[path] = value // units * units_left
-    for name, num, den in group.family.derived_counts if group.family is not None else ():
-        now = {path: changed.get(path, _get_path(parent, path)) for path in (name, num, den)}
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in now.values()):
-            changed[name] = now[num] // now[den]
+    if group.family is not None:
+        changed.update(derived_counts(parent, group.family.derived_counts, changed))
     apply_attributes(parent, changed)
     return {parent_name: changed} if changed else {}
+
+
+def derived_counts(module: Any, derived: Iterable[tuple[str, str, str]],
+                   changed: dict[str, int]) -> dict[str, int]:
+    """The derived counts (:attr:`Family.derived_counts`) that ``module`` has, from its counts
+    once ``changed`` is set."""
+    out = {}
+    for name, num, den in derived:
+        now = {path: changed.get(path, _get_path(module, path)) for path in (name, num, den)}
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in now.values()):
+            out[name] = now[num] // now[den]
+    return out
 
 
 def _get_path(module: Any, path: str) -> Any:
@@ -592,8 +603,10 @@ def resize_as_recorded(model: nn.Module, shapes: dict[str, list[int]],
         if bias is not None and bias.shape[0] != out:
             module.bias = nn.Parameter(bias.new_empty(out))
         _set_sizes(module, tuple(shape))
+    every_derived = [d for family in FAMILIES for d in family.derived_counts]
     for name, changed in attributes.items():
-        apply_attributes(model.get_submodule(name), changed)
+        module = model.get_submodule(name)  # (a file written before a count was derived too)
+        apply_attributes(module, {**changed, **derived_counts(module, every_derived, changed)})
 
 
 def record_shapes(model: nn.Module, shapes: dict[str, list[int]],

@@ -357,3 +357,28 @@ def test_load_shrunk_resolves_an_auto_class(tmp_path):
     loaded = load_shrunk(tmp_path, tf.AutoModelForCausalLM)
     assert type(loaded) is type(model)
     torch.testing.assert_close(logits(loaded, data), expected, atol=1e-5, rtol=0)
+
+
+def test_a_shrunk_falcon_saved_without_its_derived_count_loads_with_the_same_outputs(tmp_path):
+    # multi-query Falcon repeats its one key/value head num_key_value_groups times (transformers
+    # 5.25): a shrink sets it from the new head count, and a file that did not record it (an
+    # earlier version's) gets it again when loaded
+    import json
+
+    model = tiny("falcon_mq")
+    train(model, "falcon_mq", "hybrid")
+    data = batch("falcon_mq", seed=9)
+    masked = logits(model, data)
+    finalize(model, shrink=True)
+    attention = model.transformer.h[0].self_attention
+    if not hasattr(attention, "num_key_value_groups"):
+        pytest.skip("this transformers' Falcon has no num_key_value_groups")
+    assert attention.num_key_value_groups == attention.num_heads == 2  # 2 of 8 heads left
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for changed in config["prune_plugin_attributes"].values():
+        assert changed.pop("num_key_value_groups") == 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_shrunk(tmp_path)
+    assert loaded.transformer.h[0].self_attention.num_key_value_groups == 2
+    torch.testing.assert_close(logits(loaded, data), masked, atol=1e-5, rtol=0)
