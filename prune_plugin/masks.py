@@ -456,14 +456,21 @@ def sigmoid_penalty_grad(scores: Tensor) -> Tensor:
     return sigmoid_penalty_grads([scores])[0]
 
 
-def sigmoid_penalty_grads(scores: Sequence[Tensor]) -> list[Tensor]:
-    """:func:`sigmoid_penalty_grad` of each tensor, in multi-tensor kernels (a few for all the
-    layers, not a few per layer), the same values: sigmoid(S) (1 - sigmoid(S))."""
-    return _times_one_minus(list(torch._foreach_sigmoid(list(scores))))
+def sigmoid_penalty_grads(scores: Sequence[Tensor], *, multi_tensor: bool = True
+                          ) -> list[Tensor]:
+    """:func:`sigmoid_penalty_grad` of each tensor, the same values: sigmoid(S) (1 -
+    sigmoid(S)); ``multi_tensor``: in multi-tensor kernels (a few launches for all the layers,
+    for accelerators), else tensor by tensor (fewer passes: the CPU)."""
+    return _times_one_minus(list(torch._foreach_sigmoid(list(scores))), multi_tensor)
 
 
-def _times_one_minus(s: list[Tensor]) -> list[Tensor]:
-    """s * (1 - s) in place, as ``s.mul_(1.0 - s)`` rounds it."""
+def _times_one_minus(s: list[Tensor], multi_tensor: bool) -> list[Tensor]:
+    """s * (1 - s) in place, as ``s.mul_(1.0 - s)`` rounds it (multi-tensor kernels have no
+    1 - s: a negation and an addition, one pass more than tensor by tensor)."""
+    if not multi_tensor:
+        for t in s:
+            t.mul_(1.0 - t)
+        return s
     one_minus = list(torch._foreach_neg(s))
     torch._foreach_add_(one_minus, 1.0)
     torch._foreach_mul_(s, one_minus)
@@ -484,9 +491,10 @@ def expected_l0_grad(scores: Tensor, *, beta: float, left: float, right: float) 
     return expected_l0_grads([scores], beta=beta, left=left, right=right)[0]
 
 
-def expected_l0_grads(scores: Sequence[Tensor], *, beta: float, left: float, right: float
-                      ) -> list[Tensor]:
-    """:func:`expected_l0_grad` of each tensor, in multi-tensor kernels."""
+def expected_l0_grads(scores: Sequence[Tensor], *, beta: float, left: float, right: float,
+                      multi_tensor: bool = True) -> list[Tensor]:
+    """:func:`expected_l0_grad` of each tensor (``multi_tensor``: as for
+    :func:`sigmoid_penalty_grads`)."""
     logits = list(torch._foreach_sub(list(scores), beta * math.log(-left / right)))
     torch._foreach_sigmoid_(logits)
-    return _times_one_minus(logits)
+    return _times_one_minus(logits, multi_tensor)

@@ -435,10 +435,10 @@ class Controller:
 @dataclass(frozen=True)
 class Penalty:
     """lambda(t) * mean R(S) on the scores: ``grad`` is dR/dS per element of each score tensor
-    (all of them in one call: multi-tensor kernels), to be scaled by lambda / N; a
-    ``controller`` scales lambda by what it measures."""
+    (all of them in one call; ``multi_tensor``: in multi-tensor kernels), to be scaled by
+    lambda / N; a ``controller`` scales lambda by what it measures."""
 
-    grad: Callable[[list[Tensor]], list[Tensor]]
+    grad: Callable[..., list[Tensor]]
     lam: Schedule
     controller: Controller | None = None
 

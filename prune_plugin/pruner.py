@@ -332,7 +332,8 @@ class Pruner:
                     grad = s.grad
                 by_device.setdefault(s.device, []).append((s, grad))
             for device, pairs in by_device.items():  # a few multi-tensor kernels per device
-                g = self.method.penalty.grad([s.detach() for s, _ in pairs])
+                g = self.method.penalty.grad([s.detach() for s, _ in pairs],
+                                             multi_tensor=self.sync_free(pairs[0][0]))
                 torch._foreach_mul_(g, scale)
                 if factor is not None:
                     torch._foreach_mul_(g, factor.to(device))
