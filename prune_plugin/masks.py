@@ -373,10 +373,9 @@ def _l0_gated_weight(weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor
                               noise=noise)
     if mask is not None:
         gate.mul_(as_factor(mask))
-    gated = effective_weight(weight, gate)
     if dtype == weight.dtype:
-        return gated.contiguous()
-    return torch.empty(weight.shape, dtype=dtype, device=weight.device).copy_(gated)
+        return effective_weight(weight, gate).contiguous()
+    return _masked_weight(weight, gate, dtype)
 
 
 @torch.library.custom_op("prune_plugin::l0_gated_weight", mutates_args=())
@@ -416,8 +415,8 @@ def _l0_grads(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor
             inside &= mask
         dgate = s.mul_(1.0 - s).mul_((right - left) / beta).mul_(as_factor(inside))
         grad_s = (grad * weight).mul_(dgate).to(scores.dtype).contiguous()
-    if grad is not None and need_w and gate is not None:
-        grad.mul_(gate.to(grad.dtype))
+    if grad is not None and need_w and gate is not None:  # (the bare mask in an open warm-up)
+        grad.mul_(as_factor(gate) if gate.dtype == torch.bool else gate.to(grad.dtype))
     return gated, grad_s
 
 

@@ -511,8 +511,8 @@ def method_for(policy: PruningPolicy) -> Method:
         raise TypeError(f"no method for {type(policy).__name__}")
     lam = partial(lambda_at, final_lambda=p.final_lambda, schedule=p.lambda_schedule, **window)
     remaining = None  # v(t), where a final_remaining is requested (beyond the paper)
-    if p.final_remaining is not None:
-        assert p.initial_remaining is not None  # set with final_remaining
+    if p.targets_remaining:
+        assert p.initial_remaining is not None and p.final_remaining is not None
         remaining = cubic(p.initial_remaining, p.final_remaining)
     if isinstance(p, SoftMovementPolicy):
         grad = sigmoid_penalty_grads
