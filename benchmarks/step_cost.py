@@ -9,7 +9,8 @@ step's time on a named GPU.
 The step runs under ``FakeTensorMode`` (no memory, no compute: BERT-base at batch 32 x 128 is
 counted in seconds) with a ``TorchDispatchMode`` that records every aten op below autograd:
 its name, the bytes of its tensor inputs and outputs (views and metadata ops skipped: they
-move nothing; a gather counted as reading what it gives, not its whole table), and its FLOPs
+move nothing; a gather counted as reading what it gives, not its whole table, a scatter as
+writing where its index points, not its whole target), and its FLOPs
 (torch's own flop registry). The step is the forward under bf16 autocast, the backward,
 ``optimizer.step()`` of a fused AdamW and ``zero_grad``, on the device path (the GPU's), masks
 refreshed in that step; it is the third step (the first two build the optimizer state and the
@@ -73,9 +74,12 @@ class OpCounter(TorchDispatchMode):
         returned = {id(t) for t in outs}
         outs += [t for t in _written(func, args, kwargs) if id(t) not in returned]
         nbytes = sum(t.numel() * t.element_size() for t in (*tensors, *outs))
-        if func._overloadpacket is aten.index:  # a gather reads what it gives, not its table
-            table, gathered = tensors[0], outs[0]
+        if func._overloadpacket in (aten.index, aten.gather):  # reads what it gives, not
+            table, gathered = tensors[0], outs[0]  # its whole table
             nbytes -= max(0, table.numel() - gathered.numel()) * table.element_size()
+        elif func._overloadpacket is aten.scatter_:  # in place: writes where index points
+            target, index = tensors[0], tensors[1]  # none of the rest of self moves
+            nbytes += (index.numel() - 2 * target.numel()) * target.element_size()
         flops = 0
         counter = self.flop_registry.get(func._overloadpacket)
         if counter is not None:  # called as torch's FlopCounterMode calls it

@@ -117,8 +117,13 @@ class PrunedLayer:
 
     @property
     def saved_mask(self) -> Tensor | None:
-        """The mask this layer saves: its own, or its unit group's."""
-        return self.group.mask if self.group is not None else self.mask
+        """The mask this layer saves: its own, or its unit group's; a tensor of its own (a
+        mask may be a view into one buffer of several layers' masks: save_pretrained keeps
+        one of the tensors sharing memory, as tied weights, and torch.save the whole buffer)."""
+        mask = self.group.mask if self.group is not None else self.mask
+        if mask is not None and mask.untyped_storage().nbytes() != mask.numel():
+            return mask.clone()
+        return mask
 
     @property
     def numel(self) -> int:
@@ -128,6 +133,9 @@ class PrunedLayer:
     @property
     def shape(self) -> torch.Size:
         return self.weight.shape
+
+    #: Magnitude pruning ranks |W| element by element (a unit group ranks unit norms).
+    ranks_abs_weight = True
 
     def magnitudes(self) -> Tensor:
         """|W|: what magnitude pruning ranks."""
@@ -140,6 +148,11 @@ class PrunedLayer:
                 or self._mask_buffer.shape != w.shape:
             self._mask_buffer = torch.empty(w.shape, dtype=torch.bool, device=w.device)
         return self._mask_buffer
+
+    def use_mask_buffer(self, buffer: Tensor) -> None:
+        """Take ``buffer`` (a view into one tensor a selection writes for several layers at
+        once) as the mask buffer."""
+        self._mask_buffer = buffer
 
     def set_mask(self, mask: Tensor | None) -> None:
         if mask is not None and mask is not self._mask_buffer:

@@ -26,6 +26,7 @@ shared :class:`~prune_plugin.hooks.StepState`.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -60,6 +61,32 @@ def importance(selectable: Selectable) -> Tensor:
     if selectable.scores is not None:
         return whole_tensor(selectable.scores)
     return selectable.magnitudes()
+
+
+def _joined_importance(sels: list[Selectable], *, as_rows: bool) -> Tensor:
+    """The importance of ``sels`` joined for one selection: stacked as rows (same shapes) or
+    concatenated. |W| is taken once over the joined weights, not layer by layer."""
+    if all(sel.scores is None and sel.ranks_abs_weight for sel in sels):
+        weights = [sel.weight.detach().reshape(-1) for sel in sels]
+        return (torch.stack(weights) if as_rows else torch.cat(weights)).abs_()
+    parts = [importance(sel).reshape(-1) for sel in sels]
+    return torch.stack(parts) if as_rows else torch.cat(parts)
+
+
+def _joint_mask_buffer(sels: list[Selectable]) -> Tensor:
+    """One flat bool tensor holding the mask buffers of ``sels`` end to end, so one selection
+    over their joined importance writes every mask in place (a copy per layer otherwise): the
+    one the selectables already hold, else a new one handed to them."""
+    buffers = [sel.mask_buffer() for sel in sels]
+    offsets = list(itertools.accumulate((b.numel() for b in buffers), initial=0))
+    joint = buffers[0]._base
+    if joint is not None and joint.dim() == 1 and joint.numel() == offsets[-1] and all(
+            b._base is joint and b.storage_offset() == at for b, at in zip(buffers, offsets)):
+        return joint
+    joint = torch.empty(offsets[-1], dtype=torch.bool, device=buffers[0].device)
+    for sel, buffer, at in zip(sels, buffers, offsets):
+        sel.use_mask_buffer(joint[at:at + buffer.numel()].view(buffer.shape))
+    return joint
 
 
 @dataclass
@@ -184,21 +211,22 @@ class TopV:
         the concatenation of every layer."""
         if self.scope == "global":
             for sels in groups:
-                flat = torch.cat([importance(sel).reshape(-1) for sel in sels])
-                k = topv_count(remaining, flat.numel())
-                masks = topv_rows(flat.unsqueeze(0), k).squeeze(0)
-                for sel, mask in zip(sels, masks.split([sel.numel for sel in sels])):
-                    sel.set_mask(mask.view(sel.shape))
+                flat = _joined_importance(sels, as_rows=False)
+                topv_rows(flat.unsqueeze(0), topv_count(remaining, flat.numel()),
+                          out=_joint_mask_buffer(sels).unsqueeze(0))
+                for sel in sels:
+                    sel.set_mask(sel.mask_buffer())  # written in place: no copy
             return
         by_shape: dict[tuple, list[Selectable]] = defaultdict(list)
         for (sel,) in groups:
             w = sel.weight
             by_shape[(tuple(sel.shape), w.dtype, w.device)].append(sel)
         for same in by_shape.values():
-            rows = torch.stack([importance(sel).reshape(-1) for sel in same])
-            masks = topv_rows(rows, topv_count(remaining, rows.shape[1]))
-            for sel, mask in zip(same, masks):
-                sel.set_mask(mask.view(sel.shape))
+            rows = _joined_importance(same, as_rows=True)
+            topv_rows(rows, topv_count(remaining, rows.shape[1]),
+                      out=_joint_mask_buffer(same).view(rows.shape))
+            for sel in same:
+                sel.set_mask(sel.mask_buffer())
 
     @staticmethod
     def _refresh_sharded(candidates: Candidates, remaining: float,

@@ -293,13 +293,19 @@ def _threshold(value: float, ties: int, k: int, like: Tensor) -> TopVThreshold:
 
 # --- accelerators: exact Top-v with device operations only -----------------------------------
 
+#: Ties are counted per block of this many scores (a power of two; a block divides the row),
+#: so only the one block where the kept ties end needs a running count: a running count over
+#: the whole row writes 4 bytes per score and reads them back.
+TIE_BLOCK = 4096
+
+
 def topv_rows(rows: Tensor, k: int, out: Tensor | None = None) -> Tensor:
     """Masks keeping exactly the ``k`` largest scores of each row of ``rows`` (2-D), ties kept
     lowest index first: what :func:`topv_masks` keeps for each row alone.
 
     No value is read back to the host: ``torch.topk`` gives each row's k-th largest value ``t``,
-    and the mask is ``S > t`` plus the first ``k - #(S > t)`` scores equal to ``t``, found by a
-    cumulative count. A few passes over the scores, all queued on their device.
+    and the mask is ``S > t`` plus the first ``k - #(S > t)`` scores equal to ``t``
+    (:func:`_mask_at`). Three passes over the scores, all queued on their device.
     """
     n = rows.shape[-1]
     if out is None:
@@ -307,18 +313,83 @@ def topv_rows(rows: Tensor, k: int, out: Tensor | None = None) -> Tensor:
     if k <= 0 or k >= n:
         return out.fill_(k > 0)
     x = rows.detach()
-    kth = torch.topk(x, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    torch.gt(x, kth, out=out)
-    need = k - out.sum(dim=-1, keepdim=True)
-    return out.logical_or_(_first_ties(x, kth, need))
+    # The k-th largest is the (n - k + 1)-th smallest: ask topk for the shorter list (it writes
+    # 12 bytes per value it returns; early in a schedule k is nearly n).
+    if 2 * k <= n:
+        top = torch.topk(x, k, dim=-1, sorted=False).values
+        kth = top.amin(dim=-1, keepdim=True)
+        per_block = None
+        above = (top > kth).sum(dim=-1, keepdim=True)  # every score above t is in the top k
+    else:
+        bottom = torch.topk(x, n - k + 1, dim=-1, largest=False, sorted=False).values
+        kth = bottom.amax(dim=-1, keepdim=True)
+        per_block = _ties_per_block(x, kth)
+        below = (bottom < kth).sum(dim=-1, keepdim=True)  # every score below t is in these
+        above = n - below - per_block.sum(dim=-1, keepdim=True)
+    return _mask_at(x, kth, k - above, out, per_block)
 
 
-def _first_ties(x: Tensor, value: Tensor, count: Tensor) -> Tensor:
-    """The first ``count`` elements of each row of ``x`` that equal ``value`` (both broadcast
-    over the last dimension), as a mask; device operations only."""
+def _block_size(n: int) -> int:
+    """The tie block of a row of ``n``: TIE_BLOCK or the largest power of two dividing ``n``
+    below it; the whole row where that is short (blocks of a few scores cost more than they
+    save)."""
+    block = math.gcd(n, TIE_BLOCK)
+    return block if n > TIE_BLOCK and block >= TIE_BLOCK // 16 else n
+
+
+def _ties_per_block(x: Tensor, value: Tensor) -> Tensor:
+    """How many elements of each block of each row of ``x`` equal ``value`` (..., blocks)."""
+    n = x.shape[-1]
+    block = _block_size(n)
     equal = x == value
-    index_dtype = torch.int32 if x.shape[-1] < 2**31 else torch.int64
-    return equal.logical_and_(equal.cumsum(dim=-1, dtype=index_dtype) <= count)
+    return equal.view(*x.shape[:-1], n // block, block).sum(dim=-1, dtype=_index_dtype(n))
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n < 2**31 else torch.int64
+
+
+def _mask_at(x: Tensor, value: Tensor, ties: Tensor, out: Tensor,
+             per_block: Tensor | None = None) -> Tensor:
+    """``out`` = ``x > value`` plus the first ``ties`` elements equal to ``value``, per row of
+    ``x`` (``value`` and ``ties`` broadcast over the last dimension; ``per_block``: the
+    :func:`_ties_per_block` of ``x`` and ``value`` where the caller has it); device operations
+    only.
+
+    The kept ties fill whole blocks up to one: blocks before it compare ``x >= value``, blocks
+    after it ``x > value`` (``x >= next float up``), so one compare pass writes the mask; the
+    boundary block alone is redone with a running count of its ties.
+    """
+    lead, n = x.shape[:-1], x.shape[-1]
+    size = _block_size(n)
+    if size == n:  # a short row: one running count over it is the fewest passes
+        return _above_or_first_ties(x, value, ties, out)
+    blocks = n // size
+    if per_block is None:
+        per_block = _ties_per_block(x, value)
+    through = per_block.cumsum(dim=-1, dtype=per_block.dtype)  # ties up to each block's end
+    filled = through <= ties  # blocks whose ties are all kept: a prefix of the row
+    edge = filled.sum(dim=-1, keepdim=True).clamp_(max=blocks - 1)  # the boundary block
+    room = ties - (through - per_block).gather(-1, edge)  # ties still to keep as it starts
+    wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    strictly = torch.nextafter(wide, torch.full_like(wide, math.inf))  # x > t as x >= this
+    strictly = strictly.masked_fill_(wide == math.inf, math.nan)  # nothing is above +Inf
+    cut = torch.where(filled, wide, strictly).unsqueeze(-1)  # (..., blocks, 1)
+    grid = out.view(*lead, blocks, size)
+    torch.ge(x.view(*lead, blocks, size), cut, out=grid)
+    at = edge.unsqueeze(-1).expand(*lead, 1, size)
+    xs = x.view(*lead, blocks, size).gather(-2, at)  # (..., 1, size)
+    keep = torch.empty_like(xs, dtype=torch.bool)
+    grid.scatter_(-2, at, _above_or_first_ties(xs, value.unsqueeze(-1), room.unsqueeze(-1), keep))
+    return out
+
+
+def _above_or_first_ties(x: Tensor, value: Tensor, ties: Tensor, out: Tensor) -> Tensor:
+    """``out`` = ``x > value`` plus the first ``ties`` elements equal to ``value`` along the
+    last dimension, by a running count of the ties."""
+    equal = x == value
+    first = equal.logical_and_(equal.cumsum(dim=-1, dtype=_index_dtype(x.shape[-1])) <= ties)
+    return torch.logical_or(x > value, first, out=out)
 
 
 def topv_mask_reference(parts: Sequence[Tensor], k: int) -> list[Tensor]:
@@ -543,6 +614,7 @@ def mask_from_threshold(importance: Tensor, threshold: TopVThreshold) -> Tensor:
     """The mask of one whole tensor from its :func:`topv_thresholds` entry (device operations
     only: a ZeRO-3 forward rebuilds it from the gathered scores)."""
     flat = importance.detach().reshape(1, -1)
-    value = threshold.value.to(flat.dtype)
-    mask = (flat > value).logical_or_(_first_ties(flat, value, threshold.ties_kept))
+    value = threshold.value.to(flat.dtype).reshape(1, 1)
+    mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    _mask_at(flat, value, threshold.ties_kept.reshape(1, 1), mask)
     return mask.view(importance.shape)

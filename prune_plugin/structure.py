@@ -206,6 +206,8 @@ class UnitGroup:
     def weight(self) -> Tensor:  # device and dtype of the group, for selection
         return self.owner.weight
 
+    ranks_abs_weight = False  # magnitude pruning ranks unit norms
+
     def magnitudes(self) -> Tensor:
         """L2 norm of each unit's weights over every member (magnitude pruning's importance)."""
         parts = [member.layout.reduce_squares(member.layer.weight) for member in self.members]
@@ -219,6 +221,9 @@ class UnitGroup:
             self._mask_buffer = torch.empty(self.shape, dtype=torch.bool,
                                             device=self.weight.device)
         return self._mask_buffer
+
+    def use_mask_buffer(self, buffer: Tensor) -> None:
+        self._mask_buffer = buffer
 
     def set_mask(self, mask: Tensor | None) -> None:
         if mask is not None and mask is not self._mask_buffer:

@@ -10,14 +10,17 @@ as the CPU path.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from prune_plugin import PruningOptimizer, PruningPolicy
 from prune_plugin.pruner import Pruner
-from prune_plugin.selection import (mask_from_threshold, topv_mask_reference, topv_rows,
-                                    topv_thresholds)
+from prune_plugin import selection
+from prune_plugin.selection import (TopVThreshold, mask_from_threshold, topv_mask_reference,
+                                    topv_rows, topv_thresholds)
 
 from .models import bert_batch, tiny_bert
 
@@ -100,6 +103,44 @@ def test_device_path_trains_exactly_like_the_cpu_path(method, scope, monkeypatch
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_device_selection_writes_the_masks_in_place_and_saves_them_alone(scope, monkeypatch,
+                                                                          tmp_path) -> None:
+    """The device path's selection writes every mask into one joint buffer the layers hold
+    views of (no copy per layer, the buffer reused from step to step); what is saved is each
+    layer's mask alone, equal to the view (save_pretrained keeps one of tensors that share
+    memory)."""
+    from safetensors.torch import save_file
+
+    from prune_plugin import load_pruning_state, save_pruning_state
+
+    monkeypatch.setattr(Pruner, "device_path", True)
+    torch.manual_seed(0)
+    model = tiny_bert()
+    opt = PruningOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2),
+                           _policy("movement", scope), model=model)
+    _train(model, opt, 2)
+    layers = opt.pruner.layers
+    joint = layers[0].mask._base
+    assert joint is not None and sum(layer.mask._base is joint for layer in layers) > 1
+    storages = {layer.mask.untyped_storage().data_ptr() for layer in layers}
+    _train(model, opt, 1)
+    assert {layer.mask.untyped_storage().data_ptr() for layer in layers} == storages
+    state = model.state_dict()
+    masks = {k: v for k, v in state.items() if k.endswith(".pruning_mask")}
+    assert len(masks) == len(layers)  # each alone in its memory
+    assert all(m.untyped_storage().nbytes() == m.numel() for m in masks.values())
+    for layer in layers:
+        assert torch.equal(state[f"{layer.name}.pruning_mask"], layer.mask)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    kept = [layer.mask.clone() for layer in layers]
+    save_pruning_state(opt, tmp_path / "pruning.safetensors")
+    for layer in layers:
+        layer.mask.fill_(True)
+    load_pruning_state(opt, tmp_path / "pruning.safetensors")
+    assert all(torch.equal(layer.mask, mask) for layer, mask in zip(layers, kept))
+
+
 @pytest.mark.parametrize("kind", ["normal", "ties", "bf16"])
 def test_topv_rows_equals_the_stable_sort_reference(kind) -> None:
     g = torch.Generator().manual_seed(7)
@@ -115,6 +156,43 @@ def test_topv_rows_equals_the_stable_sort_reference(kind) -> None:
         assert masks.dtype == torch.bool and int(masks.sum()) == rows * k
         for row, mask in zip(x, masks):
             assert torch.equal(mask, topv_mask_reference([row], k)[0])
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+@pytest.mark.parametrize("kind", ["ties", "bf16", "normal"])
+def test_topv_rows_counted_in_blocks_keeps_the_references_ties(kind, block, monkeypatch) -> None:
+    """Ties counted per block: the kept ties end inside one block (or at a block's edge, or
+    fill every block), from either end of topk; the same masks as the stable sort."""
+    monkeypatch.setattr(selection, "TIE_BLOCK", block)
+    g = torch.Generator().manual_seed(block)
+    for _ in range(60):
+        rows, n = int(torch.randint(1, 4, (), generator=g)), 16 * int(torch.randint(1, 9, (), generator=g))
+        x = (torch.randn(rows, n, generator=g) * 1.5).round() * 0.25  # a few values, many ties
+        if kind == "bf16":
+            x = x.bfloat16()
+        elif kind == "normal":
+            x = torch.randn(rows, n, generator=g)
+        k = int(torch.randint(0, n + 1, (), generator=g))
+        masks = topv_rows(x, k)
+        for row, mask in zip(x, masks):
+            assert torch.equal(mask, topv_mask_reference([row], k)[0]), (n, k)
+
+
+def test_threshold_masks_counted_in_blocks_keep_the_first_ties(monkeypatch) -> None:
+    monkeypatch.setattr(selection, "TIE_BLOCK", 8)
+    x = torch.tensor([3.0, 1.0, 2.0, 2.0] * 12)  # 48 scores, 2.0 at 24 places
+    for ties in range(25):
+        mask = mask_from_threshold(x, TopVThreshold(torch.tensor(2.0), torch.tensor(ties), 0))
+        assert torch.equal(mask, topv_mask_reference([x], 12 + ties)[0]), ties
+
+
+def test_topv_rows_counted_in_blocks_keeps_exactly_k_of_infinite_ties(monkeypatch) -> None:
+    """Nothing is above +Inf: blocks past the kept ties must not keep an Inf (a diverged run
+    is stopped a step later on an accelerator; its masks meanwhile still keep exactly k)."""
+    monkeypatch.setattr(selection, "TIE_BLOCK", 4)
+    x = torch.tensor([[math.inf, 1.0, -math.inf, math.inf] * 8])
+    for k in range(33):
+        assert torch.equal(topv_rows(x, k)[0], topv_mask_reference([x[0]], k)[0]), k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
