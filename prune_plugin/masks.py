@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -443,7 +442,8 @@ def _(grad: Tensor | None, weight: Tensor, scores: Tensor, noise: Tensor, mask: 
 
 
 # -- regularizers ------------------------------------------------------------------------------
-# The per-score penalties R(S), summed over scores; the optimizer adds lambda / N * dR/dS.
+# The per-score penalties R(S), summed over scores; the optimizer adds lambda / N * dR/dS. Both
+# are sums of sigmoid(S - shift): soft movement's (shift 0) and L0's expected open gates.
 
 def sigmoid_penalty(scores: Tensor) -> Tensor:
     """Soft movement's R(S) = sum sigmoid(S) (the paper's Sec. 4, lambda * sum sigmoid(S))."""
@@ -451,49 +451,45 @@ def sigmoid_penalty(scores: Tensor) -> Tensor:
 
 
 def sigmoid_penalty_grad(scores: Tensor) -> Tensor:
-    """d/dS of :func:`sigmoid_penalty`, per score."""
-    return sigmoid_penalty_grads([scores])[0]
+    """d/dS of :func:`sigmoid_penalty`, per score: sigmoid(S) (1 - sigmoid(S))."""
+    return _sigmoid_slope(scores)
 
 
-def sigmoid_penalty_grads(scores: Sequence[Tensor], *, multi_tensor: bool = True
-                          ) -> list[Tensor]:
-    """:func:`sigmoid_penalty_grad` of each tensor, the same values: sigmoid(S) (1 -
-    sigmoid(S)); ``multi_tensor``: in multi-tensor kernels (a few launches for all the layers,
-    for accelerators), else tensor by tensor (fewer passes: the CPU)."""
-    return _times_one_minus(list(torch._foreach_sigmoid(list(scores))), multi_tensor)
-
-
-def _times_one_minus(s: list[Tensor], multi_tensor: bool) -> list[Tensor]:
-    """s * (1 - s) in place, as ``s.mul_(1.0 - s)`` rounds it (multi-tensor kernels have no
-    1 - s: a negation and an addition, one pass more than tensor by tensor)."""
-    if not multi_tensor:
-        for t in s:
-            t.mul_(1.0 - t)
-        return s
-    one_minus = list(torch._foreach_neg(s))
-    torch._foreach_add_(one_minus, 1.0)
-    torch._foreach_mul_(s, one_minus)
-    return s
-
-
-def _l0_logits(scores: Tensor, beta: float, left: float, right: float) -> Tensor:
-    return scores - beta * math.log(-left / right)
+def l0_shift(*, beta: float, left: float, right: float) -> float:
+    """The shift of L0's gate logits: P(gate open) = sigmoid(S - b log(-l / r))."""
+    return beta * math.log(-left / right)
 
 
 def expected_l0(scores: Tensor, *, beta: float, left: float, right: float) -> Tensor:
     """L0's R(S): the expected number of open gates, sum sigmoid(S - b log(-l / r))."""
-    return torch.sigmoid(_l0_logits(scores, beta, left, right)).sum()
+    return torch.sigmoid(scores - l0_shift(beta=beta, left=left, right=right)).sum()
 
 
 def expected_l0_grad(scores: Tensor, *, beta: float, left: float, right: float) -> Tensor:
     """d/dS of :func:`expected_l0`, per score."""
-    return expected_l0_grads([scores], beta=beta, left=left, right=right)[0]
+    return _sigmoid_slope(scores - l0_shift(beta=beta, left=left, right=right))
 
 
-def expected_l0_grads(scores: Sequence[Tensor], *, beta: float, left: float, right: float,
-                      multi_tensor: bool = True) -> list[Tensor]:
-    """:func:`expected_l0_grad` of each tensor (``multi_tensor``: as for
-    :func:`sigmoid_penalty_grads`)."""
-    logits = list(torch._foreach_sub(list(scores), beta * math.log(-left / right)))
-    torch._foreach_sigmoid_(logits)
-    return _times_one_minus(logits, multi_tensor)
+def _sigmoid_slope(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s.mul_(1.0 - s)
+
+
+def _add_sigmoid_slope(grad: Tensor, scores: Tensor, scale: Tensor, factor: Tensor | None,
+                       shift: float) -> None:
+    slope = _sigmoid_slope(scores - shift if shift else scores).mul_(scale)
+    grad.add_(slope if factor is None else slope.mul_(factor))
+
+
+@torch.library.custom_op("prune_plugin::add_sigmoid_slope_", mutates_args=("grad",))
+def add_sigmoid_slope_(grad: Tensor, scores: Tensor, scale: Tensor, factor: Tensor | None,
+                       shift: float) -> None:
+    """``grad += scale * factor * d/dS sigmoid(S - shift)`` in one pass (``scale`` and
+    ``factor``: 0-d tensors, so that a compiled kernel serves every step's lambda): a penalty's
+    gradient added to the scores' (a multi-tensor version takes five passes)."""
+    _run(_add_sigmoid_slope, grad, scores, scale, factor, shift)
+
+
+@add_sigmoid_slope_.register_fake
+def _(grad: Tensor, scores: Tensor, scale: Tensor, factor: Tensor | None, shift: float) -> None:
+    return None

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prune_plugin.distributed import Sharding, whole_tensor
-from prune_plugin.masks import (effective_weight, expected_l0_grads, floor_scores, floored,
-                                hard_concrete_gate, l0_eval_gate, l0_linear, l0_noise, logit,
-                                sigmoid_penalty_grads, threshold_mask)
+from prune_plugin.masks import (add_sigmoid_slope_, effective_weight, floor_scores, floored,
+                                hard_concrete_gate, l0_eval_gate, l0_linear, l0_noise, l0_shift,
+                                logit, threshold_mask)
 from prune_plugin.policy import (L0Policy, MagnitudePolicy, MovementPolicy, PruningPolicy,
                                  SoftMovementPolicy)
 from prune_plugin.schedule import controlled_lambda_factor, cubic_schedule, lambda_at
@@ -462,13 +462,18 @@ class Controller:
 
 @dataclass(frozen=True)
 class Penalty:
-    """lambda(t) * mean R(S) on the scores: ``grad`` is dR/dS per element of each score tensor
-    (all of them in one call; ``multi_tensor``: in multi-tensor kernels), to be scaled by
-    lambda / N; a ``controller`` scales lambda by what it measures."""
+    """lambda(t) * mean R(S) on the scores, R(S) = sum sigmoid(S - ``shift``) (soft movement:
+    0; L0: its gates' logit shift); a ``controller`` scales lambda by what it measures."""
 
-    grad: Callable[..., list[Tensor]]
+    shift: float
     lam: Schedule
     controller: Controller | None = None
+
+    def add_grads(self, grads: list[Tensor], scores: list[Tensor], scale: Tensor,
+                  factor: Tensor | None) -> None:
+        """``grads += scale * factor * dR/dS`` in place, one pass per score tensor."""
+        for grad, s in zip(grads, scores):
+            add_sigmoid_slope_(grad, s, scale, factor, self.shift)
 
 
 # -- methods ----------------------------------------------------------------------------------
@@ -543,32 +548,32 @@ def method_for(policy: PruningPolicy) -> Method:
         assert p.initial_remaining is not None and p.final_remaining is not None
         remaining = cubic(p.initial_remaining, p.final_remaining)
     if isinstance(p, SoftMovementPolicy):
-        grad = sigmoid_penalty_grads
+        shift = 0.0
         if remaining is not None and p.remaining_control == "topv":
             return Method(p.method, scores, TopV(remaining, "global"),
-                          MaskGate(straight_through=True), Penalty(grad, lam))
+                          MaskGate(straight_through=True), Penalty(shift, lam))
         assert p.initial_threshold is not None and p.final_threshold is not None  # unless topv
         threshold = Threshold(cubic(p.initial_threshold, p.final_threshold))
         if remaining is None:
             return Method(p.method, scores, threshold, MaskGate(straight_through=True),
-                          Penalty(grad, lam))
+                          Penalty(shift, lam))
         controller = Controller(partial(_logit_or_minus_inf, threshold.tau), remaining,
                                 band=0.1)
         return Method(p.method, scores,
                       ThresholdOverTopV(threshold, TopV(remaining, "global"), cooldown_from),
-                      MaskGate(straight_through=True), Penalty(grad, lam, controller))
+                      MaskGate(straight_through=True), Penalty(shift, lam, controller))
     requested = remaining is not None  # L0
     gate = HardConcreteGate(p.l0_beta, p.l0_left, p.l0_right, p.l0_straight_through,
                             open_until=p.warmup_steps if p.l0_warmup_gates == "open" else 0,
                             masked=requested, projected_from=cooldown_from if requested else None)
-    grad = partial(expected_l0_grads, beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
+    shift = l0_shift(beta=p.l0_beta, left=p.l0_left, right=p.l0_right)
     if remaining is None:
-        return Method(p.method, scores, None, gate, Penalty(grad, lam))
+        return Method(p.method, scores, None, gate, Penalty(shift, lam))
     # lambda follows the schedule: a fixed lambda alone closed gates the Top-v kept (3.5%
     # remaining at a requested 10%, RESULTS.md); off once the open gates are down to v(t)
     controller = Controller(partial(_constant, gate.log_alpha_at(0.0)), remaining, band=0.25)
     return Method(p.method, scores, TopV(remaining, "global"), gate,
-                  Penalty(grad, lam, controller))
+                  Penalty(shift, lam, controller))
 
 
 def _constant(value: float, step: int) -> float:

@@ -319,32 +319,25 @@ class Pruner:
         if lam == 0.0 or not params:
             return
         scale = lam / sum(sel.numel for sel in self.selectables)  # per score
-        assert self.method.penalty is not None  # lambda is 0 without one
+        penalty = self.method.penalty
+        assert penalty is not None  # lambda is 0 without one
         with torch.no_grad():
             factor = self.method.penalty_factor(self.candidates(), self.step_count)
-            by_device: dict[torch.device, list[tuple[Tensor, Tensor | None]]] = {}
+            by_device: dict[torch.device, tuple[list[Tensor], list[Tensor]]] = {}
             for s in params:
+                if s.grad is None:  # (scores the loss did not reach: the penalty's alone)
+                    s.grad = torch.zeros_like(s)
                 if is_dtensor(s):  # FSDP2: elementwise, so on this rank's shard
-                    if s.grad is None:
-                        s.grad = torch.zeros_like(s)
                     s, grad = s.to_local(), cast(Any, s.grad).to_local()
                 else:
                     grad = s.grad
-                by_device.setdefault(s.device, []).append((s, grad))
-            for device, pairs in by_device.items():  # a few multi-tensor kernels per device
-                g = self.method.penalty.grad([s.detach() for s, _ in pairs],
-                                             multi_tensor=self.sync_free(pairs[0][0]))
-                torch._foreach_mul_(g, scale)
-                if factor is not None:
-                    torch._foreach_mul_(g, factor.to(device))
-                added = []
-                for (s, grad), g_s in zip(pairs, g):
-                    if grad is None:
-                        s.grad = g_s.to(s.dtype)
-                    else:
-                        added.append((grad, g_s))
-                if added:
-                    torch._foreach_add_([grad for grad, _ in added], [g_s for _, g_s in added])
+                grads, scores = by_device.setdefault(s.device, ([], []))
+                grads.append(grad)
+                scores.append(s.detach())
+            for device, (grads, scores) in by_device.items():
+                # lambda as a 0-d tensor filled on the device: no host copy, one compiled kernel
+                penalty.add_grads(grads, scores, torch.full((), scale, device=device),
+                                  None if factor is None else factor.to(device))
 
     def kept_counts(self) -> list[int]:
         """Weights each layer's forward keeps. With sharded scores each rank counts its shard

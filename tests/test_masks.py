@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prune_plugin.masks import (expected_l0, expected_l0_grad, floored, hard_concrete_gate,
-                                l0_eval_gate, l0_linear, l0_noise, masked_linear, noise_logits,
-                                noise_to_uniform, sigmoid_penalty, sigmoid_penalty_grad,
-                                threshold_mask)
+from prune_plugin.masks import (add_sigmoid_slope_, expected_l0, expected_l0_grad, floored,
+                                hard_concrete_gate, l0_eval_gate, l0_linear, l0_noise, l0_shift,
+                                masked_linear, noise_logits, noise_to_uniform, sigmoid_penalty,
+                                sigmoid_penalty_grad, threshold_mask)
 
 
 def _inputs(seed=0):
@@ -160,6 +160,22 @@ def test_penalty_grad_is_autograd_of_value(penalty, grad):
                     generator=torch.Generator().manual_seed(0))
     (g,) = torch.autograd.grad(penalty(s), (s,))
     assert torch.allclose(grad(s.detach()), g)
+
+
+@pytest.mark.parametrize("shift", [0.0, l0_shift(beta=2 / 3, left=-0.1, right=1.1)])
+@pytest.mark.parametrize("factor", [None, 0.25])
+def test_the_one_pass_penalty_gradient_adds_scale_times_autograd(shift, factor):
+    """What the step adds to the scores' gradient: grad + scale * factor * d/dS sum
+    sigmoid(S - shift), in place (the penalty's own autograd as the reference)."""
+    g = torch.Generator().manual_seed(2)
+    s = torch.randn(6, 9, dtype=torch.float64, requires_grad=True, generator=g)
+    grad = torch.randn(6, 9, dtype=torch.float64, generator=g)
+    (dr,) = torch.autograd.grad(torch.sigmoid(s - shift).sum(), (s,))
+    expected = grad + 0.3 * (1.0 if factor is None else factor) * dr
+    add_sigmoid_slope_(grad, s.detach(), torch.tensor(0.3, dtype=torch.float64),
+                       None if factor is None else torch.tensor(factor, dtype=torch.float64),
+                       shift)
+    assert torch.allclose(grad, expected)
 
 
 def test_expected_l0_formula():

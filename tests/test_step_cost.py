@@ -19,8 +19,8 @@ BOUNDS = {
     "magnitude": (353, 5_356_168),
     "movement": (352, 5_880_600),
     "movement-global": (333, 5_752_468),
-    "soft_movement": (319, 6_154_664),
-    "l0": (320, 6_384_040),
+    "soft_movement": (326, 5_433_820),
+    "l0": (326, 5_532_124),
     "movement-hybrid": (372, 4_603_600),
 }
 MARGIN = 1.03
