@@ -63,8 +63,10 @@ class _MaskedLinear(torch.autograd.Function):
                 mask: Tensor | None) -> Tensor:
         low = _autocast_dtype(x, weight)
         # autocast: W * M cast once, and kept for the input gradient as autocast keeps the
-        # cast weight of a dense linear
+        # cast weight of a dense linear; x too, kept cast for the weight gradient
         masked = _gated_weight(weight, mask, low)
+        ctx.x_dtype = x.dtype
+        x = x if low is None else x.to(low)
         out = F.linear(x, masked, bias)
         ctx.save_for_backward(x, weight, mask, masked if low is not None else None)
         ctx.has_bias = bias is not None
@@ -79,7 +81,7 @@ class _MaskedLinear(torch.autograd.Function):
         g2 = _tokens(grad_out)
         if need_x:
             masked = low if low is not None else effective_weight(weight, mask)
-            grad_x = _input_grad(g2, masked, grad_out.shape).to(x.dtype)
+            grad_x = _input_grad(g2, masked, grad_out.shape).to(ctx.x_dtype)
         if need_w or need_s:
             grad_masked = _weight_grad(g2, x).to(weight.dtype)  # dL/dW' with W' = W * M
             if need_s and need_w and mask is not None:
@@ -224,6 +226,8 @@ class _L0Linear(torch.autograd.Function):
                 right: float, floor: float | None, through_top: bool, open_: bool) -> Tensor:
         with torch.no_grad():
             low = _autocast_dtype(x, weight)  # cast once, and kept for the input gradient
+            ctx.x_dtype = x.dtype
+            x = x if low is None else x.to(low)  # and x, kept cast for the weight gradient
             if open_:  # the value is 1 (times the mask); the scores learn from the sample
                 gated = _gated_weight(weight, mask, low)
             else:
@@ -251,7 +255,7 @@ class _L0Linear(torch.autograd.Function):
                 through_top, open_, need_gated, need_w and not one, need_s)
         if need_x:
             w = low if low is not None else weight if one else gated
-            grad_x = _input_grad(g2, w, grad_out.shape).to(x.dtype)
+            grad_x = _input_grad(g2, w, grad_out.shape).to(ctx.x_dtype)
         grad_w = grad_gated if need_w else None
         grad_s = grad_s if need_s else None
         if need_b and ctx.has_bias:
