@@ -126,7 +126,8 @@ class _MaskedLinear(torch.autograd.Function):
         if need_w or need_s:
             grad_masked = _weight_grad(g2, x).to(weight.dtype)  # dL/dW' with W' = W * M
             if need_s and need_w and mask is not None:
-                grad_s = masked_grads_(grad_masked, weight, mask if factor is None else factor)
+                grad_s = masked_grads_(grad_masked, weight, mask if factor is None else factor,
+                                       _summed_dim(ctx.scores_shape, weight.shape))
                 grad_w = grad_masked
             elif need_s:
                 grad_s = grad_masked * weight if need_w else grad_masked.mul_(weight)
@@ -139,6 +140,16 @@ class _MaskedLinear(torch.autograd.Function):
         if need_b and ctx.has_bias:
             grad_b = g2.sum(0)
         return grad_x, grad_w, grad_b, grad_s, None
+
+
+def _summed_dim(scores: torch.Size | None, weight: torch.Size) -> int | None:
+    """The one dimension scores of shape ``scores`` broadcast along the weight (a score per
+    row: 1; per column: 0), if that is how they cover it."""
+    if scores is None or len(scores) != 2:
+        return None
+    along = [d for d in (0, 1) if scores[d] == 1 and weight[d] != 1]
+    return along[0] if len(along) == 1 and scores[1 - along[0]] == weight[1 - along[0]] \
+        else None
 
 
 def _tokens(grad_out: Tensor) -> Tensor:
@@ -393,23 +404,29 @@ def _(weight: Tensor, gate: Tensor, dtype: torch.dtype) -> Tensor:
     return weight.new_empty(weight.shape, dtype=dtype)
 
 
-def _masked_grads(grad: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
-    grad_s = (grad * weight).contiguous()
+def _masked_grads(grad: Tensor, weight: Tensor, mask: Tensor, dim: int | None) -> Tensor:
+    product = grad * weight
+    grad_s = product.contiguous() if dim is None else product.sum(dim, keepdim=True)
     grad.mul_(as_factor(mask))
     return grad_s
 
 
 @torch.library.custom_op("prune_plugin::masked_grads_", mutates_args=("grad",))
-def masked_grads_(grad: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
+def masked_grads_(grad: Tensor, weight: Tensor, mask: Tensor, dim: int | None = None
+                  ) -> Tensor:
     """The scores' gradient ``dL/dW' * W`` (Eq. 2), returned, and the weight's ``dL/dW' * M``
     in place of ``grad`` = dL/dW' (no new weight-sized buffer), in one pass over it. ``mask``:
-    bool, or (the CPU) the mask as 0 / 1 floats."""
-    return _run(_masked_grads, grad, weight, mask)
+    bool, or (the CPU) the mask as 0 / 1 floats. ``dim``: the scores' gradient summed over it
+    (one score per row or column: structured pruning), never written whole."""
+    return _run(_masked_grads, grad, weight, mask, dim)
 
 
 @masked_grads_.register_fake
-def _(grad: Tensor, weight: Tensor, mask: Tensor) -> Tensor:
-    return grad.new_empty(grad.shape)
+def _(grad: Tensor, weight: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    shape = list(grad.shape)
+    if dim is not None:
+        shape[dim] = 1
+    return grad.new_empty(shape)
 
 
 def _l0_gated_weight(weight: Tensor, scores: Tensor, noise: Tensor, mask: Tensor | None,

@@ -73,8 +73,9 @@ class Layout:
     def _lines(self, units: Tensor) -> Tensor:
         """One value per line along the axis; lines no unit owns get 1 (kept; for scores the
         value does not matter: the forward does not read it)."""
-        if self.unit_of is None:
-            return units.reshape(-1).repeat_interleave(self.size)
+        if self.unit_of is None:  # (one line per unit, as neurons: a view, no copy)
+            flat = units.reshape(-1)
+            return flat if self.size == 1 else flat.repeat_interleave(self.size)
         values = torch.cat([units.reshape(-1), units.new_ones(1)])
         return values.index_select(0, self._unit_of(units.device))
 

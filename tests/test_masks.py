@@ -43,6 +43,25 @@ def test_straight_through_gradients_match_eq2_via_autograd():
     assert torch.allclose(gs, manual)
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_score_per_row_or_column_gets_the_summed_eq2_gradient(axis):
+    """Structured pruning: scores (and the mask) broadcast along the weight's rows or columns;
+    the scores' gradient is Eq. 2 summed over what each covers, without the whole product."""
+    x, w, b, _, _ = _inputs()
+    shape = (w.shape[0], 1) if axis == 0 else (1, w.shape[1])
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(shape, dtype=w.dtype, generator=g).requires_grad_(True)
+    mask = torch.rand(shape, generator=g) > 0.4
+    out = masked_linear(x, w, b, mask, s)
+    g_out = torch.randn_like(out)
+    gx, gw, gs = torch.autograd.grad(out, (x, w, s), g_out)
+    wm = (w * mask).detach().requires_grad_(True)
+    rx, rwm = torch.autograd.grad(F.linear(x, wm, b), (x, wm), g_out)
+    assert gs.shape == shape
+    assert torch.allclose(gs, (rwm * w).sum(1 - axis, keepdim=True))
+    assert torch.allclose(gw, rwm * mask) and torch.allclose(gx, rx)
+
+
 def test_all_kept_mask_none_still_gives_score_gradient():
     x, w, b, s, _ = _inputs(1)
     out = masked_linear(x, w, b, None, s)
@@ -201,6 +220,9 @@ def test_the_fused_passes_compiled_give_the_eager_values(monkeypatch, transposed
         ("masked_weight", (w, torch.rand(48, 40) > 0.5, torch.bfloat16), None),
         ("masked_weight", (w, torch.rand(48, 1) > 0.5, torch.bfloat16), None),
         ("masked_grads_", (grad, w, torch.rand(48, 40) > 0.5), 0),
+        ("masked_grads_", (grad, w, torch.rand(48, 1) > 0.5, 1), 0),  # a score per row
+        ("add_sigmoid_slope_", (grad, s, torch.tensor(0.3), None, 0.0), 0),
+        ("add_sigmoid_slope_", (grad, s, torch.tensor(0.3), torch.tensor(0.5), 1.2), 0),
         ("l0_gated_weight", (w, s, noise, torch.rand(48, 40) > 0.3, 2 / 3, -0.1, 1.1, None,
                              torch.bfloat16), None),
         ("l0_gated_weight", (w, s, noise, None, 2 / 3, -0.1, 1.1, 0.5, torch.float32), None),
@@ -215,7 +237,7 @@ def test_the_fused_passes_compiled_give_the_eager_values(monkeypatch, transposed
         if written is not None:
             args[written] = args[written].clone()
         out = getattr(masks, name)(*args)
-        out = out if isinstance(out, tuple) else (out,)
+        out = () if out is None else out if isinstance(out, tuple) else (out,)
         return out + ((args[written],) if written is not None else ())
 
     eager = [run(*case) for case in cases]
@@ -225,7 +247,7 @@ def test_the_fused_passes_compiled_give_the_eager_values(monkeypatch, transposed
             assert a.is_contiguous() and a.dtype == b.dtype and a.shape == b.shape, case[0]
             torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6, msg=case[0])
     assert set(masks._COMPILED) == {"_masked_weight", "_masked_grads", "_l0_gated_weight",
-                                    "_l0_grads"}
+                                    "_l0_grads", "_add_sigmoid_slope"}
     assert all(c is not getattr(masks, name) for name, c in masks._COMPILED.items())  # compiled
 
 

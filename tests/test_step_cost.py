@@ -21,7 +21,7 @@ BOUNDS = {
     "movement-global": (325, 5_654_164),
     "soft_movement": (318, 5_335_516),
     "l0": (318, 5_433_820),
-    "movement-hybrid": (364, 4_505_296),
+    "movement-hybrid": (344, 4_371_664),
 }
 MARGIN = 1.03
 
