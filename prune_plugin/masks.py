@@ -68,7 +68,7 @@ def _scratch(name: str, like: Tensor) -> Tensor:
     key = (name, like.shape, like.dtype)
     out = buffers.get(key)
     if out is None:
-        out = buffers[key] = torch.empty(like.shape, dtype=like.dtype)
+        out = buffers[key] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     return out
 
 

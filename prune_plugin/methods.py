@@ -258,9 +258,11 @@ class Threshold:
     def refresh(self, candidates: Candidates, step: int) -> None:
         tau = self.tau(step)
         for sel in candidates.selectables:
-            if candidates.sharded:  # S > logit(tau): a threshold with no ties
+            if candidates.sharded:  # S > logit(tau): a threshold with no ties, made on the
+                device = sel.weight.device  # scores' device by fills (no host copy)
                 sel.set_threshold(None if tau <= 0.0 else TopVThreshold(
-                    torch.tensor(logit(tau)), torch.tensor(0), 0))
+                    torch.full((), logit(tau), device=device),
+                    torch.zeros((), dtype=torch.int64, device=device), 0))
             else:
                 sel.set_mask(threshold_mask(importance(sel), tau, out=sel.mask_buffer()))
 
@@ -296,8 +298,7 @@ class ThresholdOverTopV:
             if t is not None:
                 lower = t.value > edge
                 layer.set_threshold(TopVThreshold(
-                    torch.where(lower, torch.tensor(edge, dtype=t.value.dtype,
-                                                    device=t.value.device), t.value),
+                    torch.where(lower, torch.full_like(t.value, edge), t.value),
                     torch.where(lower, torch.zeros_like(t.ties_kept), t.ties_kept), t.k))
 
 

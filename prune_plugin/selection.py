@@ -373,6 +373,9 @@ def _mask_at(x: Tensor, value: Tensor, ties: Tensor, out: Tensor,
     room = ties - (through - per_block).gather(-1, edge)  # ties still to keep as it starts
     wide = value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
     strictly = torch.nextafter(wide, torch.full_like(wide, math.inf))  # x > t as x >= this
+    # A device that flushes denormals reads the float after 0 as 0: the next one up it tells
+    # apart from 0 is the smallest normal
+    strictly = strictly.masked_fill_(strictly <= wide, torch.finfo(wide.dtype).tiny)
     strictly = strictly.masked_fill_(wide == math.inf, math.nan)  # nothing is above +Inf
     cut = torch.where(filled, wide, strictly).unsqueeze(-1)  # (..., blocks, 1)
     grid = out.view(*lead, blocks, size)
@@ -614,7 +617,8 @@ def mask_from_threshold(importance: Tensor, threshold: TopVThreshold) -> Tensor:
     """The mask of one whole tensor from its :func:`topv_thresholds` entry (device operations
     only: a ZeRO-3 forward rebuilds it from the gathered scores)."""
     flat = importance.detach().reshape(1, -1)
-    value = threshold.value.to(flat.dtype).reshape(1, 1)
+    value = threshold.value.to(flat.device, flat.dtype).reshape(1, 1)
+    ties = threshold.ties_kept.to(flat.device).reshape(1, 1)
     mask = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
-    _mask_at(flat, value, threshold.ties_kept.reshape(1, 1), mask)
+    _mask_at(flat, value, ties, mask)
     return mask.view(importance.shape)

@@ -195,6 +195,36 @@ def test_topv_rows_counted_in_blocks_keeps_exactly_k_of_infinite_ties(monkeypatc
         assert torch.equal(topv_rows(x, k)[0], topv_mask_reference([x[0]], k)[0]), k
 
 
+def test_topv_rows_counted_in_blocks_stays_exact_where_denormals_flush_to_zero() -> None:
+    """Blocks past the kept ties compare x >= the float after t: where denormals are flushed
+    (some accelerators; the CPU with set_flush_denormal) the float after 0 reads as 0, and every
+    zero would be kept."""
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        zeros = torch.zeros(2, 16384)
+        mixed = torch.randn(2, 16384, generator=torch.Generator().manual_seed(5))
+        mixed[:, ::3] = 0.0
+        for x in (zeros, mixed, mixed.bfloat16()):
+            for k in (1, 4096, 9000, 16383):
+                masks = topv_rows(x, k)
+                for row, mask in zip(x, masks):
+                    assert torch.equal(mask, topv_mask_reference([row], k)[0]), k
+        mask = mask_from_threshold(torch.zeros(64, 256),
+                                   TopVThreshold(torch.tensor(0.0), torch.tensor(100), 100))
+        assert int(mask.sum()) == 100
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_a_threshold_made_elsewhere_masks_scores_on_their_device() -> None:
+    """A threshold's 0-d tensors on another device than the scores (the meta device stands in
+    for an accelerator) still give the scores' mask, on their device."""
+    mask = mask_from_threshold(torch.randn(64, 64, device="meta"),
+                               TopVThreshold(torch.tensor(0.5), torch.tensor(0), 0))
+    assert mask.device.type == "meta" and mask.shape == (64, 64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sync_free_sharded_select_equals_the_reference(dtype) -> None:
     g = torch.Generator().manual_seed(8)

@@ -18,7 +18,7 @@ BOUNDS = {
     "dense": (272, 4_155_204),
     "magnitude": (345, 5_257_864),
     "movement": (344, 5_782_296),
-    "movement-global": (325, 5_654_164),
+    "movement-global": (327, 5_654_182),
     "soft_movement": (318, 5_335_516),
     "l0": (318, 5_433_820),
     "movement-hybrid": (344, 4_371_664),
