@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 def effective_weight(weight: Tensor, gate: Tensor | None) -> Tensor:
@@ -75,8 +76,8 @@ def _scratch(name: str, like: Tensor) -> Tensor:
 def _cpu_kernels(t: Tensor) -> bool:
     """Whether ``t`` runs the CPU's eager kernels: a real CPU tensor, outside a compiled
     region (fake tensors, as in the step-cost count, stand for an accelerator's)."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() \
-        and detect_fake_mode() is None
+    return t.device.type == "cpu" and not isinstance(t, FakeTensor) \
+        and not torch.compiler.is_compiling()
 
 
 def as_factor(mask: Tensor) -> Tensor:
