@@ -119,10 +119,15 @@ class _MaskedLinear(torch.autograd.Function):
         need_x, need_w, need_b, need_s, _ = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_s = None
         g2 = _tokens(grad_out)
-        factor = _cpu_factor(mask, weight)  # (the CPU: the mask as floats, reused)
+        # the CPU: the mask as floats, reused, where a weight-sized product takes it
+        factor = _cpu_factor(mask, weight) if need_w or (need_x and low is None) else None
         if need_x:
-            masked = low if low is not None else effective_weight(weight, mask) \
-                if factor is None else _cpu_product(weight, factor)
+            if low is not None:
+                masked = low
+            elif factor is not None:
+                masked = _cpu_product(weight, factor)
+            else:
+                masked = effective_weight(weight, mask)
             grad_x = _input_grad(g2, masked, grad_out.shape).to(ctx.x_dtype)
         if need_w or need_s:
             grad_masked = _weight_grad(g2, x).to(weight.dtype)  # dL/dW' with W' = W * M
