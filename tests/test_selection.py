@@ -55,6 +55,28 @@ def test_bracket_narrowing_path_is_exact(monkeypatch, kind):
             assert torch.equal(m, ref)
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "bf16"])
+def test_blocked_cpu_pass_is_exact_across_block_and_part_boundaries(monkeypatch, kind):
+    # Blocks of 7 scores: in-bracket scores and kept ties straddle blocks and parts, through
+    # the sampled rounds, warm hints and single-value brackets.
+    monkeypatch.setattr(selection, "CPU_BLOCK", 7)
+    monkeypatch.setattr(selection, "NARROW_MIN", 64)
+    monkeypatch.setattr(selection, "BAND_LIMIT", 256)
+    monkeypatch.setattr(selection, "BAND_MIN", 128)
+    monkeypatch.setattr(selection, "SAMPLE_SIZE", 128)
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        parts = [p.repeat(4, 4) for p in _random_parts(g, kind)]
+        n = sum(p.numel() for p in parts)
+        hint = None
+        for k in (1, int(torch.randint(1, n + 1, (), generator=g)), n):
+            for _ in range(2):  # cold, then warm-started from its own hint
+                masks, threshold, hint = topv_masks(parts, k, hint=hint)
+                assert sum(int(m.sum()) for m in masks) == k
+                for m, ref in zip(masks, topv_mask_reference(parts, k)):
+                    assert torch.equal(m, ref)
+
+
 def test_torch_backend_for_half_precision_matches_reference():
     g = torch.Generator().manual_seed(3)
     parts = [torch.randn(50, 40, generator=g).bfloat16(), torch.randn(30, 7, generator=g).bfloat16()]
