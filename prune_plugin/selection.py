@@ -70,9 +70,21 @@ def _np_view(t: Tensor):
 def _first_equal(t: Tensor, x: float, count: int) -> Tensor:
     """Flat indices of the first ``count`` elements equal to ``x``."""
     a = _np_view(t)
-    if a is not None:
-        return torch.from_numpy(np.flatnonzero(a == a.dtype.type(x))[:count])
-    return torch.nonzero(t.detach().reshape(-1) == x).reshape(-1)[:count]
+    if a is None:
+        return torch.nonzero(t.detach().reshape(-1) == x).reshape(-1)[:count]
+    # block by block, stopping at the count: tied scores are often a third of a layer
+    value, found = a.dtype.type(x), []
+    equal = np.empty(min(CPU_BLOCK, a.size), dtype=np.bool_)
+    for start in range(0, a.size, CPU_BLOCK):
+        block = a[start:start + CPU_BLOCK]
+        eq = equal[:block.size]
+        np.equal(block, value, out=eq)
+        at = np.flatnonzero(eq)[:count]
+        found.append(at + start)
+        count -= at.size
+        if count == 0:
+            break
+    return torch.from_numpy(np.concatenate(found) if found else np.empty(0, dtype=np.int64))
 
 
 # --- selection ---------------------------------------------------------------------------------
