@@ -366,18 +366,32 @@ def _compiles(t: Tensor) -> bool:
     return COMPILE_ON_CUDA and t.is_cuda
 
 
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    """What a compiled call raises when compiling, not the computation, failed: dynamo's
+    errors (an inductor failure is one) and the recompile limit that ``fullgraph`` turns into
+    an error (a model with many dtypes or layouts can reach it at any step)."""
+    from torch._dynamo import exc
+    return tuple(getattr(exc, name) for name in ("TorchDynamoException",
+                                                 "FailOnRecompileLimitHit") if hasattr(exc, name))
+
+
 def _run(fn: Any, *args: Any) -> Any:
-    """``fn(*args)``, compiled where its tensors are on CUDA (where compiling fails, e.g. no
-    Triton for this GPU, the eager ops, said once)."""
+    """``fn(*args)``, compiled where its tensors are on CUDA. Where compiling fails (no
+    Triton for this GPU, a recompile past dynamo's limit) the eager ops run, said once, for
+    this and every later call."""
     if not _compiles(next(a for a in args if isinstance(a, Tensor))):
         return fn(*args)
     compiled = _COMPILED.get(fn.__name__)
-    if compiled is not None:
-        return compiled(*args)
+    if compiled is fn:
+        return fn(*args)
+    # the first call falls back on any failure (a missing compiler may raise anything);
+    # later ones on the compiler's own errors
+    caught = Exception if compiled is None else _compiler_errors()
     try:
-        compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+        if compiled is None:
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         out = compiled(*args)
-    except Exception as error:  # any compiler failure: the same values, eagerly
+    except caught as error:
         warnings.warn(f"prune_plugin: compiling {fn.__name__} failed ({type(error).__name__}: "
                       f"{error}); its eager ops run instead, a few more passes a step. Set "
                       "prune_plugin.masks.COMPILE_ON_CUDA = False to skip compiling.",

@@ -266,3 +266,38 @@ def test_a_pass_that_fails_to_compile_runs_its_eager_ops_and_says_so(monkeypatch
         got = masks.masked_weight(w, m, torch.bfloat16)
     assert torch.equal(got, (w * m).to(torch.bfloat16))
     assert masks._COMPILED["_masked_weight"] is masks._masked_weight  # once: eager from now on
+
+
+def test_a_later_recompile_past_the_limit_falls_back_to_eager_and_a_real_error_still_raises(
+        monkeypatch):
+    # fullgraph=True turns dynamo's recompile limit into an error at whatever step a new
+    # dtype or layout shows up; that step and the later ones run eagerly. An error of the
+    # computation itself is the user's to see.
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from prune_plugin import masks
+
+    calls = []
+
+    def flaky(fn, **kwargs):
+        def run(*args):
+            calls.append(len(calls))
+            if len(calls) == 2:
+                raise ValueError("a shape the computation rejects")
+            if len(calls) == 3:
+                raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+            return fn(*args)
+        return run
+    monkeypatch.setattr(masks, "_compiles", lambda t: True)
+    monkeypatch.setattr(masks, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", flaky)
+    w, m = torch.randn(6, 5), torch.rand(6, 5) > 0.5
+    want = (w * m).to(torch.bfloat16)
+    assert torch.equal(masks.masked_weight(w, m, torch.bfloat16), want)  # compiled
+    with pytest.raises(ValueError, match="rejects"):
+        masks.masked_weight(w, m, torch.bfloat16)
+    assert masks._COMPILED["_masked_weight"] is not masks._masked_weight  # still compiled
+    with pytest.warns(RuntimeWarning, match="compiling _masked_weight failed.*FailOnRecompile"):
+        assert torch.equal(masks.masked_weight(w, m, torch.bfloat16), want)
+    assert masks._COMPILED["_masked_weight"] is masks._masked_weight
+    assert torch.equal(masks.masked_weight(w, m, torch.bfloat16), want) and len(calls) == 3
