@@ -381,8 +381,8 @@ def _run(fn: Any, *args: Any) -> Any:
     this and every later call."""
     if not _compiles(next(a for a in args if isinstance(a, Tensor))):
         return fn(*args)
-    compiled = _COMPILED.get(fn.__name__)
-    if compiled is fn:
+    compiled: Any = _COMPILED.get(fn.__name__)
+    if compiled is fn:  # compiling failed before
         return fn(*args)
     # the first call falls back on any failure (a missing compiler may raise anything);
     # later ones on the compiler's own errors
