@@ -392,12 +392,13 @@ def _run(fn: Any, *args: Any) -> Any:
             compiled = torch.compile(fn, dynamic=True, fullgraph=True)
         out = compiled(*args)
     except caught as error:
+        out = fn(*args)  # an error of the computation itself (seen while tracing) raises here
         warnings.warn(f"prune_plugin: compiling {fn.__name__} failed ({type(error).__name__}: "
                       f"{error}); its eager ops run instead, a few more passes a step. Set "
                       "prune_plugin.masks.COMPILE_ON_CUDA = False to skip compiling.",
                       RuntimeWarning, stacklevel=2)
         _COMPILED[fn.__name__] = fn
-        return fn(*args)
+        return out
     _COMPILED[fn.__name__] = compiled
     return out
 

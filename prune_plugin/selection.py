@@ -316,6 +316,10 @@ def _finish(parts: Sequence[Tensor], masks: Sequence[Tensor], k: int, lo: float,
             r: _Pass, hint: SelectionHint | None, dtype: torch.dtype, n: int
             ) -> tuple[list[Tensor], TopVThreshold, SelectionHint]:
     need = k - r.above  # how many in-bracket scores to keep
+    if not 0 < need <= r.inside:  # only where some scores do not rank: NaN (or -inf)
+        raise ValueError(f"exact Top-v cannot keep {k} of {n} scores: fewer than {k} are "
+                         "above -inf and not NaN (the pruner stops a diverged run before "
+                         "selecting; check the scores for NaN or -inf)")
     if r.index is not None and r.values is not None:  # the CPU's blocked pass gathered them
         value, ties = _keep_in_bracket(masks, r.values, r.index, need)
     elif r.values is None:  # every in-bracket score equals hi; masks already hold S > hi

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -268,36 +269,42 @@ def test_a_pass_that_fails_to_compile_runs_its_eager_ops_and_says_so(monkeypatch
     assert masks._COMPILED["_masked_weight"] is masks._masked_weight  # once: eager from now on
 
 
-def test_a_later_recompile_past_the_limit_falls_back_to_eager_and_a_real_error_still_raises(
+def test_a_later_compile_failure_falls_back_to_eager_and_a_real_error_still_raises(
         monkeypatch):
     # fullgraph=True turns dynamo's recompile limit into an error at whatever step a new
-    # dtype or layout shows up; that step and the later ones run eagerly. An error of the
-    # computation itself is the user's to see.
-    from torch._dynamo.exc import FailOnRecompileLimitHit
+    # dtype or layout shows up; that step and the later ones run eagerly, as after any
+    # compiler failure. An error of the computation itself, even one dynamo reports while
+    # retracing, is the user's to see, and compiling stays on.
+    from torch._dynamo.exc import BackendCompilerFailed, FailOnRecompileLimitHit, TorchRuntimeError
 
     from prune_plugin import masks
 
-    calls = []
-
-    def flaky(fn, **kwargs):
-        def run(*args):
-            calls.append(len(calls))
-            if len(calls) == 2:
-                raise ValueError("a shape the computation rejects")
-            if len(calls) == 3:
-                raise FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
-            return fn(*args)
-        return run
-    monkeypatch.setattr(masks, "_compiles", lambda t: True)
-    monkeypatch.setattr(masks, "_COMPILED", {})
-    monkeypatch.setattr(torch, "compile", flaky)
     w, m = torch.randn(6, 5), torch.rand(6, 5) > 0.5
     want = (w * m).to(torch.bfloat16)
-    assert torch.equal(masks.masked_weight(w, m, torch.bfloat16), want)  # compiled
-    with pytest.raises(ValueError, match="rejects"):
-        masks.masked_weight(w, m, torch.bfloat16)
-    assert masks._COMPILED["_masked_weight"] is not masks._masked_weight  # still compiled
-    with pytest.warns(RuntimeWarning, match="compiling _masked_weight failed.*FailOnRecompile"):
-        assert torch.equal(masks.masked_weight(w, m, torch.bfloat16), want)
-    assert masks._COMPILED["_masked_weight"] is masks._masked_weight
-    assert torch.equal(masks.masked_weight(w, m, torch.bfloat16), want) and len(calls) == 3
+    backend_failed = BackendCompilerFailed(lambda: None, RuntimeError("ptxas"), None)
+    for later in (FailOnRecompileLimitHit("Hard failure due to fullgraph=True"),
+                  backend_failed):
+        calls: list[int] = []
+
+        def flaky(fn, later=later, calls=calls, **kwargs):
+            def run(*args):
+                calls.append(len(calls))
+                if len(calls) == 2:  # dynamo retracing a call the eager ops reject too
+                    raise TorchRuntimeError("a shape the computation rejects")
+                if len(calls) == 3:
+                    raise later
+                return fn(*args)
+            return run
+        monkeypatch.setattr(masks, "_compiles", lambda t: True)
+        monkeypatch.setattr(masks, "_COMPILED", {})
+        monkeypatch.setattr(torch, "compile", flaky)
+        assert torch.equal(masks.masked_weight(w, m, torch.bfloat16), want)  # compiled
+        with warnings.catch_warnings(), pytest.raises(RuntimeError, match="must match"):
+            warnings.simplefilter("error")  # and no word of compiling
+            masks.masked_weight(w, m[:3], torch.bfloat16)
+        assert masks._COMPILED["_masked_weight"] is not masks._masked_weight  # still compiled
+        with pytest.warns(RuntimeWarning, match=f"compiling _masked_weight failed.*"
+                                                f"{type(later).__name__}"):
+            assert torch.equal(masks.masked_weight(w, m, torch.bfloat16), want)
+        assert masks._COMPILED["_masked_weight"] is masks._masked_weight
+        assert torch.equal(masks.masked_weight(w, m, torch.bfloat16), want) and len(calls) == 3

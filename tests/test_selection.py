@@ -77,6 +77,22 @@ def test_blocked_cpu_pass_is_exact_across_block_and_part_boundaries(monkeypatch,
                     assert torch.equal(m, ref)
 
 
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+@pytest.mark.parametrize("many", [False, True])
+def test_more_kept_than_scores_that_rank_is_an_error_not_a_short_mask(bad, many):
+    # NaN and -inf never fall in a bracket: asking for more than the rest is refused (with
+    # more than NARROW_MIN of them it once came back as a mask short of k)
+    g = torch.Generator().manual_seed(6)
+    p = torch.randn(80_000 if many else 4_000, generator=g)
+    p[: p.numel() // 4] = bad
+    finite = p.numel() - p.numel() // 4
+    for hint in (None, SelectionHint(0.0, 0.1)):
+        with pytest.raises(ValueError, match="NaN or -inf"):
+            topv_masks([p], finite + 1, hint=hint)
+        masks, _, _ = topv_masks([p], finite, hint=hint)  # all that rank: fine
+        assert torch.equal(masks[0], p > -math.inf)
+
+
 def test_torch_backend_for_half_precision_matches_reference():
     g = torch.Generator().manual_seed(3)
     parts = [torch.randn(50, 40, generator=g).bfloat16(), torch.randn(30, 7, generator=g).bfloat16()]
