@@ -5,8 +5,10 @@
 
 Per model, one process holds every variant; each repeat runs every variant in turn (interleaved,
 order reversed every other repeat) for ``--steps`` steps, and the figures are medians over
-repeats. A step is forward, backward, AdamW step (fused) and whatever the variant adds, masks
-refreshed after every step. 10% of the encoder's Linear weights kept.
+repeats; "paired" is the median of each repeat's own ratio to dense (steadier where the
+machine's speed drifts: ``--steps 1 --repeats 16``). A step is forward, backward, AdamW step
+(fused) and whatever the variant adds, masks refreshed after every step. 10% of the encoder's
+Linear weights kept.
 
 - CPU: MiniLM batch 16 x 128, BERT-base batch 8 x 128, fp32; peak memory of each variant alone
   in a fresh process (peak RSS).
@@ -27,6 +29,7 @@ import argparse
 import contextlib
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -132,11 +135,17 @@ def time_steps(model_names: list[str], variants: list[str], repeats: int, steps:
                 _sync(device)
                 samples[v].append((time.perf_counter() - t0) / steps)
         med = {v: sorted(s)[len(s) // 2] for v, s in samples.items()}
+        # each repeat's own ratio: a machine whose speed drifts between repeats moves both
+        # sides of it alike
+        paired = {v: statistics.median(a / d for a, d in zip(samples[v], samples["dense"]))
+                  for v in variants}
         results[model_name] = {
             "step_s": med, "ratio_vs_dense": {v: med[v] / med["dense"] for v in variants},
-            "samples_s": samples}
+            "paired_ratio_vs_dense": paired, "samples_s": samples}
         print(model_name, json.dumps({v: round(med[v] / med["dense"], 3) for v in variants}),
               {v: round(t, 4) for v, t in med.items()}, flush=True)
+        print(model_name, "paired", json.dumps({v: round(r, 3) for v, r in paired.items()}),
+              flush=True)
         if mem:
             memory[model_name] = mem
             print("memory MiB", model_name, {v: round(m["peak_MiB"]) for v, m in mem.items()},
