@@ -9,7 +9,9 @@ in one process group, so the ranks start once.
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -256,6 +258,14 @@ def ranks(rank: int, world: int, port: int, cases: list[dict[str, Any]], out: st
                                                                            run_case)
             result = run(case, rank, world)
             torch.save(result, Path(out) / f"{case['name']}.{rank}.pt")
+            del result
+            gc.collect()  # the case's DDP reducer (kept by cycles) goes while the group lives
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Every result is saved: skip interpreter finalization, where gloo work still referenced
+    # by torch objects can abort the process ("terminate called without an active
+    # exception", pytorch#179291) and fail a run that passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
