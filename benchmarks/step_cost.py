@@ -1,6 +1,6 @@
-"""What one training step costs, counted without a GPU: aten ops, bytes read and written, and
-matmul FLOPs, for every method and structure against dense; and a roofline estimate of the
-step's time on a named GPU.
+"""What one training step costs, counted without a GPU: aten ops, bytes read and written,
+matmul FLOPs and the memory it holds, for every method and structure against dense; and a
+roofline estimate of the step's time on a named GPU.
 
     python benchmarks/step_cost.py                          # BERT-base and a Llama-style decoder
     python benchmarks/step_cost.py --models bert-base --gpu h200
@@ -16,6 +16,12 @@ writing where its index points, not its whole target), and its FLOPs
 refreshed in that step; it is the third step (the first two build the optimizer state and the
 masks).
 
+Memory: the bytes of the tensor storages alive after each op (storages counted once however
+many views share them, freed when their last tensor goes), from the model's construction on.
+"kept" is what lives between steps (weights, optimizer state, scores, masks), "peak" the most
+alive at any op of the step: what a caching allocator must hold at least, its rounding and
+fragmentation aside.
+
 The estimate sums, op by op, ``max(bytes / bandwidth, flops / peak, kernel floor)``: a lower
 bound of a real step that ranks what costs what. The analytic minimum of a method beside dense
 is what it must touch at least (per pruned weight: the mask read in the forward's pass, the
@@ -27,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import weakref
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +99,61 @@ class OpCounter(TorchDispatchMode):
             flops = int(counter(*args, **kwargs, out_val=out))
         self.ops.append((str(func._overloadpacket), nbytes, flops))
         return out
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of the storages alive after each op, and the most alive since ``reset``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.storages: dict[int, list[int]] = {}  # storage -> [bytes, tensors on it]
+        self.tensors: dict[int, weakref.ref] = {}
+        self.live = self.peak = 0
+
+    def reset(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for t in _flat(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        self.peak = max(self.peak, self.live)
+        return out
+
+    def _track(self, t: torch.Tensor) -> None:
+        ref = self.tensors.get(id(t))
+        if ref is not None and ref() is t:
+            return  # (an in-place op's result: seen)
+        storage = t.untyped_storage()
+        key = storage._cdata
+        entry = self.storages.get(key)
+        if entry is None:
+            entry = self.storages[key] = [storage.nbytes(), 0]
+            self.live += entry[0]
+        entry[1] += 1
+        # torch keeps a tensor's Python object as long as its C++ tensor lives (autograd's
+        # saved tensors included), so the callback runs when the tensor is really gone
+        tid = id(t)
+        self.tensors[tid] = weakref.ref(t, lambda _, key=key, tid=tid: self._gone(key, tid))
+
+    def _gone(self, key: int, tid: int) -> None:
+        self.tensors.pop(tid, None)
+        entry = self.storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.live -= entry[0]
+            del self.storages[key]
+
+
+@dataclass
+class StepCount:
+    """One training step counted: its ops (name, bytes moved, FLOPs), the bytes alive between
+    steps, and the most alive during the step."""
+
+    ops: list[tuple[str, int, int]]
+    kept: int
+    peak: int
 
 
 aten = torch.ops.aten
@@ -161,8 +224,8 @@ def policy_for(variant: dict[str, Any] | None):
 
 
 def count_step(name: str, variant: dict[str, Any] | None, *, batch: int, seq: int
-               ) -> list[tuple[str, int, int]]:
-    """The ops of one training step (the third) of model ``name`` under ``variant``."""
+               ) -> StepCount:
+    """One training step (the third) of model ``name`` under ``variant``, counted."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from prune_plugin import PruningOptimizer
@@ -171,24 +234,27 @@ def count_step(name: str, variant: dict[str, Any] | None, *, batch: int, seq: in
     previous = Pruner.device_path
     Pruner.device_path = True  # the GPU's path, forced on these CPU fake tensors
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        memory, counter = LiveBytes(), OpCounter()
+        with FakeTensorMode(allow_non_fake_inputs=True), memory:
             torch.manual_seed(0)
             model = build(name)
             base = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
             policy = policy_for(variant)
             opt = base if policy is None else PruningOptimizer(base, policy, model=model)
             data = batch_for(name, batch, seq)
-            counter = OpCounter()
             for step in range(3):
+                memory.reset()
+                kept = memory.live
                 with counter if step == 2 else _nothing():
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         loss = model(**data).loss
                     loss.backward()
+                    del loss
                     opt.step()
                     opt.zero_grad()
     finally:
         Pruner.device_path = previous
-    return counter.ops
+    return StepCount(counter.ops, kept, memory.peak)
 
 
 class _nothing:
@@ -219,11 +285,13 @@ def minimum_extra_bytes(model: nn.Module, variant: dict[str, Any] | None) -> int
     return n * (mask_fwd + bwd + adam + select)
 
 
-def summarize(ops: list[tuple[str, int, int]], gpu: tuple[float, float, float]) -> dict:
+def summarize(step: StepCount, gpu: tuple[float, float, float]) -> dict:
     bandwidth, peak, floor = gpu
+    ops = step.ops
     return {"ops": len(ops), "bytes": sum(b for _, b, _ in ops),
             "flops": sum(f for _, _, f in ops),
             "est_s": sum(max(b / bandwidth, f / peak, floor) for _, b, f in ops),
+            "kept_MiB": step.kept / 2**20, "peak_MiB": step.peak / 2**20,
             "top": Counter(name for name, _, _ in ops).most_common(6)}
 
 
@@ -256,7 +324,8 @@ def main() -> None:
             row = {"model": name, "variant": variant_name, **s,
                    "extra_ops": s["ops"] - dense["ops"], "extra_gb": (s["bytes"] - dense[
                        "bytes"]) / 1e9, "min_extra_gb": minimum_extra_bytes(shapes, variant) / 1e9,
-                   "est_ratio": s["est_s"] / dense["est_s"]}
+                   "est_ratio": s["est_s"] / dense["est_s"],
+                   "peak_vs_dense": s["peak_MiB"] / dense["peak_MiB"]}
             vs_measured = ""
             if measured:  # the estimated extra on the measured dense step
                 row["est_ratio_vs_measured"] = 1 + (s["est_s"] - dense["est_s"]) * 1e3 / measured
@@ -265,8 +334,9 @@ def main() -> None:
             print(f"{name:9} {variant_name:16} ops {s['ops']:6d} ({row['extra_ops']:+6d})  "
                   f"{s['bytes'] / 1e9:7.2f} GB ({row['extra_gb']:+6.2f}, min "
                   f"{row['min_extra_gb']:+5.2f})  {s['flops'] / 1e12:6.2f} TFLOP  "
-                  f"est {1000 * s['est_s']:6.2f} ms ({row['est_ratio']:.3f}x{vs_measured})",
-                  flush=True)
+                  f"est {1000 * s['est_s']:6.2f} ms ({row['est_ratio']:.3f}x{vs_measured})  "
+                  f"kept {s['kept_MiB']:5.0f} MiB, peak {s['peak_MiB']:5.0f} MiB "
+                  f"({row['peak_vs_dense'] - 1:+.1%})", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"gpu": gpu, "batch": args.batch, "seq": args.seq,
                                      "rows": rows}, indent=1) + "\n")

@@ -28,7 +28,7 @@ MARGIN = 1.03
 
 @pytest.mark.parametrize("variant", list(BOUNDS))
 def test_a_training_step_costs_no_more_ops_or_bytes_than_today(variant):
-    ops = step_cost.count_step("tiny", step_cost.VARIANTS[variant], batch=4, seq=16)
+    ops = step_cost.count_step("tiny", step_cost.VARIANTS[variant], batch=4, seq=16).ops
     count, nbytes = len(ops), sum(b for _, b, _ in ops)
     bound_ops, bound_bytes = BOUNDS[variant]
     assert count <= bound_ops * MARGIN, f"{count} ops (bound {bound_ops})"
@@ -43,7 +43,7 @@ def test_the_counter_sees_a_pass_added_to_the_step(monkeypatch):
     from prune_plugin import masks
 
     def count() -> tuple[int, int]:
-        ops = step_cost.count_step("tiny", step_cost.VARIANTS["movement"], batch=4, seq=16)
+        ops = step_cost.count_step("tiny", step_cost.VARIANTS["movement"], batch=4, seq=16).ops
         return len(ops), sum(b for _, b, _ in ops)
 
     base_ops, base_bytes = count()
@@ -51,3 +51,32 @@ def test_the_counter_sees_a_pass_added_to_the_step(monkeypatch):
     monkeypatch.setattr(masks, "_weight_grad", lambda g, x: original(g, x) * 1.0)
     ops, nbytes = count()
     assert ops >= base_ops + 12 and nbytes > base_bytes  # 12 pruned layers
+
+
+#: Bytes a method keeps per pruned weight between steps (fp32 scores and their two AdamW
+#: moments, 12; the bool mask, 1), and what its step's peak adds to that (L0's 16-bit noise).
+STATE_PER_WEIGHT = {"magnitude": (1, 0), "movement": (13, 0), "movement-global": (13, 0),
+                    "soft_movement": (13, 0), "l0": (12, 2)}
+
+
+@pytest.mark.parametrize("variant", list(STATE_PER_WEIGHT))
+def test_a_step_holds_the_methods_state_and_nothing_more_than_dense(variant):
+    """The device path's memory, counted under FakeTensorMode: between steps a method keeps
+    exactly its state beyond dense (a buffer cached per layer or a leaked gradient would show),
+    and at the step's peak nothing more than that state and its own noise."""
+    from prune_plugin.targeting import find_targets
+
+    dense = step_cost.count_step("tiny", None, batch=4, seq=16)
+    step = step_cost.count_step("tiny", step_cost.VARIANTS[variant], batch=4, seq=16)
+    policy = step_cost.policy_for(step_cost.VARIANTS[variant])
+    n = sum(m.weight.numel() for _, m in find_targets(step_cost.build("tiny"), policy))
+    kept, transient = STATE_PER_WEIGHT[variant]
+    scalars = 1024  # the step counters and 0-d tensors of the schedule
+    assert kept * n <= step.kept - dense.kept <= kept * n + scalars
+    assert step.peak - dense.peak <= (kept + transient) * n + scalars
+
+
+def test_structured_scores_keep_a_few_bytes_per_unit_not_per_weight():
+    dense = step_cost.count_step("tiny", None, batch=4, seq=16)
+    step = step_cost.count_step("tiny", step_cost.VARIANTS["movement-hybrid"], batch=4, seq=16)
+    assert 0 < step.kept - dense.kept < 4096 and step.peak - dense.peak < 4096
